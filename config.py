@@ -1,0 +1,294 @@
+"""The configuration tree: every key, its default and its meaning.
+
+YAML files under ``configs/`` hold only overrides and may inherit from other
+files with ``BASE: ['other.yaml']``. ``get_config(args)`` clones the defaults,
+merges the YAML file, then the command-line flags, then ``--opts``, and freezes.
+"""
+
+import os
+
+import yaml
+from yacs.config import CfgNode as CN
+
+_C = CN()
+
+# Base config files, merged before this file (paths relative to it)
+_C.BASE = [""]
+
+# -----------------------------------------------------------------------------
+# Data
+# -----------------------------------------------------------------------------
+_C.DATA = CN()
+# Batch size per process (GPU); the global batch is this times the world size
+_C.DATA.BATCH_SIZE = 128
+# ImageNet-style root holding train/<class>/* and val/<class>/*
+_C.DATA.DATA_PATH = ""
+# Dataset name ("imagenet" for pretraining; main_linear.py also takes transfer sets)
+_C.DATA.DATASET = "imagenet"
+# Where transfer datasets are read from and downloaded to
+_C.DATA.TRANSFER_ROOT = "./data"
+# Input image size (square)
+_C.DATA.IMG_SIZE = 224
+# Interpolation of resizes: bicubic, bilinear or nearest
+_C.DATA.INTERPOLATION = "bicubic"
+# Read train.zip + train_map.txt instead of folders
+_C.DATA.ZIP_MODE = False
+# Zip mode cache: "no" reads on demand, "full" caches every image, "part" this rank's shard
+_C.DATA.CACHE_MODE = "part"
+# Pin CPU memory in the DataLoader for faster host-to-device copies
+_C.DATA.PIN_MEMORY = True
+# DataLoader worker processes per process
+_C.DATA.NUM_WORKERS = 8
+
+# -----------------------------------------------------------------------------
+# Model
+# -----------------------------------------------------------------------------
+_C.MODEL = CN()
+# Self-supervised framework: moby, byol or synco
+_C.MODEL.TYPE = "moby"
+# Backbone: swin_tiny, swin_small, swin_base, vit_tiny, vit_small, vit_base
+_C.MODEL.ENCODER = "swin_tiny"
+# Run name; the output folder is OUTPUT/NAME/TAG
+_C.MODEL.NAME = "moby__swin_tiny__odpr02_tdpr0_cm099_ct02_queue4096_proj2_pred2"
+# Checkpoint to resume from (set by --resume)
+_C.MODEL.RESUME = ""
+# Classes of the linear-evaluation head (main_linear.py takes it from the dataset)
+_C.MODEL.NUM_CLASSES = 1000
+# Drop path rate of the backbone in linear evaluation / fine-tuning
+_C.MODEL.DROP_PATH_RATE = 0.1
+# Drop path rate of the online encoder
+_C.MODEL.ONLINE_DROP_PATH_RATE = 0.1
+# Drop path rate of the momentum (target) encoder
+_C.MODEL.TARGET_DROP_PATH_RATE = 0.0
+# Base momentum of the target update; follows a cosine schedule to 1 over training
+_C.MODEL.CONTRAST_MOMENTUM = 0.99
+# Temperature of the InfoNCE loss (moby, synco)
+_C.MODEL.CONTRAST_TEMPERATURE = 0.2
+# Size of each of the two key queues (moby, synco)
+_C.MODEL.CONTRAST_NUM_NEGATIVE = 4096
+# Output dimension of the projector and predictor
+_C.MODEL.PROJ_DIM = 256
+# Hidden dimension of the projector and predictor
+_C.MODEL.PROJ_HIDDEN_DIM = 4096
+# Layers of the projector MLP
+_C.MODEL.PROJ_NUM_LAYERS = 2
+# Layers of the predictor MLP
+_C.MODEL.PRED_NUM_LAYERS = 2
+# Freeze the ViT patch projection (MoCo v3 / BYOL-ViT trick); ignored by Swin
+_C.MODEL.STOP_GRAD_CONV1 = False
+# synco: queue entries most similar to each query that synthetic negatives are made from
+_C.MODEL.N_HARD = 256
+# synco: number of synthetic negatives of each kind per query
+_C.MODEL.N1 = 128  # interpolation a*q + (1-a)*n
+_C.MODEL.N2 = 128  # extrapolation q + b*(n - q)
+_C.MODEL.N3 = 128  # mixup g*n1 + (1-g)*n2
+_C.MODEL.N4 = 128  # noise injection n + N(0, sigma^2)
+_C.MODEL.N5 = 128  # perturbation n + delta * d(q.n)/dn
+_C.MODEL.N6 = 128  # adversarial n + eta * sign(d(q.n)/dn)
+# synco: upper bound of a in kind 1, a ~ U[0, INTERP_MAX)
+_C.MODEL.INTERP_MAX = 0.5
+# synco: upper bound of b in kind 2, b ~ U[1, EXTRAP_MAX)
+_C.MODEL.EXTRAP_MAX = 1.5
+# synco: standard deviation sigma of kind 4's noise
+_C.MODEL.NOISE_STD = 0.1
+# synco: step delta of kind 5
+_C.MODEL.PERTURB_STEP = 0.01
+# synco: step eta of kind 6
+_C.MODEL.ADVERSARIAL_STEP = 0.01
+# synco: synthetic negatives are used from this epoch ...
+_C.MODEL.WARMUP_EPOCHS = 30
+# synco: ... to this epoch, both included
+_C.MODEL.COOLDOWN_EPOCHS = 100
+
+# -----------------------------------------------------------------------------
+# Linear evaluation (main_linear.py)
+# -----------------------------------------------------------------------------
+_C.LINEAR_EVAL = CN()
+# Pretrained checkpoint; empty means OUTPUT/NAME/TAG/checkpoint.pth
+_C.LINEAR_EVAL.PRETRAINED = ""
+# "freeze" trains the head on frozen features, "finetune" trains everything
+_C.LINEAR_EVAL.WEIGHTS = "freeze"
+
+# -----------------------------------------------------------------------------
+# Training
+# -----------------------------------------------------------------------------
+_C.TRAIN = CN()
+# First epoch (set from the checkpoint on resume)
+_C.TRAIN.START_EPOCH = 0
+# Number of epochs
+_C.TRAIN.EPOCHS = 300
+# Linear learning-rate warmup, in epochs
+_C.TRAIN.WARMUP_EPOCHS = 20
+# Weight decay (not applied to norms, biases and tokens)
+_C.TRAIN.WEIGHT_DECAY = 0.05
+# Learning rate for a global batch of 512; scaled linearly with the batch
+_C.TRAIN.BASE_LR = 5e-4
+# Learning rate at the start of warmup (scaled like BASE_LR)
+_C.TRAIN.WARMUP_LR = 5e-7
+# Final learning rate of the schedule (scaled like BASE_LR)
+_C.TRAIN.MIN_LR = 5e-6
+# Clip the gradient norm to this value; 0 disables clipping
+_C.TRAIN.CLIP_GRAD = 5.0
+# Resume from the newest checkpoint in the output folder
+_C.TRAIN.AUTO_RESUME = True
+# Gradient accumulation steps; 0 or 1 means none
+_C.TRAIN.ACCUMULATION_STEPS = 0
+# Gradient checkpointing in the backbones to save memory
+_C.TRAIN.USE_CHECKPOINT = False
+
+# Learning-rate schedule
+_C.TRAIN.LR_SCHEDULER = CN()
+# cosine, linear or step, each after the linear warmup, updated every step
+_C.TRAIN.LR_SCHEDULER.NAME = "cosine"
+# step: epochs between decays
+_C.TRAIN.LR_SCHEDULER.DECAY_EPOCHS = 30
+# step: multiplicative decay factor
+_C.TRAIN.LR_SCHEDULER.DECAY_RATE = 0.1
+
+# Optimizer
+_C.TRAIN.OPTIMIZER = CN()
+# adamw, sgd or lars
+_C.TRAIN.OPTIMIZER.NAME = "adamw"
+# adamw: epsilon
+_C.TRAIN.OPTIMIZER.EPS = 1e-8
+# adamw: betas
+_C.TRAIN.OPTIMIZER.BETAS = (0.9, 0.999)
+# sgd and lars: momentum
+_C.TRAIN.OPTIMIZER.MOMENTUM = 0.9
+
+# -----------------------------------------------------------------------------
+# Augmentation
+# -----------------------------------------------------------------------------
+_C.AUG = CN()
+# Two-view self-supervised augmentation; pretraining requires it
+_C.AUG.SSL_AUG = True
+# byol (asymmetric blur/solarize) or simclr
+_C.AUG.SSL_AUG_TYPE = "byol"
+# Lower bound of the random-resized-crop scale
+_C.AUG.SSL_AUG_CROP = 0.08
+# Linear evaluation: random-resized-crop + flip (True) or timm's supervised recipe (False)
+_C.AUG.SSL_LINEAR_AUG = True
+
+# -----------------------------------------------------------------------------
+# Testing
+# -----------------------------------------------------------------------------
+_C.TEST = CN()
+# Resize to IMG_SIZE/0.875 and center-crop (True), or resize straight to IMG_SIZE
+_C.TEST.CROP = True
+
+# -----------------------------------------------------------------------------
+# Misc
+# -----------------------------------------------------------------------------
+# Mixed precision: "" or O0 fp32, O1 fp16 autocast with a grad scaler, O2 bf16 autocast
+_C.AMP_OPT_LEVEL = "O1"
+# Root of the output folders
+_C.OUTPUT = "output"
+# Run tag; the output folder is OUTPUT/MODEL.NAME/TAG
+_C.TAG = "default"
+# Save a numbered checkpoint every SAVE_FREQ epochs (checkpoint.pth is written every epoch)
+_C.SAVE_FREQ = 1
+# Log every PRINT_FREQ steps
+_C.PRINT_FREQ = 10
+# Random seed (offset by the rank)
+_C.SEED = 0
+# Only evaluate (main_linear.py)
+_C.EVAL_MODE = False
+# Only measure throughput
+_C.THROUGHPUT_MODE = False
+# Local rank of this process (from the launcher)
+_C.LOCAL_RANK = 0
+
+FRAMEWORKS = ("moby", "byol", "synco")
+ENCODERS = ("swin_tiny", "swin_small", "swin_base", "vit_tiny", "vit_small", "vit_base")
+AMP_LEVELS = ("", "O0", "O1", "O2")
+
+
+# command-line flag -> config key it sets (when given)
+_FLAG_KEYS = {
+    "batch_size": "DATA.BATCH_SIZE",
+    "data_path": "DATA.DATA_PATH",
+    "zip": "DATA.ZIP_MODE",
+    "cache_mode": "DATA.CACHE_MODE",
+    "resume": "MODEL.RESUME",
+    "accumulation_steps": "TRAIN.ACCUMULATION_STEPS",
+    "use_checkpoint": "TRAIN.USE_CHECKPOINT",
+    "amp_opt_level": "AMP_OPT_LEVEL",
+    "output": "OUTPUT",
+    "tag": "TAG",
+    "eval": "EVAL_MODE",
+    "throughput": "THROUGHPUT_MODE",
+}
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot work; the message says what to change."""
+
+
+def _update_config_from_file(config, cfg_file):
+    if not os.path.isfile(cfg_file):
+        raise ConfigError(f"config file not found: {cfg_file}")
+    with open(cfg_file) as f:
+        yaml_cfg = yaml.safe_load(f) or {}
+    config.defrost()
+    for base in yaml_cfg.setdefault("BASE", [""]):
+        if base:
+            _update_config_from_file(config, os.path.join(os.path.dirname(cfg_file), base))
+    print(f"=> merge config from {cfg_file}")
+    try:
+        config.merge_from_file(cfg_file)
+    except (KeyError, ValueError, AssertionError) as e:
+        raise ConfigError(f"{cfg_file}: {e.args[0]}") from None
+    config.freeze()
+
+
+def update_config(config, args):
+    """Merge ``args.cfg``, the command-line flags and ``args.opts`` into ``config``."""
+    if getattr(args, "cfg", None):
+        _update_config_from_file(config, args.cfg)
+
+    config.defrost()
+    if getattr(args, "opts", None):
+        if len(args.opts) % 2:
+            raise ConfigError(f"--opts takes KEY VALUE pairs, got an odd number of items: {args.opts}")
+        try:
+            config.merge_from_list(args.opts)
+        except (KeyError, ValueError, AssertionError) as e:
+            raise ConfigError(f"--opts: {e.args[0]}") from None
+
+    for flag, key in _FLAG_KEYS.items():
+        value = getattr(args, flag, None)
+        if value is not None and value is not False:
+            config.merge_from_list([key, value])
+    local_rank = getattr(args, "local_rank", None)
+    config.LOCAL_RANK = int(local_rank if local_rank is not None else os.environ.get("LOCAL_RANK", 0))
+
+    # the run's own folder
+    config.OUTPUT = os.path.join(config.OUTPUT, config.MODEL.NAME, config.TAG)
+    config.freeze()
+
+
+def check_config(config):
+    """Raise ConfigError naming the key and the fix for settings that cannot work."""
+    if config.MODEL.TYPE not in FRAMEWORKS:
+        raise ConfigError(f"unknown MODEL.TYPE {config.MODEL.TYPE!r}; valid: {', '.join(FRAMEWORKS)}")
+    if config.MODEL.ENCODER not in ENCODERS:
+        raise ConfigError(f"unknown MODEL.ENCODER {config.MODEL.ENCODER!r}; valid: {', '.join(ENCODERS)}")
+    if config.AMP_OPT_LEVEL not in AMP_LEVELS:
+        raise ConfigError(f"unknown AMP_OPT_LEVEL {config.AMP_OPT_LEVEL!r}; valid: O0, O1, O2")
+    if config.MODEL.TYPE == "synco":
+        n_negative = config.MODEL.CONTRAST_NUM_NEGATIVE
+        if not 0 < config.MODEL.N_HARD <= n_negative:
+            raise ConfigError(
+                f"MODEL.N_HARD {config.MODEL.N_HARD} must be in 1..MODEL.CONTRAST_NUM_NEGATIVE ({n_negative})"
+            )
+        for i in range(1, 7):
+            if getattr(config.MODEL, f"N{i}") < 0:
+                raise ConfigError(f"MODEL.N{i} must be >= 0")
+
+
+def get_config(args=None):
+    """Defaults, merged with ``args`` (an argparse namespace) when given; frozen."""
+    config = _C.clone()
+    if args is not None:
+        update_config(config, args)
+    return config
