@@ -1,0 +1,204 @@
+"""The pretraining data loader: datasets, samplers, and reproducible augmentation.
+
+Reproducibility across a resume. The data of epoch ``e`` on rank ``r`` is a pure
+function of (SEED, e, r):
+
+* the order comes from the sampler, seeded with ``SEED + e`` (``set_epoch``);
+* the augmentation of each sample is drawn from torch's global generator, but inside
+  ``_SeededDataset.__getitem__`` that generator is re-seeded with
+  ``derive_seed(SEED, e, r, index)`` and restored afterwards. The seed travels with the
+  index (the sampler yields ``(index, seed)`` pairs from the main process), so it does
+  not depend on which worker decodes the sample, on how many workers there are, on
+  persistent workers carrying RNG state from earlier epochs, or on what the training
+  loop does with the global generator: with ``num_workers=0`` the loop's own RNG
+  stream is left untouched, and nothing needs to be saved or restored by the caller.
+
+``set_loader_epoch`` must be called before iterating epoch ``e`` (in both a fresh and a
+resumed run); it also re-seeds the loader's ``torch.Generator``, from which the workers'
+base seeds are drawn, so nothing else random in a worker carries over between runs.
+"""
+
+import os
+from collections.abc import Iterator, Sized
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torchvision.datasets import ImageFolder
+
+from data.cached_image_folder import CACHE_MODES, CachedImageFolder, pil_rgb_loader, shard_indices
+from data.transforms import build_ssl_transform
+
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def derive_seed(*values: int) -> int:
+    """A 64-bit seed mixing integers, so nearby tuples give unrelated streams."""
+    h = len(values)
+    for value in values:
+        h = _splitmix64(h ^ (int(value) & _MASK64))
+    return h
+
+
+def dist_rank_world() -> tuple[int, int]:
+    """(rank, world size) of the default process group, (0, 1) without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class ShardSampler(Sampler[int]):
+    """This rank's shard ``shard_indices(n, rank, world_size)``, reshuffled every epoch.
+
+    Used with a 'part' cache, where each rank holds only its own shard in memory.
+    """
+
+    def __init__(self, num_samples: int, rank: int, world_size: int, seed: int = 0):
+        self.indices = shard_indices(num_samples, rank, world_size)
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        g = torch.Generator()
+        g.manual_seed(self.seed + self.epoch)
+        return iter([self.indices[i] for i in torch.randperm(len(self.indices), generator=g).tolist()])
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+class SeededSampler(Sampler[tuple[int, int]]):
+    """Wrap an index sampler to yield ``(index, derive_seed(seed, epoch, rank, index))``."""
+
+    def __init__(self, sampler: DistributedSampler | ShardSampler, seed: int, rank: int):
+        self.sampler = sampler
+        self.seed = seed
+        self.rank = rank
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.sampler.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        for index in self.sampler:
+            yield index, derive_seed(self.seed, self.epoch, self.rank, index)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+
+class _SeededDataset(Dataset):
+    """``dataset[index]`` with torch's global CPU generator seeded for that one call."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, item: tuple[int, int] | int):
+        if not isinstance(item, tuple):
+            return self.dataset[item]
+        index, seed = item
+        generator = torch.default_generator
+        state = generator.get_state()
+        generator.manual_seed(seed)
+        try:
+            return self.dataset[index]
+        finally:
+            generator.set_state(state)
+
+
+def build_dataset(config, transform, rank: int = 0, world_size: int = 1) -> Dataset:
+    """The training set under ``config.DATA.DATA_PATH``, as a folder or a zip.
+
+    Raises:
+        FileNotFoundError: ``DATA_PATH/train`` (folder mode) or ``DATA_PATH/train.zip``
+            or ``DATA_PATH/train_map.txt`` (zip mode) is missing.
+    """
+    root = config.DATA.DATA_PATH
+    if config.DATA.ZIP_MODE:
+        zip_path = os.path.join(root, "train.zip")
+        map_path = os.path.join(root, "train_map.txt")
+        for path in (zip_path, map_path):
+            if not os.path.isfile(path):
+                raise FileNotFoundError(
+                    f"{path} not found: DATA.ZIP_MODE expects {zip_path} (the images) and "
+                    f"{map_path} (lines '<path inside the zip>\\t<class index>')"
+                )
+        return CachedImageFolder(
+            zip_path,
+            map_path,
+            transform=transform,
+            cache_mode=config.DATA.CACHE_MODE,
+            rank=rank,
+            world_size=world_size,
+        )
+    train_dir = os.path.join(root, "train")
+    if not os.path.isdir(train_dir):
+        raise FileNotFoundError(
+            f"{train_dir} not found: expected an ImageNet-style folder {train_dir}/<class>/<image> "
+            "(or set DATA.ZIP_MODE for train.zip + train_map.txt)"
+        )
+    return ImageFolder(train_dir, transform=transform, loader=pil_rgb_loader)
+
+
+def build_sampler(config, dataset: Sized, rank: int = 0, world_size: int = 1) -> SeededSampler:
+    """The shuffling sampler of this rank, yielding ``(index, augmentation seed)`` pairs."""
+    if config.DATA.ZIP_MODE and config.DATA.CACHE_MODE == "part":
+        sampler = ShardSampler(len(dataset), rank, world_size, seed=config.SEED)
+    else:
+        sampler = DistributedSampler(
+            dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=config.SEED, drop_last=True
+        )
+    return SeededSampler(sampler, seed=config.SEED, rank=rank)
+
+
+def build_loader(config, rank: int | None = None, world_size: int | None = None) -> tuple[Dataset, DataLoader]:
+    """The pretraining set ``DATA_PATH/train`` and its loader of ``((view1, view2), target)``.
+
+    Each view is a ``[B, 3, IMG_SIZE, IMG_SIZE]`` float tensor. ``rank`` and
+    ``world_size`` default to those of ``torch.distributed`` (0 and 1 without it).
+    Call ``set_loader_epoch(loader, epoch)`` before each epoch.
+    """
+    if (rank is None) != (world_size is None):
+        raise ValueError("give both rank and world_size, or neither")
+    if rank is None:
+        rank, world_size = dist_rank_world()
+    if config.DATA.ZIP_MODE and config.DATA.CACHE_MODE not in CACHE_MODES:
+        raise ValueError(f"unknown DATA.CACHE_MODE {config.DATA.CACHE_MODE!r}; valid: {', '.join(CACHE_MODES)}")
+
+    dataset = build_dataset(config, build_ssl_transform(config), rank, world_size)
+    sampler = build_sampler(config, dataset, rank, world_size)
+    generator = torch.Generator()
+    generator.manual_seed(derive_seed(config.SEED, 0, rank))
+    num_workers = config.DATA.NUM_WORKERS
+    data_loader = DataLoader(
+        _SeededDataset(dataset),
+        batch_size=config.DATA.BATCH_SIZE,
+        sampler=sampler,
+        num_workers=num_workers,
+        pin_memory=config.DATA.PIN_MEMORY and torch.cuda.is_available(),
+        drop_last=True,
+        persistent_workers=num_workers > 0,
+        generator=generator,
+    )
+    return dataset, data_loader
+
+
+def set_loader_epoch(data_loader: DataLoader, epoch: int) -> None:
+    """Make the next pass over ``data_loader`` the data of ``epoch`` (order and augmentation)."""
+    sampler = data_loader.sampler
+    sampler.set_epoch(epoch)
+    data_loader.generator.manual_seed(derive_seed(sampler.seed, epoch, sampler.rank))

@@ -1,0 +1,157 @@
+"""Image datasets: the RGB loader shared by every mode, and the zip dataset.
+
+Zip mode keeps ImageNet in two files, the format of the original MoBY/Swin code:
+
+    DATA_PATH/train.zip       the images, e.g. ``n01440764/n01440764_10026.JPEG``
+    DATA_PATH/train_map.txt   one line per image: ``<path inside the zip>\\t<class index>``
+
+``CachedImageFolder`` reads that map and decodes images from the zip on demand
+(cache mode 'no'), from a copy of every image's bytes in memory ('full'), or from a
+copy of this rank's shard only ('part', indices ``shard_indices(n, rank, world_size)``;
+anything outside the shard still falls back to the zip).
+"""
+
+import io
+from collections.abc import Callable
+
+import numpy as np
+from PIL import Image
+from torch.utils.data import Dataset
+
+from data import zipreader
+
+CACHE_MODES = ("no", "full", "part")
+
+# 16-bit integer modes, scaled to 8 bits rather than clipped by ``convert("RGB")``.
+_WIDE_INT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode == "RGB":
+        return img
+    if img.mode in _WIDE_INT_MODES:
+        wide = np.asarray(img.convert("I"), dtype=np.int64)
+        narrow = np.clip((wide + 128) // 257, 0, 255).astype(np.uint8)
+        return Image.fromarray(narrow, mode="L").convert("RGB")
+    if img.mode == "F":
+        narrow = np.clip(np.asarray(img), 0, 255).round().astype(np.uint8)
+        return Image.fromarray(narrow, mode="L").convert("RGB")
+    if img.mode == "P" and "transparency" in img.info:
+        # Palette transparency must go through RGBA, or PIL warns on every image.
+        img = img.convert("RGBA")
+    return img.convert("RGB")
+
+
+def pil_rgb_loader(source: str | bytes | bytearray | memoryview) -> Image.Image:
+    """Decode an image file (a path, or its bytes) into an RGB ``PIL.Image``.
+
+    L, P, CMYK, RGBA, LA and the other 8-bit modes go through ``Image.convert``
+    (alpha is dropped); 16-bit grayscale (``I;16``, ``I``) is scaled to 8 bits.
+    """
+    stream = io.BytesIO(source) if not isinstance(source, str) else open(source, "rb")
+    with stream:
+        img = Image.open(stream)
+        img.load()  # decode now, while the stream is open
+    return _to_rgb(img)
+
+
+def shard_indices(num_samples: int, rank: int, world_size: int) -> range:
+    """Indices ``rank::world_size``, cut to the same length on every rank.
+
+    Equal lengths keep every rank at the same number of batches (the shards
+    drop at most ``world_size - 1`` samples, like a ``drop_last`` sampler).
+    """
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
+    per_rank = num_samples // world_size
+    return range(rank, rank + per_rank * world_size, world_size)
+
+
+def read_map_file(map_path: str) -> list[tuple[str, int]]:
+    """Parse ``<path inside the zip>\\t<class index>`` lines (blank lines skipped)."""
+    samples = []
+    with open(map_path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            line = line.rstrip("\r\n")
+            if not line.strip():
+                continue
+            parts = line.rsplit("\t", 1) if "\t" in line else line.rsplit(None, 1)
+            if len(parts) != 2 or not parts[1].strip().lstrip("-").isdigit():
+                raise ValueError(
+                    f"{map_path}:{line_no}: expected '<path inside the zip>\\t<class index>', got {line!r}"
+                )
+            samples.append((parts[0], int(parts[1])))
+    return samples
+
+
+class CachedImageFolder(Dataset):
+    """Images of a zip archive listed by a map file; items are ``(transform(img), target)``.
+
+    Args:
+        zip_path: the archive holding the images.
+        map_path: the map file, one ``<path inside the zip>\\t<class index>`` per line.
+        transform: applied to the RGB ``PIL.Image``; None returns the image itself.
+        cache_mode: 'no', 'full' or 'part' (see the module docstring).
+        rank, world_size: which shard 'part' caches.
+    """
+
+    def __init__(
+        self,
+        zip_path: str,
+        map_path: str,
+        transform: Callable | None = None,
+        cache_mode: str = "no",
+        rank: int = 0,
+        world_size: int = 1,
+    ):
+        if cache_mode not in CACHE_MODES:
+            raise ValueError(f"unknown cache mode {cache_mode!r}; valid: {', '.join(CACHE_MODES)}")
+        self.zip_path = zip_path
+        self.transform = transform
+        self.cache_mode = cache_mode
+        self.samples = read_map_file(map_path)
+        if not self.samples:
+            raise ValueError(f"{map_path} lists no images")
+        self.targets = [target for _, target in self.samples]
+
+        n = len(self.samples)
+        # One flat byte buffer plus offsets rather than a list of bytes objects:
+        # forked workers then read it without touching (and copying) its pages.
+        self._start = np.full(n, -1, dtype=np.int64)
+        self._size = np.zeros(n, dtype=np.int64)
+        self._buffer = np.empty(0, dtype=np.uint8)
+        if cache_mode == "full":
+            self._fill_cache(range(n))
+        elif cache_mode == "part":
+            self._fill_cache(shard_indices(n, rank, world_size))
+
+    def _fill_cache(self, indices: range) -> None:
+        members = [self.samples[i][0] for i in indices]
+        sizes = [zipreader.member_size(self.zip_path, m) for m in members]
+        self._buffer = np.empty(sum(sizes), dtype=np.uint8)
+        offset = 0
+        for index, member, size in zip(indices, members, sizes, strict=True):
+            self._buffer[offset : offset + size] = np.frombuffer(zipreader.read(self.zip_path, member), dtype=np.uint8)
+            self._start[index] = offset
+            self._size[index] = size
+            offset += size
+
+    @property
+    def cached_indices(self) -> list[int]:
+        """Indices whose bytes are held in memory."""
+        return np.flatnonzero(self._start >= 0).tolist()
+
+    def _read_bytes(self, index: int) -> bytes | memoryview:
+        start = int(self._start[index])
+        if start < 0:
+            return zipreader.read(self.zip_path, self.samples[index][0])
+        return memoryview(self._buffer[start : start + int(self._size[index])])
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        img = pil_rgb_loader(self._read_bytes(index))
+        if self.transform is not None:
+            img = self.transform(img)
+        return img, self.targets[index]

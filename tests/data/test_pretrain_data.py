@@ -1,0 +1,303 @@
+"""The pretraining data package on tiny real image folders and zips (CPU, a few seconds)."""
+
+import os
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision import transforms as T
+from yacs.config import CfgNode as CN
+
+from data import build_loader, set_loader_epoch, zipreader
+from data.build import ShardSampler, build_dataset, build_sampler
+from data.cached_image_folder import CachedImageFolder, pil_rgb_loader
+from data.transforms import TwoViewTransform, blur_kernel_size, build_ssl_transform
+
+CLASSES = ("cat", "dog", "fox")
+IMAGES_PER_CLASS = 4
+NUM_IMAGES = len(CLASSES) * IMAGES_PER_CLASS
+HEIGHT, WIDTH = 40, 48
+# (class, image) -> (PIL mode, file format) for the images that are not RGB JPEGs
+SPECIAL = {
+    (0, 0): ("L", "PNG"),
+    (0, 1): ("P", "PNG"),
+    (1, 0): ("CMYK", "JPEG"),
+    (1, 1): ("I;16", "PNG"),
+    (2, 0): ("RGBA", "PNG"),
+}
+
+
+def _make_image(rng: np.random.Generator, mode: str) -> Image.Image:
+    rgb = Image.fromarray(rng.integers(0, 256, (HEIGHT, WIDTH, 3), dtype=np.uint8), "RGB")
+    if mode == "I;16":
+        return Image.fromarray(rng.integers(0, 65536, (HEIGHT, WIDTH), dtype=np.uint16))
+    if mode == "P":
+        return rgb.quantize(colors=16)
+    return rgb.convert(mode)
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory) -> str:
+    """DATA_PATH holding both train/<class>/<image> and train.zip + train_map.txt."""
+    root = tmp_path_factory.mktemp("imagenet")
+    rng = np.random.default_rng(0)
+    members = []
+    for c, name in enumerate(CLASSES):
+        os.makedirs(root / "train" / name)
+        for i in range(IMAGES_PER_CLASS):
+            mode, fmt = SPECIAL.get((c, i), ("RGB", "JPEG"))
+            member = f"{name}/img{i}.{'png' if fmt == 'PNG' else 'jpg'}"
+            _make_image(rng, mode).save(root / "train" / member, fmt)
+            members.append((member, c))
+    with zipfile.ZipFile(root / "train.zip", "w") as zf:
+        for member, _ in members:
+            zf.write(root / "train" / member, member)
+    # ImageFolder's order (sorted classes, sorted files), so indices agree across modes
+    with open(root / "train_map.txt", "w") as f:
+        f.writelines(f"{member}\t{c}\n" for member, c in sorted(members))
+    return str(root)
+
+
+def make_config(data_root: str, **data) -> CN:
+    cfg = CN()
+    cfg.SEED = 7
+    cfg.DATA = CN()
+    cfg.DATA.DATA_PATH = data_root
+    cfg.DATA.BATCH_SIZE = 4
+    cfg.DATA.IMG_SIZE = 32
+    cfg.DATA.INTERPOLATION = "bicubic"
+    cfg.DATA.ZIP_MODE = False
+    cfg.DATA.CACHE_MODE = "no"
+    cfg.DATA.PIN_MEMORY = False
+    cfg.DATA.NUM_WORKERS = 0
+    cfg.AUG = CN()
+    cfg.AUG.SSL_AUG_TYPE = "byol"
+    cfg.AUG.SSL_AUG_CROP = 0.08
+    for key, value in data.items():
+        setattr(cfg.DATA, key, value)
+    return cfg
+
+
+def epoch_batches(data_loader, epoch: int) -> list:
+    set_loader_epoch(data_loader, epoch)
+    return list(data_loader)
+
+
+def assert_same_batches(a: list, b: list) -> None:
+    assert len(a) == len(b)
+    for ((a1, a2), at), ((b1, b2), bt) in zip(a, b, strict=True):
+        assert torch.equal(at, bt)
+        assert torch.equal(a1, b1)
+        assert torch.equal(a2, b2)
+
+
+def find_op(compose: T.Compose, op_type: type):
+    """The transform of ``op_type`` in ``compose`` and its probability of being applied."""
+    for op in compose.transforms:
+        if isinstance(op, op_type):
+            return op, getattr(op, "p", 1.0)
+        if isinstance(op, T.RandomApply) and isinstance(op.transforms[0], op_type):
+            return op.transforms[0], op.p
+    raise AssertionError(f"no {op_type.__name__} in {compose}")
+
+
+# ----------------------------------------------------------------------------
+# Transforms and image loading
+# ----------------------------------------------------------------------------
+def test_byol_transform_is_asymmetric():
+    cfg = make_config("unused")
+    transform = build_ssl_transform(cfg)
+    assert isinstance(transform, TwoViewTransform)
+    expected = {"t1": (1.0, 0.0), "t2": (0.1, 0.2)}  # (blur p, solarize p)
+    for view, (blur_p, solarize_p) in expected.items():
+        compose = getattr(transform, view)
+        crop, _ = find_op(compose, T.RandomResizedCrop)
+        assert crop.size == (32, 32) and crop.scale == (0.08, 1.0)
+        assert crop.interpolation == T.InterpolationMode.BICUBIC
+        assert find_op(compose, T.RandomHorizontalFlip)[1] == 0.5
+        jitter, jitter_p = find_op(compose, T.ColorJitter)
+        assert jitter_p == 0.8
+        assert jitter.brightness == pytest.approx((0.6, 1.4)) and jitter.contrast == pytest.approx((0.6, 1.4))
+        assert jitter.saturation == pytest.approx((0.8, 1.2)) and jitter.hue == pytest.approx((-0.1, 0.1))
+        assert find_op(compose, T.RandomGrayscale)[1] == 0.2
+        blur, p = find_op(compose, T.GaussianBlur)
+        assert p == blur_p
+        assert blur.sigma == (0.1, 2.0) and blur.kernel_size == (3, 3)  # 10% of 32, odd
+        solarize, p = find_op(compose, T.RandomSolarize)
+        assert p == solarize_p and solarize.threshold == 128
+        normalize, _ = find_op(compose, T.Normalize)
+        assert normalize.mean == (0.485, 0.456, 0.406) and normalize.std == (0.229, 0.224, 0.225)
+
+
+def test_simclr_transform_is_symmetric():
+    cfg = make_config("unused")
+    cfg.AUG.SSL_AUG_TYPE = "simclr"
+    transform = build_ssl_transform(cfg)
+    for compose in (transform.t1, transform.t2):
+        jitter, jitter_p = find_op(compose, T.ColorJitter)
+        assert jitter_p == 0.8 and jitter.brightness == pytest.approx((0.2, 1.8))
+        assert jitter.saturation == pytest.approx((0.2, 1.8)) and jitter.hue == pytest.approx((-0.2, 0.2))
+        assert find_op(compose, T.GaussianBlur)[1] == 0.5
+        assert not any(isinstance(op, T.RandomSolarize) for op in compose.transforms)
+    assert repr(transform.t1) == repr(transform.t2)
+
+
+def test_unknown_aug_type_names_the_valid_ones():
+    cfg = make_config("unused")
+    cfg.AUG.SSL_AUG_TYPE = "moco"
+    with pytest.raises(ValueError, match="byol.*simclr"):
+        build_ssl_transform(cfg)
+
+
+def test_blur_kernel_is_odd_and_about_a_tenth():
+    assert blur_kernel_size(224) == 23
+    assert blur_kernel_size(96) == 9
+    assert blur_kernel_size(16) == 3
+
+
+def test_loader_converts_every_mode_to_rgb(data_root):
+    for (c, i), (mode, fmt) in SPECIAL.items():
+        path = os.path.join(data_root, "train", CLASSES[c], f"img{i}.{'png' if fmt == 'PNG' else 'jpg'}")
+        with Image.open(path) as raw:  # the file really has the unusual mode
+            assert raw.mode == mode or (mode == "I;16" and raw.mode == "I")
+        img = pil_rgb_loader(path)
+        assert img.mode == "RGB" and img.size == (WIDTH, HEIGHT)
+        with open(path, "rb") as f:
+            assert np.array_equal(np.asarray(pil_rgb_loader(f.read())), np.asarray(img))
+
+
+def test_16_bit_grayscale_is_scaled_not_clipped(tmp_path):
+    wide = np.array([[0, 257 * 100, 65535]], dtype=np.uint16)
+    Image.fromarray(wide).save(tmp_path / "g16.png")
+    rgb = np.asarray(pil_rgb_loader(str(tmp_path / "g16.png")))
+    assert rgb[0, :, 0].tolist() == [0, 100, 255]
+
+
+# ----------------------------------------------------------------------------
+# Datasets
+# ----------------------------------------------------------------------------
+def test_zip_handles_are_reopened_in_a_forked_process(data_root, monkeypatch):
+    zip_path = os.path.join(data_root, "train.zip")
+    handle = zipreader.open_zip(zip_path)
+    assert zipreader.open_zip(zip_path) is handle
+    monkeypatch.setattr(zipreader.os, "getpid", lambda: -1)  # as seen from a child
+    assert zipreader.open_zip(zip_path) is not handle
+    assert zipreader.read(zip_path, "/cat/img2.jpg") == zipreader.read(zip_path, "cat/img2.jpg")
+
+
+def test_loader_yields_two_different_views(data_root):
+    dataset, data_loader = build_loader(make_config(data_root))
+    assert len(dataset) == NUM_IMAGES
+    assert len(data_loader) == NUM_IMAGES // 4
+    (view1, view2), target = next(iter(data_loader))
+    for view in (view1, view2):
+        assert view.shape == (4, 3, 32, 32) and view.dtype == torch.float32
+        assert torch.isfinite(view).all()
+    assert target.shape == (4,) and target.dtype == torch.int64
+    assert not torch.equal(view1, view2)
+
+
+@pytest.mark.parametrize("cache_mode", ["no", "full", "part"])
+def test_zip_mode_reads_the_same_images_as_folder_mode(data_root, cache_mode):
+    folder = build_dataset(make_config(data_root), T.ToTensor())
+    zipped = build_dataset(make_config(data_root, ZIP_MODE=True, CACHE_MODE=cache_mode), T.ToTensor())
+    assert isinstance(zipped, CachedImageFolder) and len(zipped) == len(folder) == NUM_IMAGES
+    expected_cached = {"no": [], "full": list(range(NUM_IMAGES)), "part": list(range(NUM_IMAGES))}
+    assert zipped.cached_indices == expected_cached[cache_mode]
+    for i in range(NUM_IMAGES):
+        (a, a_target), (b, b_target) = folder[i], zipped[i]
+        assert a_target == b_target
+        assert a.shape == (3, HEIGHT, WIDTH) and torch.equal(a, b)
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_part_cache_shards_are_disjoint_and_cover_the_dataset(data_root, world_size):
+    cfg = make_config(data_root, ZIP_MODE=True, CACHE_MODE="part")
+    cached, sampled = [], []
+    for rank in range(world_size):
+        dataset = build_dataset(cfg, None, rank, world_size)
+        sampler = build_sampler(cfg, dataset, rank, world_size)
+        assert isinstance(sampler.sampler, ShardSampler)
+        indices = [index for index, _ in sampler]
+        assert sorted(indices) == dataset.cached_indices  # a rank samples only what it caches
+        cached.append(set(dataset.cached_indices))
+        sampled.append(indices)
+    assert set().union(*cached) == set(range(NUM_IMAGES))
+    assert sum(len(s) for s in cached) == NUM_IMAGES
+    assert len({len(s) for s in sampled}) == 1  # same number of batches on every rank
+
+
+def test_shard_sampler_reshuffles_per_epoch_and_drops_the_remainder():
+    sampler = ShardSampler(11, rank=1, world_size=3, seed=0)
+    assert len(sampler) == 3
+    orders = []
+    for epoch in range(4):
+        sampler.set_epoch(epoch)
+        orders.append(list(sampler))
+        assert sorted(orders[-1]) == [1, 4, 7]
+    assert len({tuple(o) for o in orders}) > 1
+    sampler.set_epoch(2)
+    assert list(sampler) == orders[2]
+
+
+def test_distributed_sampler_splits_ranks_without_overlap(data_root):
+    cfg = make_config(data_root)
+    dataset = build_dataset(cfg, None)
+    per_rank = []
+    for rank in range(2):
+        sampler = build_sampler(cfg, dataset, rank, 2)
+        assert isinstance(sampler.sampler, torch.utils.data.DistributedSampler)
+        assert sampler.sampler.drop_last and sampler.sampler.shuffle and sampler.sampler.seed == cfg.SEED
+        per_rank.append([index for index, _ in sampler])
+    assert len(per_rank[0]) == len(per_rank[1]) == NUM_IMAGES // 2
+    assert set(per_rank[0]).isdisjoint(per_rank[1])
+    assert set(per_rank[0]) | set(per_rank[1]) == set(range(NUM_IMAGES))
+
+
+def test_missing_folder_raises_naming_the_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match=str(tmp_path / "train")):
+        build_loader(make_config(str(tmp_path)))
+
+
+@pytest.mark.parametrize("missing", ["train.zip", "train_map.txt"])
+def test_missing_zip_files_raise_naming_the_path(tmp_path, missing):
+    for name in ("train.zip", "train_map.txt"):
+        if name != missing:
+            (tmp_path / name).write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match=str(tmp_path / missing)):
+        build_loader(make_config(str(tmp_path), ZIP_MODE=True))
+
+
+# ----------------------------------------------------------------------------
+# Reproducibility across a resume
+# ----------------------------------------------------------------------------
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_epoch_data_is_a_function_of_seed_epoch_and_rank(data_root, num_workers):
+    cfg = make_config(data_root, NUM_WORKERS=num_workers)
+    # An uninterrupted run: epochs 0 and 1, with the loop using the global RNG meanwhile.
+    _, run = build_loader(cfg)
+    epoch0 = epoch_batches(run, 0)
+    torch.rand(5)
+    epoch1 = epoch_batches(run, 1)
+    # A run resumed at epoch 1 in a fresh process state (fresh loader, other global RNG).
+    torch.manual_seed(1234)
+    _, resumed = build_loader(cfg)
+    state = torch.get_rng_state()
+    assert_same_batches(epoch_batches(resumed, 1), epoch1)
+    if num_workers == 0:
+        assert torch.equal(torch.get_rng_state(), state)  # the loop's RNG stream is untouched
+    # Another epoch, or another rank, sees other data.
+    for a, b in zip(epoch0, epoch1, strict=True):
+        assert not torch.equal(a[0][0], b[0][0])
+    _, other_rank = build_loader(cfg, rank=1, world_size=2)
+    _, rank0_of_2 = build_loader(cfg, rank=0, world_size=2)
+    assert not torch.equal(epoch_batches(other_rank, 1)[0][0][0], epoch_batches(rank0_of_2, 1)[0][0][0])
+
+
+def test_zip_loader_with_workers_matches_folder_loader_without(data_root):
+    _, folder = build_loader(make_config(data_root))
+    dataset, zipped = build_loader(make_config(data_root, ZIP_MODE=True, CACHE_MODE="no", NUM_WORKERS=2))
+    dataset[0]  # the parent opens the zip before the workers fork
+    assert_same_batches(epoch_batches(zipped, 3), epoch_batches(folder, 3))
