@@ -1,0 +1,360 @@
+"""Self-supervised pretraining of Swin / ViT backbones with MoBY, BYOL or SynCo.
+
+    torchrun --nproc_per_node=4 main_pretrain.py --cfg configs/synco_swin_tiny.yaml \
+        --data-path /path/to/imagenet --batch-size 128 --output output --tag run1
+
+``python -m torch.distributed.launch ...`` and a plain ``python main_pretrain.py ...``
+(one process) work the same way.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import resource
+import sys
+import time
+from contextlib import nullcontext
+from functools import partial
+
+import numpy as np
+import torch
+import yaml
+from timm.utils import AverageMeter, accuracy
+
+from config import ConfigError, check_config, get_config
+from data import build_loader, set_loader_epoch
+from logger import create_logger
+from lr_scheduler import build_scheduler
+from models import build_model
+from optimizer import build_optimizer
+from utils import all_reduce_mean, init_distributed, load_newest_checkpoint, save_atomic, seed_everything
+
+AMP_DTYPES = {"O1": torch.float16, "O2": torch.bfloat16}
+
+
+def parse_option(argv=None):
+    parser = argparse.ArgumentParser("Self-supervised pretraining (MoBY / BYOL / SynCo)")
+    parser.add_argument("--cfg", type=str, required=True, metavar="FILE", help="path to the config file")
+    parser.add_argument("--opts", default=None, nargs="+", help="override config options: KEY VALUE pairs")
+    parser.add_argument("--batch-size", type=int, help="batch size per GPU (process)")
+    parser.add_argument("--data-path", type=str, help="ImageNet-style folder with train/ and val/")
+    parser.add_argument("--zip", action="store_true", help="read train.zip + train_map.txt")
+    parser.add_argument("--cache-mode", type=str, choices=["no", "full", "part"], help="zip mode cache")
+    parser.add_argument("--resume", help="resume from this checkpoint")
+    parser.add_argument("--accumulation-steps", type=int, help="gradient accumulation steps")
+    parser.add_argument("--use-checkpoint", action="store_true", help="gradient checkpointing to save memory")
+    parser.add_argument(
+        "--amp-opt-level",
+        type=str,
+        choices=["O0", "O1", "O2"],
+        help="mixed precision: O0 fp32, O1 fp16 with a grad scaler, O2 bf16",
+    )
+    parser.add_argument("--output", type=str, metavar="PATH", help="root of output folder: <output>/<name>/<tag>")
+    parser.add_argument("--tag", help="tag of the experiment")
+    parser.add_argument("--eval", action="store_true", help="evaluation only (main_linear.py)")
+    parser.add_argument("--throughput", action="store_true", help="measure training images/s and exit")
+    # torch.distributed.launch passes --local-rank (or --local_rank); torchrun sets LOCAL_RANK
+    parser.add_argument("--local-rank", "--local_rank", dest="local_rank", type=int, default=None)
+    return parser.parse_args(argv)
+
+
+def memory_mb(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # peak RSS, KiB on Linux
+
+
+def unwrap(model):
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+def scale_learning_rates(config, world_size):
+    """Linear scaling rule: the configured rates are for a global batch of 512."""
+    scale = config.DATA.BATCH_SIZE * world_size / 512.0 * max(config.TRAIN.ACCUMULATION_STEPS, 1)
+    config.defrost()
+    config.TRAIN.BASE_LR *= scale
+    config.TRAIN.WARMUP_LR *= scale
+    config.TRAIN.MIN_LR *= scale
+    config.freeze()
+
+
+def check_batch(config, world_size, dataset_size=None):
+    """Errors for a global batch that the queue or the dataset cannot take."""
+    global_batch = config.DATA.BATCH_SIZE * world_size
+    queue = config.MODEL.CONTRAST_NUM_NEGATIVE
+    if config.MODEL.TYPE in ("moby", "synco") and queue % global_batch:
+        raise ConfigError(
+            f"MODEL.CONTRAST_NUM_NEGATIVE {queue} is not a multiple of the global batch "
+            f"{config.DATA.BATCH_SIZE} x {world_size} processes = {global_batch}: change --batch-size "
+            f"or the number of processes so that their product divides {queue}, or set "
+            f"MODEL.CONTRAST_NUM_NEGATIVE to a multiple of {global_batch}"
+        )
+    if dataset_size is not None and dataset_size < global_batch:
+        raise ConfigError(
+            f"the global batch {global_batch} ({config.DATA.BATCH_SIZE} x {world_size} processes) is larger "
+            f"than the training set ({dataset_size} images): lower --batch-size"
+        )
+
+
+def seed_epoch(config, epoch, rank):
+    """Every random stream of an epoch is a pure function of (SEED, epoch, rank), so a
+    run resumed at an epoch boundary draws exactly what an uninterrupted one would."""
+    seed_everything(int(np.random.SeedSequence([config.SEED, epoch, rank]).generate_state(1)[0]))
+
+
+# -----------------------------------------------------------------------------
+# Training
+# -----------------------------------------------------------------------------
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+def train_one_epoch(config, model, data_loader, optimizer, lr_scheduler, scaler, autocast, epoch, device, logger):
+    model.train()
+    num_steps = len(data_loader)
+    accumulation = max(config.TRAIN.ACCUMULATION_STEPS, 1)
+    params = [p for p in model.parameters() if p.requires_grad]
+    batch_time, loss_meter, norm_meter = AverageMeter(), AverageMeter(), AverageMeter()
+    acc1_meter, acc5_meter = AverageMeter(), AverageMeter()
+
+    optimizer.zero_grad(set_to_none=True)
+    start = end = time.time()
+    for idx, ((x1, x2), _) in enumerate(data_loader):
+        lr_scheduler.step_update(epoch * num_steps + idx)
+        x1 = x1.to(device, non_blocking=True)  # [B, 3, H, W]
+        x2 = x2.to(device, non_blocking=True)
+        batch = x1.shape[0]
+        update = (idx + 1) % accumulation == 0 or idx + 1 == num_steps
+        no_sync = getattr(model, "no_sync", None)
+        with no_sync() if (no_sync is not None and not update) else nullcontext():
+            with autocast():
+                out = model(x1, x2)
+            loss = out["loss"]
+            if not torch.isfinite(loss):
+                raise NonFiniteLossError(f"loss is {loss.item()} at epoch {epoch} step {idx}")
+            scaler.scale(loss / accumulation).backward()
+        if update:
+            scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, config.TRAIN.CLIP_GRAD or float("inf"))
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            norm_meter.update(grad_norm.item())
+
+        loss_meter.update(loss.item(), batch)
+        if "logits" in out:
+            acc1, acc5 = accuracy(out["logits"], out["labels"], topk=(1, 5))
+            acc1_meter.update(acc1.item(), out["labels"].shape[0])
+            acc5_meter.update(acc5.item(), out["labels"].shape[0])
+        batch_time.update(time.time() - end)
+        end = time.time()
+
+        if idx % config.PRINT_FREQ == 0 or idx + 1 == num_steps:
+            lr = optimizer.param_groups[0]["lr"]
+            eta = datetime.timedelta(seconds=int(batch_time.avg * (num_steps - idx - 1)))
+            logger.info(
+                f"Train: [{epoch}/{config.TRAIN.EPOCHS}][{idx}/{num_steps}]\t"
+                f"eta {eta} lr {lr:.6f}\t"
+                f"time {batch_time.val:.4f} ({batch_time.avg:.4f})\t"
+                f"loss {loss_meter.val:.4f} ({loss_meter.avg:.4f})\t"
+                f"grad_norm {norm_meter.val:.4f} ({norm_meter.avg:.4f})\t"
+                f"mem {memory_mb(device):.0f}MB\t"
+                f"contrast_acc1 {acc1_meter.val:.3f} ({acc1_meter.avg:.3f})\t"
+                f"contrast_acc5 {acc5_meter.val:.3f} ({acc5_meter.avg:.3f})"
+            )
+    epoch_time = time.time() - start
+    mean_loss = all_reduce_mean(torch.tensor(loss_meter.avg, device=device)).item()
+    logger.info(
+        f"EPOCH {epoch} done in {datetime.timedelta(seconds=int(epoch_time))}: mean loss {mean_loss:.4f} "
+        f"contrast_acc1 {acc1_meter.avg:.3f} "
+        f"images/s {num_steps * config.DATA.BATCH_SIZE / max(epoch_time, 1e-9):.1f} (this process)"
+    )
+    return mean_loss
+
+
+@torch.no_grad()
+def _synthetic_batch(config, device):
+    size = config.DATA.IMG_SIZE
+    return [torch.randn(config.DATA.BATCH_SIZE, 3, size, size, device=device) for _ in range(2)]
+
+
+def throughput(config, model, optimizer, scaler, autocast, device, logger, warmup=3, steps=10):
+    """Images/s of full training steps (forward, backward, optimizer step, momentum
+    update) on synthetic batches of the configured size."""
+    model.train()
+    x1, x2 = _synthetic_batch(config, device)
+
+    def train_step():
+        with autocast():
+            loss = model(x1, x2)["loss"]
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+
+    for _ in range(warmup):
+        train_step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.time()
+    for _ in range(steps):
+        train_step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    images_per_s = steps * x1.shape[0] / (time.time() - start)
+    logger.info(f"batch {x1.shape[0]} x {config.DATA.IMG_SIZE}px, {steps} steps after {warmup} warm-up steps")
+    print(f"throughput: {images_per_s:.2f}", flush=True)
+
+
+# -----------------------------------------------------------------------------
+# Main
+# -----------------------------------------------------------------------------
+
+
+def save_checkpoint(config, epoch, model, optimizer, lr_scheduler, scaler, logger):
+    state = {
+        "model": unwrap(model).state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "lr_scheduler": lr_scheduler.state_dict(),
+        "scaler": scaler.state_dict(),
+        "epoch": epoch,
+        "framework": {"type": config.MODEL.TYPE, "encoder": config.MODEL.ENCODER},
+        "config": config.dump(),
+    }
+    latest = os.path.join(config.OUTPUT, "checkpoint.pth")
+    save_atomic(state, latest)
+    saved = [latest]
+    if epoch % config.SAVE_FREQ == 0 or epoch == config.TRAIN.EPOCHS - 1:
+        numbered = os.path.join(config.OUTPUT, f"ckpt_epoch_{epoch}.pth")
+        save_atomic(state, numbered)
+        saved.append(numbered)
+    logger.info(f"saved {', '.join(saved)}")
+
+
+def resume(config, model, optimizer, lr_scheduler, scaler, logger):
+    """Load the checkpoint to continue from; returns the first epoch to train."""
+    if config.MODEL.RESUME:
+        path = config.MODEL.RESUME
+        if not os.path.isfile(path):
+            raise ConfigError(f"--resume {path}: no such file")
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    elif config.TRAIN.AUTO_RESUME:
+        path, ckpt = load_newest_checkpoint(config.OUTPUT, logger)
+        if ckpt is None:
+            logger.info(f"no checkpoint in {config.OUTPUT}: training from scratch")
+            return config.TRAIN.START_EPOCH
+    else:
+        return config.TRAIN.START_EPOCH
+
+    expected = {"type": config.MODEL.TYPE, "encoder": config.MODEL.ENCODER}
+    found = ckpt.get("framework", expected)
+    if found != expected:
+        raise ConfigError(
+            f"{path} was written by {found['type']} / {found['encoder']}, but the config asks for "
+            f"{expected['type']} / {expected['encoder']}: pick the matching --cfg or another --output/--tag"
+        )
+    unwrap(model).load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    lr_scheduler.load_state_dict(ckpt["lr_scheduler"])
+    scaler.load_state_dict(ckpt["scaler"])
+    logger.info(f"resumed from {path} (epoch {ckpt['epoch']})")
+    return ckpt["epoch"] + 1
+
+
+def main(config, env, logger):
+    device = env.device
+    autocast = partial(
+        torch.autocast,
+        device_type=device.type,
+        dtype=AMP_DTYPES.get(config.AMP_OPT_LEVEL),
+        enabled=config.AMP_OPT_LEVEL in AMP_DTYPES,
+    )
+
+    # ---------------------------------------------------------------- data
+    if config.THROUGHPUT_MODE:
+        data_loader, steps_per_epoch = None, 10**9  # synthetic batches, all in epoch 0
+    else:
+        dataset, data_loader = build_loader(config)
+        check_batch(config, env.world_size, len(dataset))
+        steps_per_epoch = len(data_loader)
+        logger.info(f"{len(dataset)} training images, {steps_per_epoch} steps per epoch per process")
+
+    # ---------------------------------------------------------------- model
+    seed_everything(config.SEED)  # same initial weights and queues on every rank
+    model = build_model(config, steps_per_epoch).to(device)
+    n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    logger.info(f"{config.MODEL.TYPE} with {config.MODEL.ENCODER}: {n_params / 1e6:.2f}M trainable parameters")
+    optimizer = build_optimizer(config, model)
+    if env.world_size > 1:
+        if device.type == "cuda":
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[env.local_rank] if device.type == "cuda" else None, broadcast_buffers=False
+        )
+    lr_scheduler = build_scheduler(config, optimizer, steps_per_epoch)
+    scaler = torch.amp.GradScaler(device.type, enabled=config.AMP_OPT_LEVEL == "O1")
+
+    if config.THROUGHPUT_MODE:
+        throughput(config, model, optimizer, scaler, autocast, device, logger)
+        return
+
+    start_epoch = resume(config, model, optimizer, lr_scheduler, scaler, logger)
+
+    # ---------------------------------------------------------------- loop
+    logger.info("start training")
+    start = time.time()
+    for epoch in range(start_epoch, config.TRAIN.EPOCHS):
+        seed_epoch(config, epoch, env.rank)
+        set_loader_epoch(data_loader, epoch)
+        train_one_epoch(config, model, data_loader, optimizer, lr_scheduler, scaler, autocast, epoch, device, logger)
+        if env.is_main:
+            save_checkpoint(config, epoch, model, optimizer, lr_scheduler, scaler, logger)
+    logger.info(f"training time {datetime.timedelta(seconds=int(time.time() - start))}")
+
+
+def setup(argv=None):
+    """Parse, configure and validate everything that can fail before training starts."""
+    args = parse_option(argv)
+    config = get_config(args)
+    check_config(config)
+    if config.EVAL_MODE:
+        raise ConfigError("--eval evaluates a linear classifier: use main_linear.py")
+    if not config.AUG.SSL_AUG:
+        raise ConfigError("pretraining needs the two-view augmentation: set AUG.SSL_AUG True")
+    if not config.THROUGHPUT_MODE and not config.DATA.DATA_PATH:
+        raise ConfigError("no dataset given: pass --data-path <folder with train/ and val/>")
+    env = init_distributed(args.local_rank)
+    config.defrost()
+    config.LOCAL_RANK = env.local_rank
+    config.freeze()
+    check_batch(config, env.world_size)
+    scale_learning_rates(config, env.world_size)
+    os.makedirs(config.OUTPUT, exist_ok=True)
+    logger = create_logger(config.OUTPUT, env.rank, name=config.MODEL.NAME)
+    if env.is_main:
+        with open(os.path.join(config.OUTPUT, "config.json"), "w") as f:
+            json.dump(yaml.safe_load(config.dump()), f, indent=2)
+        logger.info(f"full config saved to {os.path.join(config.OUTPUT, 'config.json')}")
+    logger.info(f"rank {env.rank} of {env.world_size} on {env.device}")
+    return config, env, logger
+
+
+def run(argv=None):
+    rank = int(os.environ.get("RANK", 0))
+    try:
+        config, env, logger = setup(argv)
+        main(config, env, logger)
+    except (ConfigError, FileNotFoundError, PermissionError, NonFiniteLossError) as e:
+        if rank == 0:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,68 @@
+"""Bad input stops main_pretrain.py before any work, with one line naming the fix."""
+
+import pytest
+from conftest import run_script
+
+BASE = ["main_pretrain.py", "--amp-opt-level", "O0"]
+SMALL = ["DATA.IMG_SIZE", "32", "DATA.NUM_WORKERS", "0", "MODEL.PROJ_HIDDEN_DIM", "64"]
+
+
+def assert_clean_error(result, *fragments):
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1, result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+@pytest.fixture
+def run(tmp_path, image_folder):
+    def _run(*args, cfg="configs/moby_vit_tiny.yaml", data=image_folder):
+        data_args = ["--data-path", data] if data else []
+        return run_script([*BASE, "--cfg", cfg, "--output", str(tmp_path), *data_args, *args])
+
+    return _run
+
+
+def test_missing_data_path(run, tmp_path):
+    missing = str(tmp_path / "nowhere")
+    assert_clean_error(run("--batch-size", "4", "--opts", *SMALL, data=missing), missing)
+
+
+def test_no_data_path_given(run):
+    assert_clean_error(run("--batch-size", "4", data=None), "--data-path")
+
+
+def test_unknown_key_in_opts(run):
+    assert_clean_error(run("--opts", "MODEL.NOT_A_KEY", "1"), "MODEL.NOT_A_KEY")
+
+
+def test_unknown_key_in_yaml(run, tmp_path):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("TRAIN:\n  EPOCHZ: 3\n")
+    assert_clean_error(run(cfg=str(cfg)), "EPOCHZ", "bad.yaml")
+
+
+def test_missing_cfg_file(run, tmp_path):
+    assert_clean_error(run(cfg=str(tmp_path / "none.yaml")), "none.yaml")
+
+
+@pytest.mark.parametrize("key, value", [("MODEL.TYPE", "simclr"), ("MODEL.ENCODER", "resnet50")])
+def test_unknown_framework_or_encoder_lists_valid_ones(run, key, value):
+    valid = "moby, byol, synco" if key == "MODEL.TYPE" else "swin_tiny"
+    assert_clean_error(run("--opts", key, value), value, valid)
+
+
+def test_queue_not_divisible_by_global_batch(run):
+    assert_clean_error(run("--batch-size", "48"), "4096", "48", "--batch-size")
+
+
+def test_global_batch_larger_than_dataset(run):
+    # 16 training images, batch 32 divides the queue of 4096
+    assert_clean_error(run("--batch-size", "32", "--opts", *SMALL), "32", "16 images")
+
+
+def test_resume_path_that_does_not_exist(run, tmp_path):
+    missing = str(tmp_path / "ckpt.pth")
+    assert_clean_error(run("--batch-size", "4", "--resume", missing, "--opts", *SMALL), missing)

@@ -1,0 +1,94 @@
+"""main_pretrain.py end to end: real processes, real gloo process groups, real images."""
+
+import glob
+import json
+import os
+
+import pytest
+import torch
+from conftest import run_script
+
+TINY = [
+    "--batch-size", "4", "--amp-opt-level", "O0",
+    "--opts", "DATA.IMG_SIZE", "32", "DATA.NUM_WORKERS", "0", "MODEL.CONTRAST_NUM_NEGATIVE", "16",
+    "MODEL.PROJ_HIDDEN_DIM", "64", "TRAIN.EPOCHS", "2", "PRINT_FREQ", "1",
+    "MODEL.N_HARD", "8", "MODEL.N1", "2", "MODEL.N2", "2", "MODEL.N3", "2", "MODEL.N4", "2", "MODEL.N5", "2",
+    "MODEL.N6", "2", "MODEL.WARMUP_EPOCHS", "0",
+]  # fmt: skip
+
+TORCHRUN = ["-m", "torch.distributed.run", "--nproc_per_node=2"]
+LAUNCH = ["-m", "torch.distributed.launch", "--nproc_per_node=2"]
+
+
+def pretrain(launcher, framework, image_folder, output, port, extra=()):
+    args = [*launcher, f"--master_port={port}"] if launcher else []
+    return run_script(
+        [*args, "main_pretrain.py", "--cfg", f"configs/{framework}_vit_tiny.yaml", "--data-path", image_folder,
+         "--output", str(output), "--tag", "t", *TINY, *extra]
+    )  # fmt: skip
+
+
+def run_folder(output):
+    (folder,) = glob.glob(os.path.join(output, "*", "t"))
+    return folder
+
+
+def check_run(output, framework, world_size, steps_per_epoch):
+    folder = run_folder(output)
+    assert os.path.basename(os.path.dirname(folder)).startswith(f"{framework}__vit_tiny__")
+    for name in ("checkpoint.pth", "ckpt_epoch_0.pth", "ckpt_epoch_1.pth", "config.json"):
+        assert os.path.isfile(os.path.join(folder, name)), name
+    for rank in range(world_size):
+        log = open(os.path.join(folder, f"log_rank{rank}.txt")).read()
+        assert "Train: [1/2]" in log and "EPOCH 1 done" in log
+    config = json.load(open(os.path.join(folder, "config.json")))
+    assert config["MODEL"]["TYPE"] == framework and config["DATA"]["IMG_SIZE"] == 32
+
+    ckpt = torch.load(os.path.join(folder, "checkpoint.pth"), map_location="cpu", weights_only=False)
+    assert ckpt["epoch"] == 1
+    state = ckpt["model"]
+    for prefix in ("encoder.", "encoder_k.", "projector.", "projector_k.", "predictor."):
+        assert any(k.startswith(prefix) for k in state), prefix
+    assert int(state["step"]) == 2 * steps_per_epoch
+    if framework != "byol":
+        # 2 epochs x steps x global batch keys went through a queue of 16
+        assert int(state["queue_ptr"]) == (2 * steps_per_epoch * 4 * world_size) % 16
+        assert torch.allclose(state["queue1"].norm(dim=0), torch.ones(16), atol=1e-5)
+    # the target moved away from its initial copy of the online encoder, towards it
+    assert not torch.equal(state["encoder.blocks.0.mlp.fc1.weight"], state["encoder_k.blocks.0.mlp.fc1.weight"])
+    return folder
+
+
+@pytest.mark.parametrize("framework, port", [("moby", 29621), ("byol", 29622), ("synco", 29623)])
+def test_torchrun_two_processes(framework, image_folder, tmp_path, port):
+    result = pretrain(TORCHRUN, framework, image_folder, tmp_path, port)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    # 16 images, global batch 8
+    check_run(tmp_path, framework, world_size=2, steps_per_epoch=2)
+
+
+def test_torch_distributed_launch(image_folder, tmp_path):
+    result = pretrain(LAUNCH, "synco", image_folder, tmp_path, 29624)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    check_run(tmp_path, "synco", world_size=2, steps_per_epoch=2)
+
+
+def test_plain_python_single_process_and_auto_resume(image_folder, tmp_path):
+    result = pretrain(None, "synco", image_folder, tmp_path, None)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    folder = check_run(tmp_path, "synco", world_size=1, steps_per_epoch=4)
+    # a second launch finds the finished run and trains nothing more
+    result = pretrain(None, "synco", image_folder, tmp_path, None)
+    assert result.returncode == 0
+    assert "resumed from" in open(os.path.join(folder, "log_rank0.txt")).read()
+    assert open(os.path.join(folder, "log_rank0.txt")).read().count("EPOCH 1 done") == 1
+
+
+def test_throughput_prints_images_per_second(tmp_path):
+    result = run_script(
+        ["main_pretrain.py", "--cfg", "configs/synco_vit_tiny.yaml", "--throughput", "--output", str(tmp_path),
+         *TINY]
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    last = result.stdout.strip().splitlines()[-1]
+    assert last.startswith("throughput: ") and float(last.split()[1]) > 0

@@ -1,0 +1,145 @@
+"""Distributed set-up and collectives, seeding, and checkpoints."""
+
+import glob
+import os
+import random
+import re
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+# -----------------------------------------------------------------------------
+# Distributed
+# -----------------------------------------------------------------------------
+
+
+@dataclass
+class DistEnv:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+
+def launcher_env(local_rank=None):
+    """(rank, world_size, local_rank) as set by torchrun / torch.distributed.launch or
+    SLURM; (0, 1, 0) for a plain ``python`` run. ``local_rank`` is the launcher's
+    ``--local-rank`` flag when it passed one."""
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        rank, world = int(env["RANK"]), int(env["WORLD_SIZE"])
+        local = int(env.get("LOCAL_RANK", local_rank if local_rank is not None else 0))
+    elif "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", 1)) > 1:
+        rank, world, local = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env["SLURM_LOCALID"])
+    else:
+        rank, world, local = 0, 1, 0
+    return rank, world, local
+
+
+def init_distributed(local_rank=None):
+    """Join the process group (NCCL on CUDA, gloo on the CPU) when launched with
+    several processes, and pick this process's device."""
+    rank, world, local = launcher_env(local_rank)
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+    else:
+        device = torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29500")
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, rank=rank, world_size=world, device_id=device if backend == "nccl" else None)
+    return DistEnv(rank, world, local, device)
+
+
+def world_size():
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+@torch.no_grad()
+def all_gather_cat(x):
+    """Concatenate ``x`` [N, ...] of every rank along dim 0, in rank order (no gradient)."""
+    if world_size() == 1:
+        return x
+    gathered = [torch.empty_like(x) for _ in range(world_size())]
+    dist.all_gather(gathered, x.contiguous())
+    return torch.cat(gathered)
+
+
+def all_reduce_mean(x):
+    """Mean of the tensor ``x`` over all ranks."""
+    if world_size() == 1:
+        return x
+    x = x.clone()
+    dist.all_reduce(x)
+    return x / world_size()
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints
+# -----------------------------------------------------------------------------
+
+
+def rng_state():
+    """Every random generator a run draws from, so a resume continues the same streams."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_atomic(obj, path):
+    """torch.save to a temporary file, then rename: a crash never leaves a torn ``path``."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def checkpoint_candidates(output_dir):
+    """Checkpoints in ``output_dir``, newest epoch first."""
+    def epoch_of(path):
+        match = re.search(r"ckpt_epoch_(\d+)\.pth$", path)
+        return int(match.group(1)) if match else -1
+
+    numbered = sorted(glob.glob(os.path.join(output_dir, "ckpt_epoch_*.pth")), key=epoch_of, reverse=True)
+    latest = os.path.join(output_dir, "checkpoint.pth")
+    return ([latest] if os.path.isfile(latest) else []) + numbered
+
+
+def load_newest_checkpoint(output_dir, logger):
+    """(path, checkpoint) of the newest readable checkpoint in ``output_dir``, or (None, None).
+
+    ``checkpoint.pth`` is written first at every save, so it is the newest when
+    readable; an unreadable file is skipped with a warning, so a file torn by a
+    crash never stops a resume while an older good one exists.
+    """
+    for path in checkpoint_candidates(output_dir):
+        try:
+            return path, torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as e:  # truncated or corrupt file
+            logger.warning(f"skipping unreadable checkpoint {path}: {type(e).__name__}: {e}")
+    return None, None
