@@ -4,7 +4,10 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
+
+from config import get_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -34,3 +37,31 @@ def run_script(args, cwd=ROOT, timeout=600, env=None):
     return subprocess.run(
         [sys.executable, *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout
     )
+
+
+def small_config(model_type, **opts):
+    """vit_tiny at 32 px with small heads and queue: the real classes, cheap to run."""
+    config = get_config()
+    config.defrost()
+    config.merge_from_list(
+        [
+            "MODEL.TYPE", model_type,
+            "MODEL.ENCODER", "vit_tiny",
+            "DATA.IMG_SIZE", 32,
+            "MODEL.PROJ_HIDDEN_DIM", 64,
+            "MODEL.PROJ_DIM", 16,
+            "MODEL.CONTRAST_NUM_NEGATIVE", 16,
+            "MODEL.N_HARD", 8,
+            "MODEL.N1", 2, "MODEL.N2", 3, "MODEL.N3", 4, "MODEL.N4", 5, "MODEL.N5", 6, "MODEL.N6", 7,
+            "TRAIN.EPOCHS", 4,
+        ]
+    )
+    for key, value in opts.items():
+        config.merge_from_list([key.replace("__", "."), value])
+    config.freeze()
+    return config
+
+
+def views(batch=4, size=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, 3, size, size, generator=g), torch.randn(batch, 3, size, size, generator=g)

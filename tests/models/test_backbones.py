@@ -62,7 +62,9 @@ def _blocks(model):
 
 
 def _swin_param_count(dim, depths, heads, window=7, num_classes=1000):
-    block = lambda d, h: 12 * d * d + 13 * d + (2 * window - 1) ** 2 * h  # noqa: E731
+    def block(d, h):  # 2 LayerNorms, qkv, proj, relative position bias table, MLP 4d
+        return 4 * d + (3 * d * d + 3 * d) + (d * d + d) + (2 * window - 1) ** 2 * h + (8 * d * d + 5 * d)
+
     n = 3 * 4 * 4 * dim + dim + 2 * dim  # patch conv + patch norm
     for stage, (depth, h) in enumerate(zip(depths, heads)):
         d = dim * 2**stage
@@ -102,8 +104,8 @@ def test_param_count_at_224(name):
     n = sum(p.numel() for p in model.parameters())
     if name in SWIN_ARCH:
         expected = _swin_param_count(*SWIN_ARCH[name])
+        _, depths, stage_heads = SWIN_ARCH[name]
         heads = [b.attn.num_heads for b in _blocks(model)]
-        dim, depths, stage_heads = SWIN_ARCH[name]
         assert heads == [h for d, h in zip(depths, stage_heads) for _ in range(d)]
     else:
         expected = _vit_param_count(VIT_ARCH[name][0])

@@ -7,39 +7,12 @@ import torch
 import torch.nn.functional as F
 
 from config import get_config
+from conftest import small_config, views
 from models import build_model
 from models.base import cosine_momentum
 from models.byol import regression_loss
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def small_config(model_type, **opts):
-    """vit_tiny at 32 px with small heads and queue: the real classes, cheap to run."""
-    config = get_config()
-    config.defrost()
-    config.merge_from_list(
-        [
-            "MODEL.TYPE", model_type,
-            "MODEL.ENCODER", "vit_tiny",
-            "DATA.IMG_SIZE", 32,
-            "MODEL.PROJ_HIDDEN_DIM", 64,
-            "MODEL.PROJ_DIM", 16,
-            "MODEL.CONTRAST_NUM_NEGATIVE", 16,
-            "MODEL.N_HARD", 8,
-            "MODEL.N1", 2, "MODEL.N2", 3, "MODEL.N3", 4, "MODEL.N4", 5, "MODEL.N5", 6, "MODEL.N6", 7,
-            "TRAIN.EPOCHS", 4,
-        ]
-    )
-    for key, value in opts.items():
-        config.merge_from_list([key.replace("__", "."), value])
-    config.freeze()
-    return config
-
-
-def views(batch=4, size=32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(batch, 3, size, size, generator=g), torch.randn(batch, 3, size, size, generator=g)
 
 
 # -----------------------------------------------------------------------------
