@@ -59,9 +59,16 @@ def check_run(output, framework, world_size, steps_per_epoch):
     return folder
 
 
-@pytest.mark.parametrize("framework, port", [("moby", 29621), ("byol", 29622), ("synco", 29623)])
-def test_torchrun_two_processes(framework, image_folder, tmp_path, port):
-    result = pretrain(TORCHRUN, framework, image_folder, tmp_path, port)
+@pytest.mark.parametrize(
+    "framework, port, extra",
+    [
+        ("moby", 29621, ["--amp-opt-level", "O1", "--accumulation-steps", "2"]),  # fp16 autocast + grad scaler
+        ("byol", 29622, ["--amp-opt-level", "O2", "--use-checkpoint"]),  # bf16 autocast
+        ("synco", 29623, []),
+    ],
+)
+def test_torchrun_two_processes(framework, image_folder, tmp_path, port, extra):
+    result = pretrain(TORCHRUN, framework, image_folder, tmp_path, port, extra)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     # 16 images, global batch 8
     check_run(tmp_path, framework, world_size=2, steps_per_epoch=2)
