@@ -28,7 +28,7 @@ from logger import create_logger
 from lr_scheduler import build_scheduler
 from models import build_model
 from optimizer import build_optimizer
-from utils import all_reduce_mean, init_distributed, load_newest_checkpoint, save_atomic, seed_everything
+from utils import all_ranks, all_reduce_mean, init_distributed, load_newest_checkpoint, save_atomic, seed_everything
 
 AMP_DTYPES = {"O1": torch.float16, "O2": torch.bfloat16}
 
@@ -109,7 +109,7 @@ def seed_epoch(config, epoch, rank):
 
 
 class NonFiniteLossError(RuntimeError):
-    pass
+    """The loss, gradients or weights stopped being finite."""
 
 
 def train_one_epoch(config, model, data_loader, optimizer, lr_scheduler, scaler, autocast, epoch, device, logger):
@@ -133,12 +133,15 @@ def train_one_epoch(config, model, data_loader, optimizer, lr_scheduler, scaler,
             with autocast():
                 out = model(x1, x2)
             loss = out["loss"]
-            if not torch.isfinite(loss):
-                raise NonFiniteLossError(f"loss is {loss.item()} at epoch {epoch} step {idx}")
+            if not all_ranks(torch.isfinite(loss)):  # stop every rank together, before the update
+                raise NonFiniteLossError(f"non-finite loss ({loss.item()} on rank 0) at epoch {epoch} step {idx}")
             scaler.scale(loss / accumulation).backward()
         if update:
             scaler.unscale_(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, config.TRAIN.CLIP_GRAD or float("inf"))
+            # fp16 overflows are the grad scaler's to skip; otherwise a non-finite gradient is fatal
+            if not scaler.is_enabled() and not torch.isfinite(grad_norm):
+                raise NonFiniteLossError(f"non-finite gradient norm at epoch {epoch} step {idx}")
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
@@ -232,10 +235,11 @@ def save_checkpoint(config, epoch, model, optimizer, lr_scheduler, scaler, logge
         save_atomic(state, numbered)
         saved.append(numbered)
     logger.info(f"saved {', '.join(saved)}")
+    return latest
 
 
-def resume(config, model, optimizer, lr_scheduler, scaler, logger):
-    """Load the checkpoint to continue from; returns the first epoch to train."""
+def resume(config, model, optimizer, scaler, logger):
+    """Load the checkpoint to continue from; returns (first epoch to train, its path or None)."""
     if config.MODEL.RESUME:
         path = config.MODEL.RESUME
         if not os.path.isfile(path):
@@ -245,9 +249,9 @@ def resume(config, model, optimizer, lr_scheduler, scaler, logger):
         path, ckpt = load_newest_checkpoint(config.OUTPUT, logger)
         if ckpt is None:
             logger.info(f"no checkpoint in {config.OUTPUT}: training from scratch")
-            return config.TRAIN.START_EPOCH
+            return config.TRAIN.START_EPOCH, None
     else:
-        return config.TRAIN.START_EPOCH
+        return config.TRAIN.START_EPOCH, None
 
     expected = {"type": config.MODEL.TYPE, "encoder": config.MODEL.ENCODER}
     found = ckpt.get("framework", expected)
@@ -258,10 +262,11 @@ def resume(config, model, optimizer, lr_scheduler, scaler, logger):
         )
     unwrap(model).load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
-    lr_scheduler.load_state_dict(ckpt["lr_scheduler"])
+    # the schedule is a pure function of the step and the config: its saved state is
+    # for inspection, so a resume may change e.g. TRAIN.EPOCHS or TRAIN.BASE_LR
     scaler.load_state_dict(ckpt["scaler"])
     logger.info(f"resumed from {path} (epoch {ckpt['epoch']})")
-    return ckpt["epoch"] + 1
+    return ckpt["epoch"] + 1, path
 
 
 def main(config, env, logger):
@@ -301,7 +306,7 @@ def main(config, env, logger):
         throughput(config, model, optimizer, scaler, autocast, device, logger)
         return
 
-    start_epoch = resume(config, model, optimizer, lr_scheduler, scaler, logger)
+    start_epoch, last_good = resume(config, model, optimizer, scaler, logger)
 
     # ---------------------------------------------------------------- loop
     logger.info("start training")
@@ -309,9 +314,19 @@ def main(config, env, logger):
     for epoch in range(start_epoch, config.TRAIN.EPOCHS):
         seed_epoch(config, epoch, env.rank)
         set_loader_epoch(data_loader, epoch)
-        train_one_epoch(config, model, data_loader, optimizer, lr_scheduler, scaler, autocast, epoch, device, logger)
+        try:
+            train_one_epoch(
+                config, model, data_loader, optimizer, lr_scheduler, scaler, autocast, epoch, device, logger
+            )
+            if not all(torch.isfinite(p).all() for p in model.parameters()):
+                raise NonFiniteLossError(f"non-finite weights after epoch {epoch}")
+        except NonFiniteLossError as e:
+            raise NonFiniteLossError(
+                f"{e}; nothing was saved, the last good checkpoint is {last_good or 'none'}: "
+                "lower TRAIN.BASE_LR or set TRAIN.CLIP_GRAD, then resume"
+            ) from None
         if env.is_main:
-            save_checkpoint(config, epoch, model, optimizer, lr_scheduler, scaler, logger)
+            last_good = save_checkpoint(config, epoch, model, optimizer, lr_scheduler, scaler, logger)
     logger.info(f"training time {datetime.timedelta(seconds=int(time.time() - start))}")
 
 

@@ -82,6 +82,14 @@ def all_reduce_mean(x):
     return x / world_size()
 
 
+def all_ranks(flag):
+    """True when the boolean tensor ``flag`` is true on every rank."""
+    flag = flag.detach().to(torch.int32).reshape(1)
+    if world_size() > 1:
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
 def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed % 2**32)
