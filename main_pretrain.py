@@ -244,7 +244,10 @@ def resume(config, model, optimizer, scaler, logger):
         path = config.MODEL.RESUME
         if not os.path.isfile(path):
             raise ConfigError(f"--resume {path}: no such file")
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as e:
+            raise ConfigError(f"--resume {path}: unreadable checkpoint ({type(e).__name__}: {e})") from None
     elif config.TRAIN.AUTO_RESUME:
         path, ckpt = load_newest_checkpoint(config.OUTPUT, logger)
         if ckpt is None:
@@ -260,7 +263,11 @@ def resume(config, model, optimizer, scaler, logger):
             f"{path} was written by {found['type']} / {found['encoder']}, but the config asks for "
             f"{expected['type']} / {expected['encoder']}: pick the matching --cfg or another --output/--tag"
         )
-    unwrap(model).load_state_dict(ckpt["model"])
+    try:
+        unwrap(model).load_state_dict(ckpt["model"])
+    except (KeyError, RuntimeError) as e:
+        details = " ".join(str(e).split())[:500]
+        raise ConfigError(f"{path} does not fit this model ({details}): check the config it was written with") from None
     optimizer.load_state_dict(ckpt["optimizer"])
     # the schedule is a pure function of the step and the config: its saved state is
     # for inspection, so a resume may change e.g. TRAIN.EPOCHS or TRAIN.BASE_LR
@@ -347,7 +354,10 @@ def setup(argv=None):
     config.freeze()
     check_batch(config, env.world_size)
     scale_learning_rates(config, env.world_size)
-    os.makedirs(config.OUTPUT, exist_ok=True)
+    try:
+        os.makedirs(config.OUTPUT, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"cannot create the output folder {config.OUTPUT}: {e.strerror}") from None
     logger = create_logger(config.OUTPUT, env.rank, name=config.MODEL.NAME)
     if env.is_main:
         with open(os.path.join(config.OUTPUT, "config.json"), "w") as f:

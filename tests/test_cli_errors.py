@@ -1,6 +1,9 @@
 """Bad input stops main_pretrain.py before any work, with one line naming the fix."""
 
+import zipfile
+
 import pytest
+import torch
 from conftest import run_script
 
 BASE = ["main_pretrain.py", "--amp-opt-level", "O0"]
@@ -66,3 +69,32 @@ def test_global_batch_larger_than_dataset(run):
 def test_resume_path_that_does_not_exist(run, tmp_path):
     missing = str(tmp_path / "ckpt.pth")
     assert_clean_error(run("--batch-size", "4", "--resume", missing, "--opts", *SMALL), missing)
+
+
+def test_resume_checkpoint_of_another_framework(run, tmp_path):
+    ckpt = tmp_path / "byol.pth"
+    torch.save({"framework": {"type": "byol", "encoder": "vit_small"}, "model": {}, "epoch": 0}, ckpt)
+    assert_clean_error(run("--batch-size", "4", "--resume", str(ckpt), "--opts", *SMALL), "byol / vit_small",
+                       "moby / vit_tiny")  # fmt: skip
+
+
+def test_resume_unreadable_checkpoint(run, tmp_path):
+    ckpt = tmp_path / "torn.pth"
+    ckpt.write_bytes(b"PK\x03\x04 not a checkpoint")
+    assert_clean_error(run("--batch-size", "4", "--resume", str(ckpt), "--opts", *SMALL), "torn.pth", "unreadable")
+
+
+def test_zip_mode_without_map_file(run, tmp_path):
+    folder = tmp_path / "zipped"
+    folder.mkdir()
+    with zipfile.ZipFile(folder / "train.zip", "w") as zf:
+        zf.writestr("a/1.png", b"")
+    assert_clean_error(run("--zip", "--batch-size", "4", "--opts", *SMALL, data=str(folder)), "train_map.txt")
+
+
+def test_output_folder_that_cannot_be_created(run, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    result = run_script([*BASE, "--cfg", "configs/moby_vit_tiny.yaml", "--data-path", "x", "--output",
+                         str(blocker / "out")])  # fmt: skip
+    assert_clean_error(result, "output folder", str(blocker))
