@@ -23,9 +23,10 @@ gradient of a logit w.r.t. q is s_hat; writing q_d for q.detach(),
 
 has exactly that gradient when the norm is computed from detached values.
 Kinds 1, 2 and 5 are of this form (kind 2 with alpha = 1 - b, beta = b; kind 5
-with alpha = perturb_step, beta = 1) and need only gathers from sim. Kind 3
-needs the dot products n1 . n2, kind 6 the products n . sign(q), and kind 4 the
-noise itself, so these read rows of the queue.
+with alpha = perturb_step, beta = 1) and need only gathers from sim. Kinds 3, 4
+and 6 fold the same way but need n1 . n2, n . eps and n . sign(q): these read
+queue rows, gathered a few queries at a time on the CPU so they stay in cache.
+Kind 4 also reads the noise for q . eps (the one [B, N4, D] tensor, drawn once).
 
 Typical use, with queue rows ``queue_rows`` [K, D]::
 
@@ -43,6 +44,8 @@ from torch import Tensor
 
 # smallest norm a synthetic vector is divided by, as in F.normalize
 NORM_EPS = 1e-12
+# on the CPU, queue rows are gathered in chunks of about this size, to stay in cache
+CPU_CHUNK_BYTES = 2**21
 
 
 @dataclass
@@ -171,6 +174,37 @@ def _norm_of_expansion(*terms: Tensor) -> Tensor:
     return torch.maximum(sq_norm, floor).sqrt().clamp_min(NORM_EPS)
 
 
+def _row_products(rows, mix_index1, mix_index2, noise_index, adv_index, noise, sign, chunk_rows):
+    """The dot products that need queue rows, a few queries at a time.
+
+    The rows of kinds 3, 4 and 6 of ``chunk_rows // rows per query`` queries are
+    gathered into one reused buffer that stays in cache while it is read.
+    Index tensors: [B, N_k] queue rows; noise: [B, N4, D]; sign: [B, D].
+    Returns n1 . n2 [B, N3], n . eps [B, N4], ||eps||^2 [B, N4], n . sign(q) [B, N6].
+    """
+    b, d = sign.shape
+    sizes = [mix_index1.shape[1], mix_index2.shape[1], noise_index.shape[1], adv_index.shape[1]]
+    index = torch.cat([mix_index1, mix_index2, noise_index, adv_index], dim=1)  # [B, G]
+    per_query = index.shape[1]
+    n_mix, _, n_noise, n_adv = sizes
+    mix_dot, noise_dot, noise_sq, sign_dot = (rows.new_empty(b, n) for n in (n_mix, n_noise, n_noise, n_adv))
+    if per_query == 0:
+        return mix_dot, noise_dot, noise_sq, sign_dot
+    step = max(1, min(b, chunk_rows // per_query))  # queries per chunk
+    buffer = rows.new_empty(step * per_query, d)
+    for start in range(0, b, step):
+        stop = min(b, start + step)
+        flat = buffer[: (stop - start) * per_query]
+        torch.index_select(rows, 0, index[start:stop].reshape(-1), out=flat)
+        row1, row2, row_noise, row_adv = flat.view(stop - start, per_query, d).split(sizes, dim=1)
+        eps = noise[start:stop]
+        torch.linalg.vecdot(row1, row2, out=mix_dot[start:stop])
+        torch.linalg.vecdot(row_noise, eps, out=noise_dot[start:stop])
+        torch.linalg.vector_norm(eps, dim=-1, out=noise_sq[start:stop])
+        torch.bmm(sign[start:stop, None, :], row_adv.transpose(1, 2), out=sign_dot[start:stop, None, :])
+    return mix_dot, noise_dot, noise_sq.square_(), sign_dot
+
+
 def synthetic_logits(
     q: Tensor, queue_rows: Tensor, sim: Tensor, choices: SyntheticChoices, cfg: SyntheticNegativeConfig
 ) -> Tensor:
@@ -178,18 +212,19 @@ def synthetic_logits(
 
     q: [B, D] queries; queue_rows: [K, D] keys (contiguous, no gradient);
     sim: [B, K] = q @ queue_rows.T, differentiable, reused for q . n.
+    The counts N_k are those of ``choices``; cfg gives the step lengths.
     The synthetic vectors are constants: the gradient reaches q through sim and
     through q itself, never queue_rows. Kinds with N_k = 0 contribute no columns.
     Equals ``einsum("bd,bnd->bn", q, cat(synthetic_vectors(...), 1))``.
     """
-    n1, n2, n3, n4, n5, n6 = cfg.num_per_kind
     rows = queue_rows.detach()
     q_d = q.detach()
     q_dot_qd = (q * q_d).sum(dim=1, keepdim=True)  # [B, 1], value ||q||^2, gradient q_d
     q_sq = q_dot_qd.detach()
     row_sq = torch.linalg.vector_norm(rows, dim=1).square()  # [K]
+    sign = q_d.sign()  # [B, D], the direction of kind 6
 
-    # one gather from sim for every picked row of every kind
+    # one gather from sim for the picked rows of every kind
     picks = [
         choices.interp_pick,
         choices.extrap_pick,
@@ -199,46 +234,48 @@ def synthetic_logits(
         choices.perturb_pick,
         choices.adversarial_pick,
     ]
+    sizes = [p.shape[1] for p in picks]
     index = choices.queue_index(torch.cat(picks, dim=1))  # [B, M] queue rows
     q_dot_n = sim.gather(1, index)  # [B, M], differentiable
-    sizes = [n1, n2, n3, n3, n4, n5, n6]
     idx_1, idx_2, idx_3a, idx_3b, idx_4, idx_5, idx_6 = index.split(sizes, dim=1)
     c_1, c_2, c_3a, c_3b, c_4, c_5, c_6 = q_dot_n.split(sizes, dim=1)
     n_sq_1, n_sq_2, n_sq_3a, n_sq_3b, n_sq_4, n_sq_5, n_sq_6 = row_sq[index].split(sizes, dim=1)
+    if rows.device.type == "cpu":
+        chunk_rows = max(1, CPU_CHUNK_BYTES // (rows.shape[1] * rows.element_size()))
+    else:
+        chunk_rows = index.numel()  # one pass
+    mix_dot, noise_dot, noise_sq, sign_dot = _row_products(
+        rows, idx_3a, idx_3b, idx_4, idx_6, choices.noise, sign, chunk_rows
+    )
 
     def linear(alpha, beta, c, n_sq):
         # logit of s = alpha q + beta n
         norm = _norm_of_expansion(alpha * alpha * q_sq, beta * beta * n_sq, 2 * alpha * beta * c.detach())
         return (alpha * q_dot_qd + beta * c) / norm
 
-    def gathered_rows(idx):  # [B, N, D]
-        return rows.index_select(0, idx.reshape(-1)).view(*idx.shape, -1)
-
     out = []
-    if n1:
+    if idx_1.shape[1]:
         a = choices.interp_coef
         out.append(linear(a, 1 - a, c_1, n_sq_1))
-    if n2:
+    if idx_2.shape[1]:
         b = choices.extrap_coef
         out.append(linear(1 - b, b, c_2, n_sq_2))
-    if n3:
+    if idx_3a.shape[1]:
         g = choices.mixup_coef
-        n1_dot_n2 = torch.linalg.vecdot(gathered_rows(idx_3a), gathered_rows(idx_3b))  # [B, N3]
-        norm = _norm_of_expansion(g * g * n_sq_3a, (1 - g) ** 2 * n_sq_3b, 2 * g * (1 - g) * n1_dot_n2)
+        norm = _norm_of_expansion(g * g * n_sq_3a, (1 - g) ** 2 * n_sq_3b, 2 * g * (1 - g) * mix_dot)
         out.append((g * c_3a + (1 - g) * c_3b) / norm)
-    if n4:
-        s = gathered_rows(idx_4).add_(choices.noise, alpha=cfg.noise_std)  # [B, N4, D], constant
-        norm = torch.linalg.vector_norm(s, dim=-1).clamp_min(NORM_EPS)
-        out.append(torch.bmm(s, q[:, :, None]).squeeze(-1) / norm)
-    if n5:
+    if idx_4.shape[1]:
+        sigma = cfg.noise_std
+        q_dot_eps = torch.bmm(q[:, None, :], choices.noise.transpose(1, 2)).squeeze(1)  # [B, N4]
+        norm = _norm_of_expansion(n_sq_4, 2 * sigma * noise_dot, sigma * sigma * noise_sq)
+        out.append((c_4 + sigma * q_dot_eps) / norm)
+    if idx_5.shape[1]:
         out.append(linear(cfg.perturb_step, 1.0, c_5, n_sq_5))
-    if n6:
+    if idx_6.shape[1]:
         eta = cfg.adversarial_step
-        sign = q_d.sign()  # [B, D]
-        n_dot_sign = torch.bmm(gathered_rows(idx_6), sign[:, :, None]).squeeze(-1)  # [B, N6]
         sign_sq = sign.count_nonzero(dim=1)[:, None].to(q.dtype)  # ||sign(q)||^2
         q_dot_sign = (q * sign).sum(dim=1, keepdim=True)  # [B, 1], gradient sign(q)
-        norm = _norm_of_expansion(n_sq_6, 2 * eta * n_dot_sign, eta * eta * sign_sq)
+        norm = _norm_of_expansion(n_sq_6, 2 * eta * sign_dot, eta * eta * sign_sq)
         out.append((c_6 + eta * q_dot_sign) / norm)
     if not out:
         return sim.new_zeros(sim.shape[0], 0)

@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from models import synthetic_negatives
 from models.synthetic_negatives import (
     SyntheticNegativeConfig,
     draw_choices,
@@ -63,6 +64,18 @@ def test_logits_and_gradient_match_reference(num_per_kind, dtype):
     torch.testing.assert_close(grad_fast, grad_ref, **TOLERANCES[dtype])
 
 
+@pytest.mark.parametrize("queries_per_chunk", [1, 3])
+def test_chunked_row_products_match_reference(monkeypatch, queries_per_chunk):
+    # kinds 3, 4 and 6 gather queue rows a few queries at a time (here 1 or 3 of 8)
+    num_per_kind = (2, 0, 3, 4, 0, 5)
+    rows_per_query = 2 * 3 + 4 + 5
+    monkeypatch.setattr(synthetic_negatives, "CPU_CHUNK_BYTES", queries_per_chunk * rows_per_query * D * 8)
+    q, queue_rows, cfg, choices = make_batch(num_per_kind)
+    fast, reference, grad_fast, grad_ref = fast_and_reference(q, queue_rows, cfg, choices)
+    torch.testing.assert_close(fast, reference, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad_fast, grad_ref, rtol=1e-5, atol=1e-5)
+
+
 def test_matches_reference_for_vectors_that_are_not_unit():
     # the expansions use the actual norms of q and of the rows
     q, queue_rows, cfg, choices = make_batch((2, 3, 4, 5, 6, 7), unit=False)
@@ -119,7 +132,7 @@ def test_vanishing_vector_gives_small_finite_logit(dtype):
 
 def test_vectors_are_unit_and_detached():
     q, queue_rows, cfg, choices = make_batch((3, 4, 5, 6, 7, 8))
-    for name, v in zip(KIND_NAMES, synthetic_vectors(q, queue_rows, choices, cfg)):
+    for name, v in zip(KIND_NAMES, synthetic_vectors(q, queue_rows, choices, cfg), strict=True):
         assert not v.requires_grad, name
         torch.testing.assert_close(v.norm(dim=-1), torch.ones(v.shape[:2], dtype=v.dtype), msg=name)
 
@@ -129,24 +142,31 @@ def test_vectors_follow_formulas():
     v1, v2, v3, v4, v5, v6 = synthetic_vectors(q, queue_rows, c, cfg)
     q = q.detach()
     # check a few entries one at a time, indexing the queue by hand
-    for b in (0, 5):
+    for b, j in [(0, 0), (0, 1), (5, 0), (5, 2)]:
         qb = q[b]
-
-        def row(pick, j):
-            return queue_rows[c.hard_index[b, pick[b, j]]]
-
-        for j in range(2):
-            a, beta, g = c.interp_coef[b, j], c.extrap_coef[b, j], c.mixup_coef[b, j]
-            expected = [
-                a * qb + (1 - a) * row(c.interp_pick, j),
-                qb + beta * (row(c.extrap_pick, j) - qb),
-                g * row(c.mixup_pick1, j) + (1 - g) * row(c.mixup_pick2, j),
-                row(c.noise_pick, j) + cfg.noise_std * c.noise[b, j],
-                row(c.perturb_pick, j) + cfg.perturb_step * qb,
-                row(c.adversarial_pick, j) + cfg.adversarial_step * qb.sign(),
-            ]
-            for name, v, e in zip(KIND_NAMES, (v1, v2, v3, v4, v5, v6), expected):
-                torch.testing.assert_close(v[b, j], e / e.norm(), msg=name)
+        a, beta, g = c.interp_coef[b, j], c.extrap_coef[b, j], c.mixup_coef[b, j]
+        n1, n2, n3a, n3b, n4, n5, n6 = (
+            queue_rows[c.hard_index[b, pick[b, j]]]
+            for pick in (
+                c.interp_pick,
+                c.extrap_pick,
+                c.mixup_pick1,
+                c.mixup_pick2,
+                c.noise_pick,
+                c.perturb_pick,
+                c.adversarial_pick,
+            )
+        )
+        expected = [
+            a * qb + (1 - a) * n1,
+            qb + beta * (n2 - qb),
+            g * n3a + (1 - g) * n3b,
+            n4 + cfg.noise_std * c.noise[b, j],
+            n5 + cfg.perturb_step * qb,
+            n6 + cfg.adversarial_step * qb.sign(),
+        ]
+        for name, v, e in zip(KIND_NAMES, (v1, v2, v3, v4, v5, v6), expected, strict=True):
+            torch.testing.assert_close(v[b, j], e / e.norm(), msg=name)
 
 
 def test_interpolation_moves_towards_q_and_extrapolation_away():
@@ -187,7 +207,7 @@ def test_hard_index_is_top_similarity():
 def test_draws_lie_in_their_ranges():
     q, queue_rows, cfg, c = make_batch((50, 60, 70, 80, 90, 100))
     picks = [c.interp_pick, c.extrap_pick, c.mixup_pick1, c.mixup_pick2, c.noise_pick, c.perturb_pick]
-    for pick, n in zip(picks + [c.adversarial_pick], (50, 60, 70, 70, 80, 90, 100)):
+    for pick, n in zip(picks + [c.adversarial_pick], (50, 60, 70, 70, 80, 90, 100), strict=True):
         assert pick.shape == (B, n) and pick.dtype == torch.long
         assert pick.min() >= 0 and pick.max() < N_HARD
     assert c.interp_coef.min() >= 0 and c.interp_coef.max() < cfg.interp_max
