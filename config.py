@@ -241,12 +241,15 @@ def _update_config_from_file(config, cfg_file):
     config.freeze()
 
 
-def update_config(config, args):
-    """Merge ``args.cfg``, the command-line flags and ``args.opts`` into ``config``."""
+def update_config(config, args, recipe=None):
+    """Merge ``args.cfg``, then ``recipe`` (KEY VALUE list of a script's own defaults),
+    then ``args.opts``, then the command-line flags into ``config``."""
     if getattr(args, "cfg", None):
         _update_config_from_file(config, args.cfg)
 
     config.defrost()
+    if recipe:
+        config.merge_from_list(recipe)
     if getattr(args, "opts", None):
         if len(args.opts) % 2:
             raise ConfigError(f"--opts takes KEY VALUE pairs, got an odd number of items: {args.opts}")
@@ -261,6 +264,11 @@ def update_config(config, args):
             config.merge_from_list([key, value])
     local_rank = getattr(args, "local_rank", None)
     config.LOCAL_RANK = int(local_rank if local_rank is not None else os.environ.get("LOCAL_RANK", 0))
+
+    if getattr(args, "lr", None) is not None:
+        config.TRAIN.BASE_LR = args.lr
+    if getattr(args, "drop_path_rate", None) is not None:
+        config.MODEL.DROP_PATH_RATE = args.drop_path_rate
 
     # the run's own folder
     config.OUTPUT = os.path.join(config.OUTPUT, config.MODEL.NAME, config.TAG)
@@ -286,9 +294,9 @@ def check_config(config):
                 raise ConfigError(f"MODEL.N{i} must be >= 0")
 
 
-def get_config(args=None):
+def get_config(args=None, recipe=None):
     """Defaults, merged with ``args`` (an argparse namespace) when given; frozen."""
     config = _C.clone()
     if args is not None:
-        update_config(config, args)
+        update_config(config, args, recipe)
     return config

@@ -33,8 +33,9 @@ from utils import all_ranks, all_reduce_mean, init_distributed, load_newest_chec
 AMP_DTYPES = {"O1": torch.float16, "O2": torch.bfloat16}
 
 
-def parse_option(argv=None):
-    parser = argparse.ArgumentParser("Self-supervised pretraining (MoBY / BYOL / SynCo)")
+def build_parser(description):
+    """The flags main_pretrain.py and main_linear.py share."""
+    parser = argparse.ArgumentParser(description)
     parser.add_argument("--cfg", type=str, required=True, metavar="FILE", help="path to the config file")
     parser.add_argument("--opts", default=None, nargs="+", help="override config options: KEY VALUE pairs")
     parser.add_argument("--batch-size", type=int, help="batch size per GPU (process)")
@@ -56,7 +57,11 @@ def parse_option(argv=None):
     parser.add_argument("--throughput", action="store_true", help="measure training images/s and exit")
     # torch.distributed.launch passes --local-rank (or --local_rank); torchrun sets LOCAL_RANK
     parser.add_argument("--local-rank", "--local_rank", dest="local_rank", type=int, default=None)
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_option(argv=None):
+    return build_parser("Self-supervised pretraining (MoBY / BYOL / SynCo)").parse_args(argv)
 
 
 def memory_mb(device):
@@ -337,6 +342,30 @@ def main(config, env, logger):
     logger.info(f"training time {datetime.timedelta(seconds=int(time.time() - start))}")
 
 
+def open_output(config, env, folder, name):
+    """Create ``folder`` with the per-rank logger, and the resolved config.json on rank 0."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"cannot create the output folder {folder}: {e.strerror}") from None
+    logger = create_logger(folder, env.rank, name=name)
+    if env.is_main:
+        with open(os.path.join(folder, "config.json"), "w") as f:
+            json.dump(yaml.safe_load(config.dump()), f, indent=2)
+        logger.info(f"full config saved to {os.path.join(folder, 'config.json')}")
+    logger.info(f"rank {env.rank} of {env.world_size} on {env.device}")
+    return logger
+
+
+def join_processes(config, local_rank):
+    """Join the process group; record the local rank in the config."""
+    env = init_distributed(local_rank)
+    config.defrost()
+    config.LOCAL_RANK = env.local_rank
+    config.freeze()
+    return env
+
+
 def setup(argv=None):
     """Parse, configure and validate everything that can fail before training starts."""
     args = parse_option(argv)
@@ -348,30 +377,18 @@ def setup(argv=None):
         raise ConfigError("pretraining needs the two-view augmentation: set AUG.SSL_AUG True")
     if not config.THROUGHPUT_MODE and not config.DATA.DATA_PATH:
         raise ConfigError("no dataset given: pass --data-path <folder with train/ and val/>")
-    env = init_distributed(args.local_rank)
-    config.defrost()
-    config.LOCAL_RANK = env.local_rank
-    config.freeze()
+    env = join_processes(config, args.local_rank)
     check_batch(config, env.world_size)
     scale_learning_rates(config, env.world_size)
-    try:
-        os.makedirs(config.OUTPUT, exist_ok=True)
-    except OSError as e:
-        raise ConfigError(f"cannot create the output folder {config.OUTPUT}: {e.strerror}") from None
-    logger = create_logger(config.OUTPUT, env.rank, name=config.MODEL.NAME)
-    if env.is_main:
-        with open(os.path.join(config.OUTPUT, "config.json"), "w") as f:
-            json.dump(yaml.safe_load(config.dump()), f, indent=2)
-        logger.info(f"full config saved to {os.path.join(config.OUTPUT, 'config.json')}")
-    logger.info(f"rank {env.rank} of {env.world_size} on {env.device}")
+    logger = open_output(config, env, config.OUTPUT, config.MODEL.NAME)
     return config, env, logger
 
 
-def run(argv=None):
+def run_cli(setup_fn, main_fn, argv=None):
+    """Run ``main_fn(*setup_fn(argv))``; expected failures print one line and exit 2."""
     rank = int(os.environ.get("RANK", 0))
     try:
-        config, env, logger = setup(argv)
-        main(config, env, logger)
+        main_fn(*setup_fn(argv))
     except (ConfigError, FileNotFoundError, PermissionError, NonFiniteLossError) as e:
         if rank == 0:
             print(f"error: {e}", file=sys.stderr, flush=True)
@@ -382,4 +399,4 @@ def run(argv=None):
 
 
 if __name__ == "__main__":
-    run()
+    run_cli(setup, main)

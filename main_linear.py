@@ -1,0 +1,309 @@
+"""Linear probing or fine-tuning of a pretrained backbone on ImageNet or a transfer dataset.
+
+    torchrun --nproc_per_node=4 main_linear.py --cfg configs/moby_swin_tiny.yaml \
+        --data-path /path/to/imagenet --output output --tag run1 [--opts DATA.DATASET cifar10]
+
+Reads the online encoder (``encoder.*``) of ``<output>/<MODEL.NAME>/<tag>/checkpoint.pth``
+(or LINEAR_EVAL.PRETRAINED) and writes to ``.../linear_<dataset>_<linprob|ft>/``.
+"""
+
+import datetime
+import os
+import time
+
+import torch
+import torch.nn as nn
+from timm.utils import AverageMeter
+
+from config import ConfigError, check_config, get_config
+from data import build_linear_loaders
+from lr_scheduler import build_scheduler
+from main_pretrain import (
+    AMP_DTYPES,
+    NonFiniteLossError,
+    build_parser,
+    join_processes,
+    memory_mb,
+    open_output,
+    run_cli,
+    scale_learning_rates,
+    seed_epoch,
+    unwrap,
+)
+from models import build_encoder
+from optimizer import build_optimizer
+from utils import all_ranks, load_newest_checkpoint, save_atomic, seed_everything, world_size
+
+# The linear-evaluation recipe: defaults over the pretraining YAML, under --opts.
+LINEAR_RECIPE = [
+    "TRAIN.EPOCHS", 100,
+    "TRAIN.WARMUP_EPOCHS", 5,
+    "TRAIN.BASE_LR", 0.2,  # per 512 images: MoCo v3's 0.1 per 256
+    "TRAIN.WARMUP_LR", 0.0,
+    "TRAIN.MIN_LR", 0.0,
+    "TRAIN.WEIGHT_DECAY", 0.0,
+    "TRAIN.CLIP_GRAD", 0.0,
+    "TRAIN.OPTIMIZER.NAME", "sgd",
+    "TRAIN.OPTIMIZER.MOMENTUM", 0.9,
+    "TRAIN.LR_SCHEDULER.NAME", "cosine",
+    "AUG.SSL_LINEAR_AUG", True,
+]  # fmt: skip
+
+
+def parse_option(argv=None):
+    parser = build_parser("Linear probing / fine-tuning of a pretrained backbone")
+    parser.add_argument("--lr", type=float, help="base learning rate (per 512 images)")
+    parser.add_argument("--drop-path-rate", type=float, help="drop path rate of the backbone when fine-tuning")
+    return parser.parse_args(argv)
+
+
+# -----------------------------------------------------------------------------
+# Pretrained weights
+# -----------------------------------------------------------------------------
+
+
+def load_pretrained_encoder(model, path, encoder_name):
+    """Copy the online encoder of a pretraining checkpoint into ``model`` (all but its head).
+
+    Raises ConfigError naming the path and the keys when the checkpoint is missing,
+    unreadable, from another backbone, or has no ``encoder.*`` weights.
+    """
+    if not os.path.isfile(path):
+        raise ConfigError(
+            f"no pretrained checkpoint at {path}: pretrain with the same --cfg, --output and --tag "
+            "first, or set LINEAR_EVAL.PRETRAINED"
+        )
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise ConfigError(f"unreadable checkpoint {path} ({type(e).__name__}: {e})") from None
+    found = ckpt.get("framework", {}).get("encoder", encoder_name)
+    if found != encoder_name:
+        raise ConfigError(f"{path} holds a {found} encoder, but MODEL.ENCODER is {encoder_name}")
+    state = ckpt.get("model", ckpt)
+    encoder = {k[len("encoder.") :]: v for k, v in state.items() if k.startswith("encoder.")}
+    if not encoder:
+        raise ConfigError(f"{path} has no encoder.* weights (keys: {', '.join(list(state)[:5])}, ...)")
+    head_params = {id(p) for p in model.get_classifier().parameters()}
+    head = {n for n, p in model.named_parameters() if id(p) in head_params}
+    encoder = {k: v for k, v in encoder.items() if k not in head}  # a pretraining head is never reused
+    own = model.state_dict()
+    mismatched = [k for k, v in encoder.items() if k in own and own[k].shape != v.shape]
+    missing = sorted(set(own) - set(encoder) - head)
+    unexpected = sorted(set(encoder) - set(own))
+    if mismatched or missing or unexpected:
+        raise ConfigError(
+            f"{path} does not match {encoder_name}: mismatched shapes {mismatched[:5]}, "
+            f"missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+    model.load_state_dict(encoder, strict=False)
+    return ckpt.get("epoch")
+
+
+def build_classifier(config, num_classes, freeze):
+    model = build_encoder(config, drop_path_rate=0.0 if freeze else config.MODEL.DROP_PATH_RATE,
+                          num_classes=num_classes)  # fmt: skip
+    head = model.get_classifier()
+    nn.init.normal_(head.weight, std=0.01)
+    nn.init.zeros_(head.bias)
+    if freeze:
+        for p in model.parameters():
+            p.requires_grad = False
+        for p in head.parameters():
+            p.requires_grad = True
+    return model
+
+
+# -----------------------------------------------------------------------------
+# Training and exact validation
+# -----------------------------------------------------------------------------
+
+
+def count_correct(logits, targets, topk=(1, 5)):
+    """Number of samples whose target is among the top-k logits, for each k. [B, C], [B] -> list of ints."""
+    maxk = min(max(topk), logits.shape[1])
+    pred = logits.topk(maxk, dim=1).indices  # [B, maxk]
+    hit = pred == targets[:, None]
+    return [int(hit[:, : min(k, maxk)].any(dim=1).sum()) for k in topk]
+
+
+@torch.no_grad()
+def validate(model, data_loader, device, autocast):
+    """Exact top-1 / top-5 (in %) and mean loss over the whole validation set: the counts of
+    every rank are summed, so uneven shards weigh each sample once."""
+    model.eval()
+    totals = torch.zeros(4, dtype=torch.float64, device=device)  # correct1, correct5, n, loss sum
+    for images, targets in data_loader:
+        images = images.to(device, non_blocking=True)
+        targets = targets.to(device, non_blocking=True)
+        with autocast():
+            logits = model(images)
+        c1, c5 = count_correct(logits.float(), targets)
+        loss = nn.functional.cross_entropy(logits.float(), targets, reduction="sum")
+        totals += torch.tensor([c1, c5, targets.shape[0], loss.item()], dtype=torch.float64, device=device)
+    if world_size() > 1:
+        torch.distributed.all_reduce(totals)
+    c1, c5, n, loss_sum = totals.tolist()
+    n = max(n, 1)
+    return 100.0 * c1 / n, 100.0 * c5 / n, loss_sum / n
+
+
+def train_one_epoch(config, model, data_loader, optimizer, lr_scheduler, scaler, autocast, epoch, device, logger,
+                    freeze):  # fmt: skip
+    model.eval() if freeze else model.train()  # a probe keeps drop path and norms frozen
+    num_steps = len(data_loader)
+    params = [p for p in model.parameters() if p.requires_grad]
+    batch_time, loss_meter = AverageMeter(), AverageMeter()
+    start = end = time.time()
+    for idx, (images, targets) in enumerate(data_loader):
+        lr_scheduler.step_update(epoch * num_steps + idx)
+        images = images.to(device, non_blocking=True)
+        targets = targets.to(device, non_blocking=True)
+        with autocast():
+            loss = nn.functional.cross_entropy(model(images).float(), targets)
+        if not all_ranks(torch.isfinite(loss)):
+            raise NonFiniteLossError(f"non-finite loss at epoch {epoch} step {idx}")
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if config.TRAIN.CLIP_GRAD:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(params, config.TRAIN.CLIP_GRAD)
+        scaler.step(optimizer)
+        scaler.update()
+        loss_meter.update(loss.item(), targets.shape[0])
+        batch_time.update(time.time() - end)
+        end = time.time()
+        if idx % config.PRINT_FREQ == 0 or idx + 1 == num_steps:
+            eta = datetime.timedelta(seconds=int(batch_time.avg * (num_steps - idx - 1)))
+            logger.info(
+                f"Train: [{epoch}/{config.TRAIN.EPOCHS}][{idx}/{num_steps}]\t"
+                f"eta {eta} lr {optimizer.param_groups[0]['lr']:.6f}\t"
+                f"time {batch_time.val:.4f} ({batch_time.avg:.4f})\t"
+                f"loss {loss_meter.val:.4f} ({loss_meter.avg:.4f})\tmem {memory_mb(device):.0f}MB"
+            )
+    logger.info(f"EPOCH {epoch} training took {datetime.timedelta(seconds=int(time.time() - start))}")
+
+
+@torch.no_grad()
+def throughput(config, model, device, autocast, logger, warmup=3, steps=10):
+    """Images/s of the backbone in inference at the configured batch and image size."""
+    model.eval()
+    size = config.DATA.IMG_SIZE
+    images = torch.randn(config.DATA.BATCH_SIZE, 3, size, size, device=device)
+    for _ in range(warmup):
+        with autocast():
+            model(images)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.time()
+    for _ in range(steps):
+        with autocast():
+            model(images)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    logger.info(f"batch {images.shape[0]} x {size}px, {steps} steps after {warmup} warm-up steps")
+    print(f"throughput: {steps * images.shape[0] / (time.time() - start):.2f}", flush=True)
+
+
+# -----------------------------------------------------------------------------
+# Main
+# -----------------------------------------------------------------------------
+
+
+def main(config, env, logger, output_dir):
+    device = env.device
+    freeze = config.LINEAR_EVAL.WEIGHTS == "freeze"
+    autocast = lambda: torch.autocast(  # noqa: E731
+        device_type=device.type, dtype=AMP_DTYPES.get(config.AMP_OPT_LEVEL), enabled=config.AMP_OPT_LEVEL in AMP_DTYPES
+    )
+
+    # ---------------------------------------------------------------- data
+    train_set, val_set, train_loader, val_loader, num_classes = build_linear_loaders(config)
+    logger.info(f"{config.DATA.DATASET}: {len(train_set)} train / {len(val_set)} val images, {num_classes} classes")
+
+    # ---------------------------------------------------------------- model
+    seed_everything(config.SEED)
+    model = build_classifier(config, num_classes, freeze)
+    pretrained = config.LINEAR_EVAL.PRETRAINED or os.path.join(config.OUTPUT, "checkpoint.pth")
+    if not config.THROUGHPUT_MODE:
+        epoch = load_pretrained_encoder(model, pretrained, config.MODEL.ENCODER)
+        logger.info(f"loaded the encoder of {pretrained} (pretraining epoch {epoch})")
+    model.to(device)
+    if config.THROUGHPUT_MODE:
+        throughput(config, model, device, autocast, logger)
+        return
+    optimizer = build_optimizer(config, model)
+    if env.world_size > 1:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[env.local_rank] if device.type == "cuda" else None
+        )
+    lr_scheduler = build_scheduler(config, optimizer, len(train_loader))
+    scaler = torch.amp.GradScaler(device.type, enabled=config.AMP_OPT_LEVEL == "O1")
+
+    # ---------------------------------------------------------------- resume
+    start_epoch, max_acc1 = 0, 0.0
+    if config.MODEL.RESUME:
+        path = config.MODEL.RESUME
+        if not os.path.isfile(path):
+            raise ConfigError(f"--resume {path}: no such file")
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    else:
+        path, ckpt = load_newest_checkpoint(output_dir, logger)
+    if ckpt is not None:
+        unwrap(model).load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+        start_epoch, max_acc1 = ckpt["epoch"] + 1, ckpt["max_accuracy"]
+        logger.info(f"resumed from {path} (epoch {ckpt['epoch']}, best top-1 {max_acc1:.2f}%)")
+    elif config.EVAL_MODE:
+        raise ConfigError(f"--eval: no trained classifier in {output_dir}; train it first or pass --resume")
+
+    if config.EVAL_MODE:
+        acc1, acc5, loss = validate(model, val_loader, device, autocast)
+        logger.info(f"{config.DATA.DATASET} val ({len(val_set)} images): top-1 {acc1:.2f}% top-5 {acc5:.2f}%")
+        return
+
+    # ---------------------------------------------------------------- loop
+    for epoch in range(start_epoch, config.TRAIN.EPOCHS):
+        seed_epoch(config, epoch, env.rank)
+        train_loader.sampler.set_epoch(epoch)
+        train_one_epoch(config, model, train_loader, optimizer, lr_scheduler, scaler, autocast, epoch, device,
+                        logger, freeze)  # fmt: skip
+        acc1, acc5, loss = validate(model, val_loader, device, autocast)
+        max_acc1 = max(max_acc1, acc1)
+        logger.info(
+            f"EPOCH {epoch} {config.DATA.DATASET} val ({len(val_set)} images): top-1 {acc1:.2f}% "
+            f"top-5 {acc5:.2f}% loss {loss:.4f}; best top-1 {max_acc1:.2f}%"
+        )
+        if env.is_main:
+            state = {
+                "model": unwrap(model).state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict(),
+                "epoch": epoch,
+                "max_accuracy": max_acc1,
+                "accuracy": {"top1": acc1, "top5": acc5},
+                "config": config.dump(),
+            }
+            save_atomic(state, os.path.join(output_dir, "checkpoint.pth"))
+    logger.info(f"best top-1 {max_acc1:.2f}%")
+
+
+def setup(argv=None):
+    args = parse_option(argv)
+    config = get_config(args, recipe=LINEAR_RECIPE)
+    check_config(config)
+    if config.LINEAR_EVAL.WEIGHTS not in ("freeze", "finetune"):
+        raise ConfigError(f"unknown LINEAR_EVAL.WEIGHTS {config.LINEAR_EVAL.WEIGHTS!r}; valid: freeze, finetune")
+    if config.DATA.DATASET in ("imagenet", "imagenet100") and not config.DATA.DATA_PATH:
+        raise ConfigError("no dataset given: pass --data-path <folder with train/ and val/>")
+    env = join_processes(config, args.local_rank)
+    scale_learning_rates(config, env.world_size)
+    kind = "linprob" if config.LINEAR_EVAL.WEIGHTS == "freeze" else "ft"
+    output_dir = os.path.join(config.OUTPUT, f"linear_{config.DATA.DATASET}_{kind}")
+    logger = open_output(config, env, output_dir, f"{config.MODEL.NAME}_linear")
+    return config, env, logger, output_dir
+
+
+if __name__ == "__main__":
+    run_cli(setup, main)
