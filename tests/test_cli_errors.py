@@ -1,10 +1,17 @@
-"""Bad input stops main_pretrain.py before any work, with one line naming the fix."""
+"""Bad input stops main_pretrain.py before any work, with one line naming the fix.
 
+Most cases call the script's entry point in this process (fast); two run it as a
+real subprocess to see exactly what a user sees.
+"""
+
+import subprocess
 import zipfile
 
 import pytest
 import torch
 from conftest import run_script
+
+import main_pretrain
 
 BASE = ["main_pretrain.py", "--amp-opt-level", "O0"]
 SMALL = ["DATA.IMG_SIZE", "32", "DATA.NUM_WORKERS", "0", "MODEL.PROJ_HIDDEN_DIM", "64"]
@@ -20,17 +27,24 @@ def assert_clean_error(result, *fragments):
 
 
 @pytest.fixture
-def run(tmp_path, image_folder):
+def run(tmp_path, image_folder, capsys):
+    """main_pretrain.py's entry point in this process; returns its exit code and stderr."""
+
     def _run(*args, cfg="configs/moby_vit_tiny.yaml", data=image_folder):
         data_args = ["--data-path", data] if data else []
-        return run_script([*BASE, "--cfg", cfg, "--output", str(tmp_path), *data_args, *args])
+        argv = [*BASE[1:], "--cfg", cfg, "--output", str(tmp_path), *data_args, *args]
+        with pytest.raises(SystemExit) as exit_info:
+            main_pretrain.run_cli(main_pretrain.setup, main_pretrain.main, argv)
+        return subprocess.CompletedProcess(argv, exit_info.value.code, "", capsys.readouterr().err)
 
     return _run
 
 
-def test_missing_data_path(run, tmp_path):
+def test_missing_data_path_in_a_real_process(tmp_path):
     missing = str(tmp_path / "nowhere")
-    assert_clean_error(run("--batch-size", "4", "--opts", *SMALL, data=missing), missing)
+    result = run_script([*BASE, "--cfg", "configs/moby_vit_tiny.yaml", "--output", str(tmp_path), "--data-path",
+                         missing, "--batch-size", "4", "--opts", *SMALL])  # fmt: skip
+    assert_clean_error(result, missing)
 
 
 def test_no_data_path_given(run):
