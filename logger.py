@@ -8,7 +8,7 @@ import sys
 from termcolor import colored
 
 
-@functools.lru_cache()
+@functools.lru_cache
 def create_logger(output_dir, dist_rank=0, name=""):
     """Logger writing to ``output_dir/log_rank{dist_rank}.txt`` and, on rank 0, to stdout."""
     logger = logging.getLogger(name)
@@ -33,4 +33,9 @@ def create_logger(output_dir, dist_rank=0, name=""):
     file_handler = logging.FileHandler(os.path.join(output_dir, f"log_rank{dist_rank}.txt"), mode="a")
     file_handler.setFormatter(logging.Formatter(fmt, datefmt=datefmt))
     logger.addHandler(file_handler)
+    # the data package's warnings (skipped images, ignored files) go to the same places
+    data_logger = logging.getLogger("data")
+    data_logger.handlers = list(logger.handlers)
+    data_logger.setLevel(logging.INFO)
+    data_logger.propagate = False
     return logger

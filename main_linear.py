@@ -17,6 +17,7 @@ from timm.utils import AverageMeter
 
 from config import ConfigError, check_config, get_config
 from data import build_linear_loaders
+from data.linear import canonical_dataset_name
 from lr_scheduler import build_scheduler
 from main_pretrain import (
     AMP_DTYPES,
@@ -211,6 +212,7 @@ def throughput(config, model, device, autocast, logger, warmup=3, steps=10):
 
 
 def main(config, env, logger, output_dir):
+    """Train (or with --eval, evaluate) the classifier; returns the best val top-1 in %."""
     device = env.device
     freeze = config.LINEAR_EVAL.WEIGHTS == "freeze"
     autocast = lambda: torch.autocast(  # noqa: E731
@@ -218,7 +220,10 @@ def main(config, env, logger, output_dir):
     )
 
     # ---------------------------------------------------------------- data
-    train_set, val_set, train_loader, val_loader, num_classes = build_linear_loaders(config)
+    try:
+        train_set, val_set, train_loader, val_loader, num_classes = build_linear_loaders(config)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     logger.info(f"{config.DATA.DATASET}: {len(train_set)} train / {len(val_set)} val images, {num_classes} classes")
 
     # ---------------------------------------------------------------- model
@@ -261,7 +266,7 @@ def main(config, env, logger, output_dir):
     if config.EVAL_MODE:
         acc1, acc5, loss = validate(model, val_loader, device, autocast)
         logger.info(f"{config.DATA.DATASET} val ({len(val_set)} images): top-1 {acc1:.2f}% top-5 {acc5:.2f}%")
-        return
+        return acc1
 
     # ---------------------------------------------------------------- loop
     for epoch in range(start_epoch, config.TRAIN.EPOCHS):
@@ -287,6 +292,7 @@ def main(config, env, logger, output_dir):
             }
             save_atomic(state, os.path.join(output_dir, "checkpoint.pth"))
     logger.info(f"best top-1 {max_acc1:.2f}%")
+    return max_acc1
 
 
 def setup(argv=None):
@@ -300,7 +306,11 @@ def setup(argv=None):
     env = join_processes(config, args.local_rank)
     scale_learning_rates(config, env.world_size)
     kind = "linprob" if config.LINEAR_EVAL.WEIGHTS == "freeze" else "ft"
-    output_dir = os.path.join(config.OUTPUT, f"linear_{config.DATA.DATASET}_{kind}")
+    try:
+        dataset = canonical_dataset_name(config.DATA.DATASET)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    output_dir = os.path.join(config.OUTPUT, f"linear_{dataset}_{kind}")
     logger = open_output(config, env, output_dir, f"{config.MODEL.NAME}_linear")
     return config, env, logger, output_dir
 

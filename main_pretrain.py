@@ -23,7 +23,7 @@ import yaml
 from timm.utils import AverageMeter, accuracy
 
 from config import ConfigError, check_config, get_config
-from data import build_loader, set_loader_epoch
+from data import build_loader, set_loader_epoch, skipped_samples
 from logger import create_logger
 from lr_scheduler import build_scheduler
 from models import build_model
@@ -232,15 +232,14 @@ def save_checkpoint(config, epoch, model, optimizer, lr_scheduler, scaler, logge
         "framework": {"type": config.MODEL.TYPE, "encoder": config.MODEL.ENCODER},
         "config": config.dump(),
     }
-    latest = os.path.join(config.OUTPUT, "checkpoint.pth")
-    save_atomic(state, latest)
-    saved = [latest]
+    saved = []
     if epoch % config.SAVE_FREQ == 0 or epoch == config.TRAIN.EPOCHS - 1:
-        numbered = os.path.join(config.OUTPUT, f"ckpt_epoch_{epoch}.pth")
-        save_atomic(state, numbered)
-        saved.append(numbered)
+        saved.append(os.path.join(config.OUTPUT, f"ckpt_epoch_{epoch}.pth"))
+    saved.append(os.path.join(config.OUTPUT, "checkpoint.pth"))  # last: see load_newest_checkpoint
+    for path in saved:
+        save_atomic(state, path)
     logger.info(f"saved {', '.join(saved)}")
-    return latest
+    return saved[-1]
 
 
 def resume(config, model, optimizer, scaler, logger):
@@ -337,6 +336,7 @@ def main(config, env, logger):
                 f"{e}; nothing was saved, the last good checkpoint is {last_good or 'none'}: "
                 "lower TRAIN.BASE_LR or set TRAIN.CLIP_GRAD, then resume"
             ) from None
+        logger.info(f"epoch {epoch}: skipped {skipped_samples(data_loader)} unreadable images")
         if env.is_main:
             last_good = save_checkpoint(config, epoch, model, optimizer, lr_scheduler, scaler, logger)
     logger.info(f"training time {datetime.timedelta(seconds=int(time.time() - start))}")

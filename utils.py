@@ -1,5 +1,6 @@
 """Distributed set-up and collectives, seeding, and checkpoints."""
 
+import contextlib
 import glob
 import os
 import random
@@ -118,36 +119,63 @@ def set_rng_state(state):
 
 
 def save_atomic(obj, path):
-    """torch.save to a temporary file, then rename: a crash never leaves a torn ``path``."""
+    """torch.save to a temporary file, then rename: a crash never leaves a torn ``path``.
+
+    A failed save removes its temporary file; one left by a killed process is removed
+    by the next ``load_newest_checkpoint`` of the folder.
+    """
     tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
 
 
-def checkpoint_candidates(output_dir):
-    """Checkpoints in ``output_dir``, newest epoch first."""
-    def epoch_of(path):
-        match = re.search(r"ckpt_epoch_(\d+)\.pth$", path)
-        return int(match.group(1)) if match else -1
+def _epoch_of(path):
+    match = re.search(r"ckpt_epoch_(\d+)\.pth$", path)
+    return int(match.group(1)) if match else -1
 
-    numbered = sorted(glob.glob(os.path.join(output_dir, "ckpt_epoch_*.pth")), key=epoch_of, reverse=True)
-    latest = os.path.join(output_dir, "checkpoint.pth")
-    return ([latest] if os.path.isfile(latest) else []) + numbered
+
+def _try_load(path, logger):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # truncated or corrupt file
+        logger.warning(f"skipping unreadable checkpoint {path}: {type(e).__name__}: {e}")
+        return None
+
+
+def remove_stale_tmp(output_dir, logger):
+    """Delete the ``*.pth.tmp.<pid>`` files that ``save_atomic`` calls killed mid-write left."""
+    for path in glob.glob(os.path.join(glob.escape(output_dir), "*.pth.tmp.*")):
+        with contextlib.suppress(FileNotFoundError):  # every rank sweeps the same folder
+            os.remove(path)
+            logger.info(f"removed {path}, left by an interrupted save")
 
 
 def load_newest_checkpoint(output_dir, logger):
     """(path, checkpoint) of the newest readable checkpoint in ``output_dir``, or (None, None).
 
-    ``checkpoint.pth`` is written first at every save, so it is the newest when
-    readable; an unreadable file is skipped with a warning, so a file torn by a
-    crash never stops a resume while an older good one exists.
+    A save writes ``ckpt_epoch_{E}.pth`` (when due) before ``checkpoint.pth``, so a
+    numbered file may be one epoch newer than ``checkpoint.pth``; numbered files are
+    only read when their epoch is newer. An unreadable file is skipped with a
+    warning, so a file torn by a crash never stops a resume while an older good one
+    exists. Temporary files of interrupted saves are deleted first.
     """
-    for path in checkpoint_candidates(output_dir):
-        try:
-            return path, torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as e:  # truncated or corrupt file
-            logger.warning(f"skipping unreadable checkpoint {path}: {type(e).__name__}: {e}")
-    return None, None
+    remove_stale_tmp(output_dir, logger)
+    latest_path = os.path.join(output_dir, "checkpoint.pth")
+    latest = _try_load(latest_path, logger) if os.path.isfile(latest_path) else None
+    latest_epoch = latest.get("epoch", -1) if latest is not None else -1
+    numbered = sorted(glob.glob(os.path.join(glob.escape(output_dir), "ckpt_epoch_*.pth")), key=_epoch_of, reverse=True)
+    for path in numbered:
+        if _epoch_of(path) <= latest_epoch:
+            break
+        ckpt = _try_load(path, logger)
+        if ckpt is not None:
+            return path, ckpt
+    return (latest_path, latest) if latest is not None else (None, None)

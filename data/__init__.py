@@ -1,5 +1,6 @@
-"""Self-supervised pretraining data: two-view augmented ImageNet from a folder or a zip."""
+"""Data: two-view pretraining loaders, and the loaders of linear evaluation and k-NN."""
 
-from data.build import build_loader, set_loader_epoch
+from data.build import build_loader, set_loader_epoch, skipped_samples
+from data.linear import build_linear_loaders
 
-__all__ = ["build_loader", "set_loader_epoch"]
+__all__ = ["build_loader", "build_linear_loaders", "set_loader_epoch", "skipped_samples"]

@@ -16,20 +16,37 @@ function of (SEED, e, r):
 ``set_loader_epoch`` must be called before iterating epoch ``e`` (in both a fresh and a
 resumed run); it also re-seeds the loader's ``torch.Generator``, from which the workers'
 base seeds are drawn, so nothing else random in a worker carries over between runs.
+
+Unreadable images. A sample whose file cannot be decoded (``UNREADABLE_ERRORS``) is
+replaced by ``replacement_index(seed, attempt, n)``, a pure function of the slot's seed,
+and augmented with that seed: the data stays a function of (SEED, e, r). Each bad file
+is logged once per process (logger ``data.build``), and ``skipped_samples(loader)``
+counts the replaced samples since ``set_loader_epoch``, over all worker processes.
 """
 
+import logging
+import multiprocessing
 import os
 from collections.abc import Iterator, Sized
 
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
-from torchvision.datasets import ImageFolder
 
-from data.cached_image_folder import CACHE_MODES, CachedImageFolder, pil_rgb_loader, shard_indices
+from data.cached_image_folder import (
+    CACHE_MODES,
+    UNREADABLE_ERRORS,
+    CachedImageFolder,
+    LenientImageFolder,
+    shard_indices,
+)
 from data.transforms import build_ssl_transform
 
+logger = logging.getLogger(__name__)
+
 _MASK64 = (1 << 64) - 1
+# Give up on a sample after this many unreadable images in a row: the data is broken.
+MAX_ATTEMPTS = 100
 
 
 def _splitmix64(x: int) -> int:
@@ -98,11 +115,20 @@ class SeededSampler(Sampler[tuple[int, int]]):
         return len(self.sampler)
 
 
+def replacement_index(seed: int, attempt: int, num_samples: int) -> int:
+    """The index tried after ``attempt`` + 1 unreadable images in the slot seeded ``seed``."""
+    return derive_seed(seed, attempt) % num_samples
+
+
 class _SeededDataset(Dataset):
-    """``dataset[index]`` with torch's global CPU generator seeded for that one call."""
+    """``dataset[index]`` with torch's global CPU generator seeded for that one call,
+    unreadable images replaced (see the module docstring)."""
 
     def __init__(self, dataset: Dataset):
         self.dataset = dataset
+        # shared memory made before the workers start, so they all count into it
+        self.skipped = multiprocessing.Value("q", 0)
+        self._warned: set[int] = set()  # bad indices already logged by this process
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -113,24 +139,40 @@ class _SeededDataset(Dataset):
         index, seed = item
         generator = torch.default_generator
         state = generator.get_state()
-        generator.manual_seed(seed)
         try:
-            return self.dataset[index]
+            for attempt in range(MAX_ATTEMPTS):
+                generator.manual_seed(seed)
+                try:
+                    return self.dataset[index]
+                except UNREADABLE_ERRORS as e:
+                    self._skip(index, e)
+                index = replacement_index(seed, attempt, len(self.dataset))
+            raise RuntimeError(
+                f"{MAX_ATTEMPTS} unreadable images in a row, from {self.dataset.source(item[0])}: is the data damaged?"
+            )
         finally:
             generator.set_state(state)
 
+    def _skip(self, index: int, error: Exception) -> None:
+        with self.skipped.get_lock():
+            self.skipped.value += 1
+        if index not in self._warned:
+            self._warned.add(index)
+            logger.warning(f"skipping unreadable image {self.dataset.source(index)}: {type(error).__name__}: {error}")
 
-def build_dataset(config, transform, rank: int = 0, world_size: int = 1) -> Dataset:
-    """The training set under ``config.DATA.DATA_PATH``, as a folder or a zip.
+
+def build_dataset(config, transform, rank: int = 0, world_size: int = 1, split: str = "train") -> Dataset:
+    """The ``split`` ("train" or "val") of the ImageNet-style set under ``config.DATA.DATA_PATH``,
+    as a folder or, in zip mode, ``<split>.zip`` with ``<split>_map.txt``.
 
     Raises:
-        FileNotFoundError: ``DATA_PATH/train`` (folder mode) or ``DATA_PATH/train.zip``
-            or ``DATA_PATH/train_map.txt`` (zip mode) is missing.
+        FileNotFoundError: ``DATA_PATH/<split>`` (folder mode, or it holds no image) or
+            ``DATA_PATH/<split>.zip`` or ``DATA_PATH/<split>_map.txt`` (zip mode) is missing.
     """
     root = config.DATA.DATA_PATH
     if config.DATA.ZIP_MODE:
-        zip_path = os.path.join(root, "train.zip")
-        map_path = os.path.join(root, "train_map.txt")
+        zip_path = os.path.join(root, f"{split}.zip")
+        map_path = os.path.join(root, f"{split}_map.txt")
         for path in (zip_path, map_path):
             if not os.path.isfile(path):
                 raise FileNotFoundError(
@@ -145,13 +187,13 @@ def build_dataset(config, transform, rank: int = 0, world_size: int = 1) -> Data
             rank=rank,
             world_size=world_size,
         )
-    train_dir = os.path.join(root, "train")
-    if not os.path.isdir(train_dir):
+    folder = os.path.join(root, split)
+    if not os.path.isdir(folder):
         raise FileNotFoundError(
-            f"{train_dir} not found: expected an ImageNet-style folder {train_dir}/<class>/<image> "
-            "(or set DATA.ZIP_MODE for train.zip + train_map.txt)"
+            f"{folder} not found: expected an ImageNet-style folder {folder}/<class>/<image> "
+            f"(or set DATA.ZIP_MODE for {split}.zip + {split}_map.txt)"
         )
-    return ImageFolder(train_dir, transform=transform, loader=pil_rgb_loader)
+    return LenientImageFolder(folder, transform=transform)
 
 
 def build_sampler(config, dataset: Sized, rank: int = 0, world_size: int = 1) -> SeededSampler:
@@ -202,3 +244,9 @@ def set_loader_epoch(data_loader: DataLoader, epoch: int) -> None:
     sampler = data_loader.sampler
     sampler.set_epoch(epoch)
     data_loader.generator.manual_seed(derive_seed(sampler.seed, epoch, sampler.rank))
+    data_loader.dataset.skipped.value = 0
+
+
+def skipped_samples(data_loader: DataLoader) -> int:
+    """Unreadable images replaced by this process's loader (all its workers) since ``set_loader_epoch``."""
+    return data_loader.dataset.skipped.value

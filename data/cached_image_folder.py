@@ -1,4 +1,8 @@
-"""Image datasets: the RGB loader shared by every mode, and the zip dataset.
+"""Image datasets: the RGB loader shared by every mode, the folder and the zip datasets.
+
+``LenientImageFolder`` is torchvision's ``ImageFolder`` minus what is not an image:
+hidden files and folders, files of other extensions and empty class folders are
+left out with one warning, instead of failing or being read as images.
 
 Zip mode keeps ImageNet in two files, the format of the original MoBY/Swin code:
 
@@ -9,18 +13,35 @@ Zip mode keeps ImageNet in two files, the format of the original MoBY/Swin code:
 (cache mode 'no'), from a copy of every image's bytes in memory ('full'), or from a
 copy of this rank's shard only ('part', indices ``shard_indices(n, rank, world_size)``;
 anything outside the shard still falls back to the zip).
+
+Reading an image raises one of ``UNREADABLE_ERRORS`` when its file or zip member is
+damaged (a truncated file fails too: ``ImageFile.LOAD_TRUNCATED_IMAGES`` stays off);
+the data loader replaces such an image by another (``data/build.py``).
 """
 
 import io
+import logging
+import os
+import zipfile
+import zlib
 from collections.abc import Callable
 
 import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
+from torchvision.datasets import ImageFolder
+from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from data import zipreader
 
+logger = logging.getLogger(__name__)
+
 CACHE_MODES = ("no", "full", "part")
+
+# What a damaged image file or zip member raises (a member missing from the zip is
+# reported as FileNotFoundError, an OSError).
+_ZIP_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError)
+UNREADABLE_ERRORS = (OSError, SyntaxError, Image.DecompressionBombError, *_ZIP_ERRORS)
 
 # 16-bit integer modes, scaled to 8 bits rather than clipped by ``convert("RGB")``.
 _WIDE_INT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")
@@ -53,6 +74,63 @@ def pil_rgb_loader(source: str | bytes | bytearray | memoryview) -> Image.Image:
         img = Image.open(stream)
         img.load()  # decode now, while the stream is open
     return _to_rgb(img)
+
+
+class LenientImageFolder(ImageFolder):
+    """``ImageFolder`` of ``root/<class>/**/<image>`` that ignores what is not an image.
+
+    Hidden files and folders (names starting with '.'), files without an image
+    extension and class folders without images are left out, with one warning listing
+    them. An empty class folder keeps its index, so targets still agree with a sibling
+    folder (e.g. val/) that has images of that class.
+
+    Raises:
+        FileNotFoundError: no image at all under ``root``.
+    """
+
+    def __init__(self, root: str, transform: Callable | None = None, loader: Callable = pil_rgb_loader):
+        self._ignored: list[str] = []
+        super().__init__(root, transform=transform, loader=loader)
+
+    def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
+        classes = []
+        for entry in sorted(os.scandir(directory), key=lambda e: e.name):
+            if entry.is_dir() and not entry.name.startswith("."):
+                classes.append(entry.name)
+            else:
+                self._ignored.append(entry.name)
+        return classes, {name: i for i, name in enumerate(classes)}
+
+    def make_dataset(self, directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False):
+        extensions = tuple(e.lower() for e in extensions or IMG_EXTENSIONS)
+        is_valid_file = is_valid_file or (lambda path: path.lower().endswith(extensions))
+        samples = []
+        for name in sorted(class_to_idx):
+            found = len(samples)
+            # sorted walk and files: the order of torchvision's make_dataset
+            for root, _, fnames in sorted(os.walk(os.path.join(directory, name), followlinks=True)):
+                for fname in sorted(fnames):
+                    path = os.path.join(root, fname)
+                    rel = os.path.relpath(path, directory)
+                    if any(part.startswith(".") for part in rel.split(os.sep)) or not is_valid_file(path):
+                        self._ignored.append(rel)
+                    else:
+                        samples.append((path, class_to_idx[name]))
+            if len(samples) == found:
+                self._ignored.append(f"{name}{os.sep} (no images)")
+        if not samples:
+            raise FileNotFoundError(f"no images ({', '.join(extensions)}) found under {directory}/<class>/")
+        if self._ignored:
+            more = ", ..." if len(self._ignored) > 5 else ""
+            logger.warning(
+                f"ignored {len(self._ignored)} hidden or non-image entries under {directory}: "
+                f"{', '.join(self._ignored[:5])}{more}"
+            )
+        return samples
+
+    def source(self, index: int) -> str:
+        """Where image ``index`` is read from, for messages."""
+        return self.samples[index][0]
 
 
 def shard_indices(num_samples: int, rank: int, world_size: int) -> range:
@@ -126,12 +204,22 @@ class CachedImageFolder(Dataset):
             self._fill_cache(shard_indices(n, rank, world_size))
 
     def _fill_cache(self, indices: range) -> None:
-        members = [self.samples[i][0] for i in indices]
-        sizes = [zipreader.member_size(self.zip_path, m) for m in members]
-        self._buffer = np.empty(sum(sizes), dtype=np.uint8)
+        # A member that is missing or cannot be read stays uncached: reading it from
+        # the zip in __getitem__ then reports it like any other unreadable image.
+        sizes = {}
+        for index in indices:
+            try:
+                sizes[index] = zipreader.member_size(self.zip_path, self.samples[index][0])
+            except KeyError:
+                pass
+        self._buffer = np.empty(sum(sizes.values()), dtype=np.uint8)
         offset = 0
-        for index, member, size in zip(indices, members, sizes, strict=True):
-            self._buffer[offset : offset + size] = np.frombuffer(zipreader.read(self.zip_path, member), dtype=np.uint8)
+        for index, size in sizes.items():
+            try:
+                data = zipreader.read(self.zip_path, self.samples[index][0])
+            except _ZIP_ERRORS:
+                continue
+            self._buffer[offset : offset + size] = np.frombuffer(data, dtype=np.uint8)
             self._start[index] = offset
             self._size[index] = size
             offset += size
@@ -144,8 +232,15 @@ class CachedImageFolder(Dataset):
     def _read_bytes(self, index: int) -> bytes | memoryview:
         start = int(self._start[index])
         if start < 0:
-            return zipreader.read(self.zip_path, self.samples[index][0])
+            try:
+                return zipreader.read(self.zip_path, self.samples[index][0])
+            except KeyError:
+                raise FileNotFoundError(f"{self.source(index)}: no such member") from None
         return memoryview(self._buffer[start : start + int(self._size[index])])
+
+    def source(self, index: int) -> str:
+        """Where image ``index`` is read from, for messages."""
+        return f"{self.zip_path}:{self.samples[index][0]}"
 
     def __len__(self) -> int:
         return len(self.samples)

@@ -71,6 +71,4 @@ def build_model(config, steps_per_epoch=1):
         kwargs["hard_negative_epochs"] = (m.WARMUP_EPOCHS, m.COOLDOWN_EPOCHS)
 
     encoder = partial(build_encoder, config)
-    return FRAMEWORKS[model_type](
-        encoder(m.ONLINE_DROP_PATH_RATE), encoder(m.TARGET_DROP_PATH_RATE), **kwargs
-    )
+    return FRAMEWORKS[model_type](encoder(m.ONLINE_DROP_PATH_RATE), encoder(m.TARGET_DROP_PATH_RATE), **kwargs)

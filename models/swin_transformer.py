@@ -22,8 +22,6 @@ keys. Image sizes whose grids have no divisor close to 7 (for example 176 px:
 a 22x22 stage would get 2x2 windows) are refused with a ValueError.
 """
 
-from typing import Tuple
-
 from timm.layers import to_2tuple
 from timm.models.swin_transformer import SwinTransformer
 
@@ -38,7 +36,7 @@ def _largest_divisor(n: int, limit: int) -> int:
 
 def stage_window_sizes(
     img_size, num_stages: int = 4, patch_size: int = PATCH_SIZE, window_size: int = WINDOW_SIZE
-) -> Tuple[Tuple[int, int], ...]:
+) -> tuple[tuple[int, int], ...]:
     """Per-stage (h, w) windows that tile each stage's feature map exactly (see module docstring)."""
     grid = [s // patch_size for s in to_2tuple(img_size)]
     windows = []
@@ -55,9 +53,7 @@ def stage_window_sizes(
     return tuple(windows)
 
 
-def _swin(
-    embed_dim, depths, num_heads, *, img_size, drop_path_rate, num_classes, use_checkpoint
-) -> SwinTransformer:
+def _swin(embed_dim, depths, num_heads, *, img_size, drop_path_rate, num_classes, use_checkpoint) -> SwinTransformer:
     """A timm Swin (patch 4, patch norm, qkv bias, no absolute position embedding).
 
     forward: [B, 3, H, W] -> [B, num_features] (average-pooled after the final
@@ -79,31 +75,40 @@ def _swin(
     return model
 
 
-def swin_tiny(
-    *, img_size=224, drop_path_rate=0.0, num_classes=0, use_checkpoint=False
-) -> SwinTransformer:
+def swin_tiny(*, img_size=224, drop_path_rate=0.0, num_classes=0, use_checkpoint=False) -> SwinTransformer:
     """Swin-T: embed 96, depths (2, 2, 6, 2), heads (3, 6, 12, 24); num_features 768."""
     return _swin(
-        96, (2, 2, 6, 2), (3, 6, 12, 24), img_size=img_size, drop_path_rate=drop_path_rate,
-        num_classes=num_classes, use_checkpoint=use_checkpoint,
+        96,
+        (2, 2, 6, 2),
+        (3, 6, 12, 24),
+        img_size=img_size,
+        drop_path_rate=drop_path_rate,
+        num_classes=num_classes,
+        use_checkpoint=use_checkpoint,
     )
 
 
-def swin_small(
-    *, img_size=224, drop_path_rate=0.0, num_classes=0, use_checkpoint=False
-) -> SwinTransformer:
+def swin_small(*, img_size=224, drop_path_rate=0.0, num_classes=0, use_checkpoint=False) -> SwinTransformer:
     """Swin-S: embed 96, depths (2, 2, 18, 2), heads (3, 6, 12, 24); num_features 768."""
     return _swin(
-        96, (2, 2, 18, 2), (3, 6, 12, 24), img_size=img_size, drop_path_rate=drop_path_rate,
-        num_classes=num_classes, use_checkpoint=use_checkpoint,
+        96,
+        (2, 2, 18, 2),
+        (3, 6, 12, 24),
+        img_size=img_size,
+        drop_path_rate=drop_path_rate,
+        num_classes=num_classes,
+        use_checkpoint=use_checkpoint,
     )
 
 
-def swin_base(
-    *, img_size=224, drop_path_rate=0.0, num_classes=0, use_checkpoint=False
-) -> SwinTransformer:
+def swin_base(*, img_size=224, drop_path_rate=0.0, num_classes=0, use_checkpoint=False) -> SwinTransformer:
     """Swin-B: embed 128, depths (2, 2, 18, 2), heads (4, 8, 16, 32); num_features 1024."""
     return _swin(
-        128, (2, 2, 18, 2), (4, 8, 16, 32), img_size=img_size, drop_path_rate=drop_path_rate,
-        num_classes=num_classes, use_checkpoint=use_checkpoint,
+        128,
+        (2, 2, 18, 2),
+        (4, 8, 16, 32),
+        img_size=img_size,
+        drop_path_rate=drop_path_rate,
+        num_classes=num_classes,
+        use_checkpoint=use_checkpoint,
     )

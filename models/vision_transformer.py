@@ -107,8 +107,13 @@ def vit_tiny(
 ) -> VisionTransformerMoCo:
     """ViT-T/16: 192-d, depth 12, 3 heads; num_features 192."""
     return _vit(
-        192, 3, img_size=img_size, drop_path_rate=drop_path_rate, num_classes=num_classes,
-        use_checkpoint=use_checkpoint, stop_grad_conv1=stop_grad_conv1,
+        192,
+        3,
+        img_size=img_size,
+        drop_path_rate=drop_path_rate,
+        num_classes=num_classes,
+        use_checkpoint=use_checkpoint,
+        stop_grad_conv1=stop_grad_conv1,
     )
 
 
@@ -118,8 +123,13 @@ def vit_small(
     """ViT-S/16 as in MoCo v3: 384-d, depth 12, **12 heads** (DeiT-S / timm's vit_small
     use 6; the head count changes no parameter count); num_features 384."""
     return _vit(
-        384, 12, img_size=img_size, drop_path_rate=drop_path_rate, num_classes=num_classes,
-        use_checkpoint=use_checkpoint, stop_grad_conv1=stop_grad_conv1,
+        384,
+        12,
+        img_size=img_size,
+        drop_path_rate=drop_path_rate,
+        num_classes=num_classes,
+        use_checkpoint=use_checkpoint,
+        stop_grad_conv1=stop_grad_conv1,
     )
 
 
@@ -128,6 +138,11 @@ def vit_base(
 ) -> VisionTransformerMoCo:
     """ViT-B/16: 768-d, depth 12, 12 heads; num_features 768."""
     return _vit(
-        768, 12, img_size=img_size, drop_path_rate=drop_path_rate, num_classes=num_classes,
-        use_checkpoint=use_checkpoint, stop_grad_conv1=stop_grad_conv1,
+        768,
+        12,
+        img_size=img_size,
+        drop_path_rate=drop_path_rate,
+        num_classes=num_classes,
+        use_checkpoint=use_checkpoint,
+        stop_grad_conv1=stop_grad_conv1,
     )

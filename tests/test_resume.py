@@ -47,5 +47,7 @@ def test_resume_after_first_epoch_is_exact(framework, image_folder, tmp_path):
     for key, value in a["model"].items():
         torch.testing.assert_close(b["model"][key], value, rtol=0, atol=1e-6, msg=key)
     if framework == "synco":
-        assert not torch.equal(a["model"]["queue1"], torch.load(
-            os.path.join(straight, "ckpt_epoch_0.pth"), weights_only=False)["model"]["queue1"])
+        assert not torch.equal(
+            a["model"]["queue1"],
+            torch.load(os.path.join(straight, "ckpt_epoch_0.pth"), weights_only=False)["model"]["queue1"],
+        )

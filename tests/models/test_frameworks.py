@@ -5,9 +5,9 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import small_config, views
 
 from config import get_config
-from conftest import small_config, views
 from models import build_model
 from models.base import cosine_momentum
 from models.byol import regression_loss
@@ -214,9 +214,7 @@ def test_synco_loss_exceeds_moby_loss_on_same_inputs():
 # -----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "cfg_file", sorted(glob.glob(os.path.join(ROOT, "configs", "*.yaml"))), ids=os.path.basename
-)
+@pytest.mark.parametrize("cfg_file", sorted(glob.glob(os.path.join(ROOT, "configs", "*.yaml"))), ids=os.path.basename)
 def test_every_config_loads_and_builds(cfg_file):
     class Args:
         cfg = cfg_file

@@ -1,0 +1,170 @@
+"""Damaged or stray files in the training data: skipped with a warning, never fatal."""
+
+import io
+import logging
+import os
+import re
+import zipfile
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageFile
+from test_pretrain_data import assert_same_batches, epoch_batches, make_config
+
+from data import build_loader, set_loader_epoch, skipped_samples
+from data.build import MAX_ATTEMPTS, replacement_index
+
+GOOD = {"a": 5, "b": 4}  # class -> number of good images: 9 good + 3 bad = 12 = 3 batches of 4
+
+
+def _png(rng: np.random.Generator) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def _bad_files(rng: np.random.Generator) -> dict[str, bytes]:
+    return {
+        "a/random.jpg": rng.bytes(300),
+        "a/truncated.png": _png(rng)[:400],
+        "b/empty.jpg": b"",
+    }
+
+
+@pytest.fixture(scope="module")
+def bad_root(tmp_path_factory) -> str:
+    """train/ with 9 good and 3 corrupt images, stray files and an empty class folder."""
+    root = tmp_path_factory.mktemp("bad")
+    rng = np.random.default_rng(0)
+    files = {f"{c}/img{i}.png": _png(rng) for c, n in GOOD.items() for i in range(n)}
+    files.update(_bad_files(rng))
+    stray = {"a/.hidden.jpg": _png(rng), "b/notes.txt": b"notes", "b/meta.json": b"{}", ".cache/x.png": _png(rng)}
+    for name, data in {**files, **stray}.items():
+        os.makedirs(root / "train" / os.path.dirname(name), exist_ok=True)
+        (root / "train" / name).write_bytes(data)
+    os.makedirs(root / "train" / "c")  # a class without images
+    return str(root)
+
+
+@pytest.fixture(scope="module")
+def bad_zip_root(tmp_path_factory) -> str:
+    """train.zip + train_map.txt: 7 good images, 3 corrupt ones, one with a bad CRC, one missing."""
+    root = tmp_path_factory.mktemp("badzip")
+    rng = np.random.default_rng(1)
+    members = {f"{c}/img{i}.png": _png(rng) for c, n in (("a", 4), ("b", 3)) for i in range(n)}
+    members.update(_bad_files(rng))
+    members["b/crc.png"] = _png(rng)
+    with zipfile.ZipFile(root / "train.zip", "w", zipfile.ZIP_STORED) as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+    # flip a byte inside the stored data of b/crc.png: reading it fails its CRC check
+    with zipfile.ZipFile(root / "train.zip") as zf:
+        info = zf.getinfo("b/crc.png")
+    raw = bytearray((root / "train.zip").read_bytes())
+    raw[info.header_offset + 30 + len(info.filename) + len(info.extra) + 100] ^= 0xFF
+    (root / "train.zip").write_bytes(bytes(raw))
+    names = sorted([*members, "b/missing.png"])
+    (root / "train_map.txt").write_text("".join(f"{name}\t{'ab'.index(name[0])}\n" for name in names))
+    return str(root)
+
+
+@pytest.fixture
+def data_warnings(tmp_path):
+    """The lines logged by the data package, from this process and its forked workers."""
+    path = tmp_path / "data.log"
+    handler = logging.FileHandler(path)
+    logging.getLogger("data").addHandler(handler)
+    yield lambda: path.read_text().splitlines()
+    logging.getLogger("data").removeHandler(handler)
+    handler.close()
+
+
+def expected_skips(data_loader, bad: set[int]) -> int:
+    """Replay the sampler of the current epoch: the bad images its batches run into."""
+    skips = 0
+    for index, seed in list(data_loader.sampler)[: len(data_loader) * data_loader.batch_size]:
+        attempt = 0
+        while index in bad:
+            skips += 1
+            index = replacement_index(seed, attempt, len(data_loader.dataset))
+            attempt += 1
+    return skips
+
+
+def check_epochs(data_loader, bad_sources: set[str], data_warnings, num_workers: int) -> None:
+    dataset = data_loader.dataset.dataset
+    bad = {i for i in range(len(dataset)) if dataset.source(i) in bad_sources}
+    assert len(bad) == len(bad_sources)
+    for epoch in range(2):
+        set_loader_epoch(data_loader, epoch)
+        assert skipped_samples(data_loader) == 0
+        batches = list(data_loader)
+        assert len(batches) == len(dataset) // 4 == 3
+        for (view1, view2), _ in batches:
+            assert view1.shape == view2.shape == (4, 3, 32, 32) and torch.isfinite(view1).all()
+        assert skipped_samples(data_loader) == expected_skips(data_loader, bad) >= len(bad)
+    skips = [line for line in data_warnings() if "unreadable" in line]
+    named = Counter(re.fullmatch(r"skipping unreadable image (.+?): \w+: .*", line)[1] for line in skips)
+    # each file once per process that met it (all three are in every epoch)
+    assert set(named) == bad_sources and max(named.values()) <= max(num_workers, 1)
+    assert not ImageFile.LOAD_TRUNCATED_IMAGES
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_folder_epochs_complete_despite_corrupt_images(bad_root, num_workers, data_warnings):
+    dataset, data_loader = build_loader(make_config(bad_root, NUM_WORKERS=num_workers))
+    assert len(dataset) == 12 and dataset.classes == ["a", "b", "c"]
+    bad = {os.path.join(bad_root, "train", name) for name in _bad_files(np.random.default_rng(0))}
+    check_epochs(data_loader, bad, data_warnings, num_workers)
+
+
+@pytest.mark.parametrize("cache_mode, num_workers", [("no", 2), ("full", 0), ("part", 0)])
+def test_zip_epochs_complete_despite_corrupt_members(bad_zip_root, cache_mode, num_workers, data_warnings):
+    cfg = make_config(bad_zip_root, ZIP_MODE=True, CACHE_MODE=cache_mode, NUM_WORKERS=num_workers)
+    dataset, data_loader = build_loader(cfg)
+    assert len(dataset) == 12
+    zip_path = os.path.join(bad_zip_root, "train.zip")
+    bad_members = [*_bad_files(np.random.default_rng(1)), "b/crc.png", "b/missing.png"]
+    if cache_mode != "no":  # the members that cannot be read are left to the zip
+        assert len(dataset.cached_indices) == 10
+    check_epochs(data_loader, {f"{zip_path}:{name}" for name in bad_members}, data_warnings, num_workers)
+
+
+def test_resumed_loader_repeats_an_epoch_with_bad_images(bad_root):
+    _, run = build_loader(make_config(bad_root, NUM_WORKERS=0))
+    epoch1 = epoch_batches(run, 1)
+    torch.manual_seed(99)
+    _, resumed = build_loader(make_config(bad_root, NUM_WORKERS=2))
+    assert_same_batches(epoch_batches(resumed, 1), epoch1)
+    assert skipped_samples(resumed) == skipped_samples(run) > 0
+
+
+def test_a_folder_of_only_unreadable_images_fails_clearly(tmp_path):
+    os.makedirs(tmp_path / "train" / "a")
+    for i in range(4):
+        (tmp_path / "train" / "a" / f"bad{i}.jpg").write_bytes(b"not an image")
+    _, data_loader = build_loader(make_config(str(tmp_path)))
+    set_loader_epoch(data_loader, 0)
+    with pytest.raises(RuntimeError, match=rf"{MAX_ATTEMPTS} unreadable images in a row, from .*bad.\.jpg"):
+        next(iter(data_loader))
+
+
+def test_stray_entries_are_ignored_with_one_warning(bad_root, caplog):
+    _, data_loader = build_loader(make_config(bad_root))
+    ignored = [r.getMessage() for r in caplog.records if "ignored" in r.getMessage()]
+    assert len(ignored) == 1
+    assert ignored[0].startswith(f"ignored 5 hidden or non-image entries under {os.path.join(bad_root, 'train')}")
+    for name in (".cache", os.path.join("a", ".hidden.jpg"), os.path.join("b", "notes.txt"), "c" + os.sep):
+        assert name in ignored[0]
+    sources = {os.path.basename(path) for path, _ in data_loader.dataset.dataset.samples}
+    assert not sources & {".hidden.jpg", "notes.txt", "meta.json", "x.png"}
+    assert data_loader.dataset.dataset.class_to_idx == {"a": 0, "b": 1, "c": 2}
+
+
+def test_folder_without_images_raises_naming_it(tmp_path):
+    os.makedirs(tmp_path / "train" / "a")
+    (tmp_path / "train" / "a" / "notes.txt").write_text("no images here")
+    with pytest.raises(FileNotFoundError, match=str(tmp_path / "train")):
+        build_loader(make_config(str(tmp_path)))
