@@ -28,7 +28,15 @@ from logger import create_logger
 from lr_scheduler import build_scheduler
 from models import build_model
 from optimizer import build_optimizer
-from utils import all_ranks, all_reduce_mean, init_distributed, load_newest_checkpoint, save_atomic, seed_everything
+from utils import (
+    all_ranks,
+    all_reduce_mean,
+    init_distributed,
+    load_newest_checkpoint,
+    save_atomic,
+    seed_everything,
+    world_size,
+)
 
 AMP_DTYPES = {"O1": torch.float16, "O2": torch.bfloat16}
 
@@ -162,10 +170,14 @@ def train_one_epoch(config, model, data_loader, optimizer, lr_scheduler, scaler,
 
         if idx % config.PRINT_FREQ == 0 or idx + 1 == num_steps:
             lr = optimizer.param_groups[0]["lr"]
-            eta = datetime.timedelta(seconds=int(batch_time.avg * (num_steps - idx - 1)))
+            steps_left = num_steps - idx - 1
+            eta = datetime.timedelta(seconds=int(batch_time.avg * steps_left))
+            eta_run = datetime.timedelta(
+                seconds=int(batch_time.avg * (steps_left + (config.TRAIN.EPOCHS - epoch - 1) * num_steps))
+            )
             logger.info(
                 f"Train: [{epoch}/{config.TRAIN.EPOCHS}][{idx}/{num_steps}]\t"
-                f"eta {eta} lr {lr:.6f}\t"
+                f"eta {eta} (run {eta_run}) lr {lr:.6f}\t"
                 f"time {batch_time.val:.4f} ({batch_time.avg:.4f})\t"
                 f"loss {loss_meter.val:.4f} ({loss_meter.avg:.4f})\t"
                 f"grad_norm {norm_meter.val:.4f} ({norm_meter.avg:.4f})\t"
@@ -178,7 +190,7 @@ def train_one_epoch(config, model, data_loader, optimizer, lr_scheduler, scaler,
     logger.info(
         f"EPOCH {epoch} done in {datetime.timedelta(seconds=int(epoch_time))}: mean loss {mean_loss:.4f} "
         f"contrast_acc1 {acc1_meter.avg:.3f} "
-        f"images/s {num_steps * config.DATA.BATCH_SIZE / max(epoch_time, 1e-9):.1f} (this process)"
+        f"images/s {num_steps * config.DATA.BATCH_SIZE * world_size() / max(epoch_time, 1e-9):.1f} (all processes)"
     )
     return mean_loss
 

@@ -3,10 +3,12 @@
 import glob
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
-from conftest import run_script
+from conftest import ROOT, run_script
 
 TINY = [
     "--batch-size", "4", "--amp-opt-level", "O0",
@@ -18,10 +20,13 @@ TINY = [
 
 TORCHRUN = ["-m", "torch.distributed.run", "--nproc_per_node=2"]
 LAUNCH = ["-m", "torch.distributed.launch", "--nproc_per_node=2"]
+RENDEZVOUS = ["-m", "torch.distributed.run", "--nnodes=1", "--node_rank=0", "--nproc_per_node=2", "--rdzv_backend=c10d"]
 
 
 def pretrain(launcher, framework, image_folder, output, port, extra=()):
     args = [*launcher, f"--master_port={port}"] if launcher else []
+    if launcher == RENDEZVOUS:  # the multi-node form, with one node on localhost
+        args = [*launcher, f"--rdzv_endpoint=127.0.0.1:{port}"]
     return run_script(
         [*args, "main_pretrain.py", "--cfg", f"configs/{framework}_vit_tiny.yaml", "--data-path", image_folder,
          "--output", str(output), "--tag", "t", *TINY, *extra]
@@ -60,18 +65,41 @@ def check_run(output, framework, world_size, steps_per_epoch):
 
 
 @pytest.mark.parametrize(
-    "framework, port, extra",
+    "framework, port, launcher, extra",
     [
-        ("moby", 29621, ["--amp-opt-level", "O1", "--accumulation-steps", "2"]),  # fp16 autocast + grad scaler
-        ("byol", 29622, ["--amp-opt-level", "O2", "--use-checkpoint"]),  # bf16 autocast
-        ("synco", 29623, []),
+        ("moby", 29621, TORCHRUN, ["--amp-opt-level", "O1", "--accumulation-steps", "2"]),  # fp16 + grad scaler
+        ("byol", 29622, TORCHRUN, ["--amp-opt-level", "O2", "--use-checkpoint"]),  # bf16 autocast
+        ("synco", 29623, RENDEZVOUS, []),
     ],
 )
-def test_torchrun_two_processes(framework, image_folder, tmp_path, port, extra):
-    result = pretrain(TORCHRUN, framework, image_folder, tmp_path, port, extra)
+def test_torchrun_two_processes(framework, image_folder, tmp_path, port, launcher, extra):
+    result = pretrain(launcher, framework, image_folder, tmp_path, port, extra)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     # 16 images, global batch 8
     check_run(tmp_path, framework, world_size=2, steps_per_epoch=2)
+
+
+def test_slurm_tasks(image_folder, tmp_path):
+    """Two processes started as srun starts them: ranks from SLURM_* variables."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="29625",
+               SLURM_NTASKS="2", SLURM_JOB_ID="1")  # fmt: skip
+    args = ["main_pretrain.py", "--cfg", "configs/moby_vit_tiny.yaml", "--data-path", image_folder,
+            "--output", str(tmp_path), "--tag", "t", *TINY]  # fmt: skip
+    procs = [
+        subprocess.Popen(
+            [sys.executable, *args],
+            cwd=ROOT,
+            env=dict(env, SLURM_PROCID=str(r), SLURM_LOCALID=str(r)),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )  # fmt: skip
+        for r in range(2)
+    ]
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    check_run(tmp_path, "moby", world_size=2, steps_per_epoch=2)
 
 
 def test_torch_distributed_launch(image_folder, tmp_path):

@@ -1,0 +1,30 @@
+#!/bin/bash
+# Pretraining followed by linear evaluation on SLURM, one task per GPU.
+#
+#   sbatch scripts/slurm_pretrain_linear.sh configs/synco_swin_tiny.yaml /path/to/imagenet output run1
+#
+# srun starts one process per GPU; each reads its rank from SLURM_PROCID,
+# SLURM_NTASKS and SLURM_LOCALID, and meets the others at MASTER_ADDR:MASTER_PORT.
+#SBATCH --job-name=synco
+#SBATCH --nodes=2
+#SBATCH --ntasks-per-node=4
+#SBATCH --gpus-per-node=4
+#SBATCH --cpus-per-task=10
+#SBATCH --time=72:00:00
+#SBATCH --output=%x-%j.out
+set -euo pipefail
+
+CFG=${1:?usage: sbatch $0 CONFIG IMAGENET_FOLDER [OUTPUT] [TAG]}
+DATA=${2:?usage: sbatch $0 CONFIG IMAGENET_FOLDER [OUTPUT] [TAG]}
+OUT=${3:-output}
+TAG=${4:-default}
+BATCH_PER_GPU=${BATCH_PER_GPU:-128}  # 8 GPUs x 128 = 1024, a divisor of the 4096-key queue
+
+export MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+export MASTER_PORT=${MASTER_PORT:-29500}
+export OMP_NUM_THREADS=${SLURM_CPUS_PER_TASK:-8}
+
+srun python main_pretrain.py --cfg "$CFG" --data-path "$DATA" --batch-size "$BATCH_PER_GPU" \
+    --output "$OUT" --tag "$TAG" --opts DATA.NUM_WORKERS "$OMP_NUM_THREADS"
+srun python main_linear.py --cfg "$CFG" --data-path "$DATA" \
+    --output "$OUT" --tag "$TAG" --opts DATA.NUM_WORKERS "$OMP_NUM_THREADS"
