@@ -189,6 +189,8 @@ _C.TAG = "default"
 _C.SAVE_FREQ = 1
 # Log every PRINT_FREQ steps
 _C.PRINT_FREQ = 10
+# Write TensorBoard scalars into the output folder (rank 0; skipped with one log line without tensorboard)
+_C.TENSORBOARD = True
 # Random seed (offset by the rank)
 _C.SEED = 0
 # Only evaluate (main_linear.py)

@@ -24,6 +24,7 @@ import main_linear
 import main_pretrain
 from config import get_config
 from models import build_model
+from tools.plot_log import plot_run
 
 CLASSES = ("circle", "square", "triangle", "cross", "ring")
 IMG_SIZE = 64
@@ -135,6 +136,7 @@ def main():
     config, env, logger = main_pretrain.setup(pretrain_args)
     main_pretrain.main(config, env, logger)
     pretrained = os.path.join(config.OUTPUT, "checkpoint.pth")
+    curves = plot_run(config.OUTPUT)
 
     synco = evaluate(data, args.out, "demo", pretrained, args.probe_epochs)
     random_init = evaluate(data, args.out, "random", save_random_encoder(args.out, "random"), args.probe_epochs)
@@ -144,7 +146,7 @@ def main():
     print(f"{'SynCo-pretrained ViT-Tiny':<28}{synco[0]:>13.1f}%{synco[1]:>9.1f}%")
     print(f"{'randomly initialised':<28}{random_init[0]:>13.1f}%{random_init[1]:>9.1f}%")
     print(f"{'chance':<28}{chance:>13.1f}%{chance:>9.1f}%")
-    print(f"\ntotal time {time.time() - start:.0f} s; outputs in {args.out}/")
+    print(f"\ntotal time {time.time() - start:.0f} s; outputs in {args.out}/; pretraining curves: {curves}")
 
 
 if __name__ == "__main__":

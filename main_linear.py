@@ -31,6 +31,7 @@ from main_pretrain import (
     seed_epoch,
     unwrap,
 )
+from metrics import NULL_WRITER, MetricWriter
 from models import build_encoder
 from optimizer import build_optimizer
 from utils import all_ranks, load_newest_checkpoint, save_atomic, seed_everything, world_size
@@ -66,6 +67,7 @@ def parse_option(argv=None):
 def load_pretrained_encoder(model, path, encoder_name):
     """Copy the online encoder of a pretraining checkpoint into ``model`` (all but its head).
 
+    Checkpoints of the original MoBY / SynCo-v2 code are converted (``models/convert.py``).
     Raises ConfigError naming the path and the keys when the checkpoint is missing,
     unreadable, from another backbone, or has no ``encoder.*`` weights.
     """
@@ -85,6 +87,9 @@ def load_pretrained_encoder(model, path, encoder_name):
     encoder = {k[len("encoder.") :]: v for k, v in state.items() if k.startswith("encoder.")}
     if not encoder:
         raise ConfigError(f"{path} has no encoder.* weights (keys: {', '.join(list(state)[:5])}, ...)")
+    from models.convert import convert_original_encoder
+
+    encoder = convert_original_encoder(encoder, encoder_name)
     head_params = {id(p) for p in model.get_classifier().parameters()}
     head = {n for n, p in model.named_parameters() if id(p) in head_params}
     encoder = {k: v for k, v in encoder.items() if k not in head}  # a pretraining head is never reused
@@ -150,7 +155,7 @@ def validate(model, data_loader, device, autocast):
 
 
 def train_one_epoch(config, model, data_loader, optimizer, lr_scheduler, scaler, autocast, epoch, device, logger,
-                    freeze):  # fmt: skip
+                    freeze, writer=NULL_WRITER):  # fmt: skip
     model.eval() if freeze else model.train()  # a probe keeps drop path and norms frozen
     num_steps = len(data_loader)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -182,6 +187,8 @@ def train_one_epoch(config, model, data_loader, optimizer, lr_scheduler, scaler,
                 f"time {batch_time.val:.4f} ({batch_time.avg:.4f})\t"
                 f"loss {loss_meter.val:.4f} ({loss_meter.avg:.4f})\tmem {memory_mb(device):.0f}MB"
             )
+            lr = optimizer.param_groups[0]["lr"]
+            writer.scalars({"loss": loss_meter.val, "lr": lr}, epoch * num_steps + idx, prefix="train/")
     logger.info(f"EPOCH {epoch} training took {datetime.timedelta(seconds=int(time.time() - start))}")
 
 
@@ -269,13 +276,16 @@ def main(config, env, logger, output_dir):
         return acc1
 
     # ---------------------------------------------------------------- loop
+    steps = len(train_loader)
+    writer = MetricWriter(output_dir, config.TENSORBOARD and env.is_main, logger, purge_step=start_epoch * steps)
     for epoch in range(start_epoch, config.TRAIN.EPOCHS):
         seed_epoch(config, epoch, env.rank)
         train_loader.sampler.set_epoch(epoch)
         train_one_epoch(config, model, train_loader, optimizer, lr_scheduler, scaler, autocast, epoch, device,
-                        logger, freeze)  # fmt: skip
+                        logger, freeze, writer)  # fmt: skip
         acc1, acc5, loss = validate(model, val_loader, device, autocast)
         max_acc1 = max(max_acc1, acc1)
+        writer.scalars({"top1": acc1, "top5": acc5, "loss": loss}, (epoch + 1) * steps - 1, prefix="val/")
         logger.info(
             f"EPOCH {epoch} {config.DATA.DATASET} val ({len(val_set)} images): top-1 {acc1:.2f}% "
             f"top-5 {acc5:.2f}% loss {loss:.4f}; best top-1 {max_acc1:.2f}%"
@@ -291,6 +301,7 @@ def main(config, env, logger, output_dir):
                 "config": config.dump(),
             }
             save_atomic(state, os.path.join(output_dir, "checkpoint.pth"))
+    writer.close()
     logger.info(f"best top-1 {max_acc1:.2f}%")
     return max_acc1
 

@@ -26,6 +26,7 @@ from config import ConfigError, check_config, get_config
 from data import build_loader, set_loader_epoch, skipped_samples
 from logger import create_logger
 from lr_scheduler import build_scheduler
+from metrics import NULL_WRITER, MetricWriter
 from models import build_model
 from optimizer import build_optimizer
 from utils import (
@@ -125,7 +126,9 @@ class NonFiniteLossError(RuntimeError):
     """The loss, gradients or weights stopped being finite."""
 
 
-def train_one_epoch(config, model, data_loader, optimizer, lr_scheduler, scaler, autocast, epoch, device, logger):
+def train_one_epoch(
+    config, model, data_loader, optimizer, lr_scheduler, scaler, autocast, epoch, device, logger, writer=NULL_WRITER
+):
     model.train()
     num_steps = len(data_loader)
     accumulation = max(config.TRAIN.ACCUMULATION_STEPS, 1)
@@ -177,7 +180,7 @@ def train_one_epoch(config, model, data_loader, optimizer, lr_scheduler, scaler,
             )
             logger.info(
                 f"Train: [{epoch}/{config.TRAIN.EPOCHS}][{idx}/{num_steps}]\t"
-                f"eta {eta} (run {eta_run}) lr {lr:.6f}\t"
+                f"eta {eta} (run {eta_run}) lr {lr:.4e}\t"
                 f"time {batch_time.val:.4f} ({batch_time.avg:.4f})\t"
                 f"loss {loss_meter.val:.4f} ({loss_meter.avg:.4f})\t"
                 f"grad_norm {norm_meter.val:.4f} ({norm_meter.avg:.4f})\t"
@@ -185,12 +188,21 @@ def train_one_epoch(config, model, data_loader, optimizer, lr_scheduler, scaler,
                 f"contrast_acc1 {acc1_meter.val:.3f} ({acc1_meter.avg:.3f})\t"
                 f"contrast_acc5 {acc5_meter.val:.3f} ({acc5_meter.avg:.3f})"
             )
+            values = {"loss": loss_meter.val, "lr": lr, "grad_norm": norm_meter.val}
+            if acc1_meter.count:
+                values.update(contrast_acc1=acc1_meter.val, contrast_acc5=acc5_meter.val)
+            if hasattr(unwrap(model), "momentum"):
+                values["momentum"] = unwrap(model).momentum
+            writer.scalars(values, epoch * num_steps + idx, prefix="train/")
     epoch_time = time.time() - start
     mean_loss = all_reduce_mean(torch.tensor(loss_meter.avg, device=device)).item()
+    images_per_s = num_steps * config.DATA.BATCH_SIZE * world_size() / max(epoch_time, 1e-9)
+    epoch_values = {"loss": mean_loss, "time": epoch_time, "images_per_s": images_per_s}
+    writer.scalars(epoch_values, (epoch + 1) * num_steps - 1, prefix="epoch/")  # the epoch's last step
     logger.info(
         f"EPOCH {epoch} done in {datetime.timedelta(seconds=int(epoch_time))}: mean loss {mean_loss:.4f} "
         f"contrast_acc1 {acc1_meter.avg:.3f} "
-        f"images/s {num_steps * config.DATA.BATCH_SIZE * world_size() / max(epoch_time, 1e-9):.1f} (all processes)"
+        f"images/s {images_per_s:.1f} (all processes)"
     )
     return mean_loss
 
@@ -330,6 +342,8 @@ def main(config, env, logger):
         return
 
     start_epoch, last_good = resume(config, model, optimizer, scaler, logger)
+    # a resumed run hides the steps an interrupted one logged after its checkpoint
+    writer = MetricWriter(config.OUTPUT, config.TENSORBOARD and env.is_main, logger, start_epoch * steps_per_epoch)
 
     # ---------------------------------------------------------------- loop
     logger.info("start training")
@@ -339,7 +353,7 @@ def main(config, env, logger):
         set_loader_epoch(data_loader, epoch)
         try:
             train_one_epoch(
-                config, model, data_loader, optimizer, lr_scheduler, scaler, autocast, epoch, device, logger
+                config, model, data_loader, optimizer, lr_scheduler, scaler, autocast, epoch, device, logger, writer
             )
             if not all(torch.isfinite(p).all() for p in model.parameters()):
                 raise NonFiniteLossError(f"non-finite weights after epoch {epoch}")
@@ -351,6 +365,7 @@ def main(config, env, logger):
         logger.info(f"epoch {epoch}: skipped {skipped_samples(data_loader)} unreadable images")
         if env.is_main:
             last_good = save_checkpoint(config, epoch, model, optimizer, lr_scheduler, scaler, logger)
+    writer.close()
     logger.info(f"training time {datetime.timedelta(seconds=int(time.time() - start))}")
 
 

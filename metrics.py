@@ -1,0 +1,74 @@
+"""TensorBoard scalars of a run, written by rank 0 into its output folder.
+
+    writer = MetricWriter(config.OUTPUT, config.TENSORBOARD and env.is_main, logger, purge_step=step)
+    writer.scalars({"loss": loss, "lr": lr}, step, prefix="train/")
+    writer.close()
+
+``tensorboard`` is optional: without it the writer logs one line and does nothing.
+"""
+
+import atexit
+import logging
+
+
+class MetricWriter:
+    """``scalar(tag, value, step)`` into TensorBoard event files in ``output_dir``.
+
+    A no-op when not ``enabled`` (every rank but 0, or TENSORBOARD False) and, after one
+    logged line, when ``torch.utils.tensorboard`` cannot be imported. A run resumed at
+    global step ``purge_step`` hides the events at steps >= it that an interrupted run
+    left in the folder. Closed at exit if ``close()`` was not called, so a run that
+    stops on an error keeps its last scalars.
+    """
+
+    def __init__(self, output_dir, enabled, logger=None, purge_step=None):
+        self._writer = None
+        if not enabled:
+            return
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except Exception as e:  # ImportError without tensorboard; a broken install may raise others
+            reason = " ".join(str(e).split())
+            (logger or logging.getLogger(__name__)).warning(
+                f"no TensorBoard scalars: cannot import torch.utils.tensorboard ({reason}); "
+                "pip install tensorboard, or set TENSORBOARD False"
+            )
+            return
+        self._writer = SummaryWriter(output_dir, purge_step=purge_step)
+        atexit.register(self.close)
+
+    @property
+    def enabled(self):
+        """Whether scalars are written."""
+        return self._writer is not None
+
+    def scalar(self, tag, value, step):
+        """Record ``value`` (a number or a one-element tensor) under ``tag`` at global ``step``."""
+        if self._writer is not None:
+            self._writer.add_scalar(tag, float(value), int(step))
+
+    def scalars(self, values, step, prefix=""):
+        """``scalar(prefix + tag, value, step)`` for each item of the dict ``values``."""
+        for tag, value in values.items():
+            self.scalar(prefix + tag, value, step)
+
+    def flush(self):
+        if self._writer is not None:
+            self._writer.flush()
+
+    def close(self):
+        """Flush and close the event file; later calls do nothing."""
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+            atexit.unregister(self.close)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+# the writer of functions called without one
+NULL_WRITER = MetricWriter(None, enabled=False)
