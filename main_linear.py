@@ -33,6 +33,7 @@ from main_pretrain import (
 )
 from metrics import NULL_WRITER, MetricWriter
 from models import build_encoder
+from models.convert import convert_original_encoder
 from optimizer import build_optimizer
 from utils import all_ranks, load_newest_checkpoint, save_atomic, seed_everything, world_size
 
@@ -87,8 +88,6 @@ def load_pretrained_encoder(model, path, encoder_name):
     encoder = {k[len("encoder.") :]: v for k, v in state.items() if k.startswith("encoder.")}
     if not encoder:
         raise ConfigError(f"{path} has no encoder.* weights (keys: {', '.join(list(state)[:5])}, ...)")
-    from models.convert import convert_original_encoder
-
     encoder = convert_original_encoder(encoder, encoder_name)
     head_params = {id(p) for p in model.get_classifier().parameters()}
     head = {n for n, p in model.named_parameters() if id(p) in head_params}

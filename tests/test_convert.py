@@ -1,0 +1,149 @@
+"""models/convert.py: encoders of the original MoBY / SynCo-v2 code load with identical features.
+
+The original layout is written here from the original Swin Transformer's code (patch
+merging at the end of each stage, saved index and mask buffers), independently of the
+conversion it checks.
+"""
+
+import re
+
+import pytest
+import torch
+import torch.nn as nn
+from timm.models.swin_transformer import PatchMerging
+
+from config import get_config
+from main_linear import build_classifier, load_pretrained_encoder
+from models.convert import convert_original_encoder
+from models.swin_transformer import swin_tiny
+from models.vision_transformer import vit_tiny
+
+SWIN_T = dict(embed_dim=96, depths=(2, 2, 6, 2), img_size=224, patch_size=4, window_size=7)
+
+
+def perturbed(model, seed=0):
+    """``model`` in eval mode with every weight moved off its initialisation (LayerNorms included)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn(p.shape, generator=g))
+    return model.eval()
+
+
+def original_patch_merging(x, norm, reduction):
+    """The original Swin's PatchMerging: [B, H, W, C] (H, W even) -> [B, H/2, W/2, 2C]."""
+    x0 = x[:, 0::2, 0::2]
+    x1 = x[:, 1::2, 0::2]
+    x2 = x[:, 0::2, 1::2]
+    x3 = x[:, 1::2, 1::2]
+    return reduction(norm(torch.cat([x0, x1, x2, x3], dim=-1)))
+
+
+def original_relative_position_index(win):
+    """The original WindowAttention's saved buffer: [win * win, win * win] indices into the bias table."""
+    coords = torch.stack(torch.meshgrid(torch.arange(win), torch.arange(win), indexing="ij")).flatten(1)  # [2, N]
+    rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + (win - 1)  # [N, N, 2], from 0
+    return rel[..., 0] * (2 * win - 1) + rel[..., 1]
+
+
+def original_attn_mask(res, win, shift):
+    """The original shifted-window block's saved buffer: [num windows, win * win, win * win] of 0 / -100."""
+    regions = torch.zeros(res, res)
+    spans = (slice(0, -win), slice(-win, -shift), slice(-shift, None))
+    for i, (h, w) in enumerate((h, w) for h in spans for w in spans):
+        regions[h, w] = i
+    windows = regions.view(res // win, win, res // win, win).permute(0, 2, 1, 3).reshape(-1, win * win)
+    mask = windows[:, None, :] - windows[:, :, None]
+    return mask.masked_fill(mask != 0, -100.0)
+
+
+def to_original_layout(state, embed_dim, depths, img_size, patch_size, window_size):
+    """A timm / project Swin state dict as the original Swin Transformer saved it."""
+    original = {}
+    for key, value in state.items():
+        match = re.fullmatch(r"layers\.(\d+)\.downsample\.(.+)", key)
+        if match:  # merging before stage i in timm = after stage i - 1 in the original
+            key = f"layers.{int(match.group(1)) - 1}.downsample.{match.group(2)}"
+        original[key] = value
+    res = img_size // patch_size
+    for i, depth in enumerate(depths):
+        win = min(window_size, res)  # the original's rule: one window, no shift, once the map is no larger
+        for j in range(depth):
+            original[f"layers.{i}.blocks.{j}.attn.relative_position_index"] = original_relative_position_index(win)
+            if j % 2 == 1 and res > window_size:
+                original[f"layers.{i}.blocks.{j}.attn_mask"] = original_attn_mask(res, win, win // 2)
+        if i < len(depths) - 1:  # the original's key names and shapes
+            dim = embed_dim * 2**i
+            assert original[f"layers.{i}.downsample.reduction.weight"].shape == (2 * dim, 4 * dim)
+            assert original[f"layers.{i}.downsample.norm.weight"].shape == (4 * dim,)
+        res //= 2
+    assert not any(k.startswith(f"layers.{len(depths) - 1}.downsample") for k in original)
+    return original
+
+
+def test_patch_merging_needs_no_permutation():
+    """timm's reshape / permute orders the 4C channels as the original's x0, x1, x2, x3."""
+    torch.manual_seed(0)
+    merge = PatchMerging(dim=8).eval()
+    with torch.no_grad():
+        merge.norm.weight.normal_()
+        merge.norm.bias.normal_()
+    x = torch.randn(2, 6, 10, 8)  # [B, H, W, C]
+    torch.testing.assert_close(merge(x), original_patch_merging(x, merge.norm, merge.reduction), rtol=0, atol=1e-6)
+    # a permutation of the neighbours would show: x1 and x2 swapped gives another output
+    swapped = torch.cat([x[:, 0::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 0::2], x[:, 1::2, 1::2]], dim=-1)
+    assert not torch.allclose(merge(x), merge.reduction(merge.norm(swapped)), atol=1e-3)
+
+
+@pytest.fixture(scope="module")
+def swin():
+    torch.manual_seed(0)
+    return perturbed(swin_tiny(img_size=224))
+
+
+def test_window_buffers_match_the_original(swin):
+    """The bias table is indexed, and shifted windows masked, as in the original: the table carries over."""
+    res = 56
+    for stage in swin.layers:
+        if not isinstance(stage.downsample, nn.Identity):  # timm merges at the start of stages 1..3
+            res //= 2
+        for j, block in enumerate(stage.blocks):
+            assert torch.equal(block.attn.relative_position_index, original_relative_position_index(7))
+            if j % 2 == 1 and res > 7:
+                assert torch.equal(block.attn_mask, original_attn_mask(res, 7, 3))
+            else:
+                assert block.attn_mask is None
+
+
+def test_original_swin_checkpoint_gives_identical_features(swin, tmp_path):
+    original = to_original_layout(swin.state_dict(), **SWIN_T)
+    converted = convert_original_encoder(original, "swin_tiny")
+    assert set(converted) == set(swin.state_dict())  # a strict load: no missing or unexpected keys
+    for key, value in converted.items():  # renamed, never permuted
+        assert torch.equal(value, swin.state_dict()[key]), key
+
+    # main_linear reads a checkpoint of the original code (no "framework" entry)
+    model = {f"encoder.{k}": v for k, v in original.items()}
+    model.update({f"encoder_k.{k}": v for k, v in original.items()})  # same storages: saved once
+    model.update({"projector.linear1.weight": torch.zeros(8, 768), "projector_k.linear1.weight": torch.zeros(8, 768),
+                  "predictor.linear1.weight": torch.zeros(8, 8), "queue1": torch.zeros(8, 16),
+                  "queue2": torch.zeros(8, 16), "queue_ptr": torch.zeros(1, dtype=torch.long)})  # fmt: skip
+    path = tmp_path / "ckpt_epoch_7.pth"
+    torch.save({"model": model, "optimizer": {}, "epoch": 7, "config": {"MODEL": {"TYPE": "moby"}}}, path)
+    config = get_config()
+    config.defrost()
+    config.merge_from_list(["MODEL.ENCODER", "swin_tiny", "DATA.IMG_SIZE", 224])
+    classifier = build_classifier(config, num_classes=3, freeze=True)
+    assert load_pretrained_encoder(classifier, str(path), "swin_tiny") == 7
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        features = classifier.eval().forward_head(classifier.forward_features(x), pre_logits=True)
+        torch.testing.assert_close(features, swin(x), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["swin_tiny", "vit_tiny"])
+def test_project_and_vit_weights_are_unchanged(name):
+    """This project's Swin layout, and any ViT (the original's keys are timm's), pass through."""
+    with torch.device("meta"):
+        state = (swin_tiny if name == "swin_tiny" else vit_tiny)(img_size=224).state_dict()
+    assert convert_original_encoder(state, name) is state

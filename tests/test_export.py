@@ -1,0 +1,158 @@
+"""tools/export_backbone.py: the exported backbone, loaded into timm as printed, gives the encoder's features."""
+
+import os
+
+import pytest
+import timm
+import torch
+from conftest import run_script
+from safetensors.torch import load_file
+from test_convert import SWIN_T, perturbed, to_original_layout
+
+from config import get_config
+from models import build_model
+from models.build import ENCODERS
+from models.swin_transformer import swin_tiny
+from models.vision_transformer import vit_small
+from tools import export_backbone
+
+OFFLINE = {"HF_HUB_OFFLINE": "1"}
+
+
+def write_pretrain_checkpoint(path, encoder):
+    """A checkpoint as main_pretrain.save_checkpoint writes it; returns its online encoder (eval mode)."""
+    config = get_config()
+    config.defrost()
+    small_heads = ["MODEL.PROJ_HIDDEN_DIM", 32, "MODEL.PROJ_DIM", 16, "MODEL.CONTRAST_NUM_NEGATIVE", 8]
+    config.merge_from_list(["MODEL.TYPE", "moby", "MODEL.ENCODER", encoder, "DATA.IMG_SIZE", 224, *small_heads])
+    config.freeze()
+    torch.manual_seed(0)
+    model = build_model(config)
+    perturbed(model.encoder)
+    state = {
+        "model": model.state_dict(),
+        "optimizer": {},
+        "lr_scheduler": {},
+        "scaler": {},
+        "epoch": 3,
+        "framework": {"type": "moby", "encoder": encoder},
+        "config": config.dump(),
+    }
+    torch.save(state, path)
+    return model.encoder
+
+
+@pytest.fixture
+def offline_timm(monkeypatch):
+    """timm with every download path of its weight loader made an error."""
+    for key, value in OFFLINE.items():
+        monkeypatch.setenv(key, value)
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("timm tried to download weights")
+
+    for fn in ("load_state_dict_from_hf", "load_state_dict_from_url", "download_cached_file", "load_custom_from_hf"):
+        monkeypatch.setattr(timm.models._builder, fn, no_download)
+
+
+def assert_same_backbone(model, encoder, stem, img_size):
+    exported = load_file(f"{stem}.safetensors")
+    pth = torch.load(f"{stem}.pth", weights_only=True)
+    assert pth.keys() == exported.keys() and all(torch.equal(pth[k], v) for k, v in exported.items())
+    model.eval().load_state_dict(exported)  # strict: no missing or unexpected keys
+    x = torch.randn(2, 3, img_size, img_size)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), encoder.eval()(x), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("encoder, timm_name", [("vit_tiny", "vit_tiny_patch16_224"),
+                                               ("swin_tiny", "swin_tiny_patch4_window7_224")])  # fmt: skip
+def test_exported_backbone_gives_encoder_features(tmp_path, offline_timm, encoder, timm_name):
+    checkpoint = tmp_path / "checkpoint.pth"
+    online = write_pretrain_checkpoint(checkpoint, encoder)
+    stem = str(tmp_path / "backbone")
+    result = run_script(["tools/export_backbone.py", str(checkpoint), stem], env=OFFLINE)
+    assert result.returncode == 0, result.stderr[-3000:]
+    call = result.stdout.strip().splitlines()[-1]
+    expected = f"timm.create_model('{timm_name}', num_classes=0, pretrained=True, pretrained_cfg_overlay=dict(file="
+    assert call.startswith(f"{expected}'{stem}.safetensors'"), call
+    assert_same_backbone(eval(call, {"timm": timm}), online, stem, 224)  # the printed line, verbatim
+
+
+def test_vit_small_needs_its_12_heads(tmp_path, offline_timm):
+    """MoCo v3's ViT-S: timm's vit_small_patch16_224 has the same weights but 6 heads, other features."""
+    torch.manual_seed(0)
+    encoder = perturbed(vit_small(img_size=224))
+    checkpoint = tmp_path / "checkpoint.pth"
+    state = {f"encoder.{k}": v for k, v in encoder.state_dict().items()}
+    torch.save({"model": state, "framework": {"type": "byol", "encoder": "vit_small"}}, checkpoint)
+    primary, name, call = export_backbone.export(str(checkpoint), str(tmp_path / "vit"))
+    assert "num_heads=12" in call
+    assert_same_backbone(eval(call, {"timm": timm}), encoder, str(tmp_path / "vit"), 224)
+    with torch.device("meta"):
+        six_heads = timm.create_model("vit_small_patch16_224", num_classes=0).eval()
+    six_heads.load_state_dict(load_file(primary), assign=True)
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        assert not torch.allclose(six_heads(x), encoder(x), atol=1e-3)
+
+
+def test_original_checkpoint_exports(tmp_path, offline_timm):
+    """A checkpoint of the original code: original Swin layout, no "framework" entry, no DATA config."""
+    torch.manual_seed(0)
+    encoder = perturbed(swin_tiny(img_size=224))
+    original = {f"encoder.{k}": v for k, v in to_original_layout(encoder.state_dict(), **SWIN_T).items()}
+    checkpoint = tmp_path / "ckpt_epoch_99.pth"
+    torch.save({"model": {**original, "queue_ptr": torch.zeros(1)}, "optimizer": {}, "epoch": 99, "config": {}},
+               checkpoint)  # fmt: skip
+    out = str(tmp_path / "swin.pth")  # the .pth is the one loaded, the .safetensors is written beside it
+    primary, name, call = export_backbone.export(str(checkpoint), out)
+    assert (primary, name) == (out, "swin_tiny")
+    assert call == (
+        "timm.create_model('swin_tiny_patch4_window7_224', num_classes=0, pretrained=True, "
+        f"pretrained_cfg_overlay=dict(file='{out}'))"
+    )
+    assert_same_backbone(eval(call, {"timm": timm}), encoder, str(tmp_path / "swin"), 224)
+
+
+@pytest.mark.parametrize("img_size", [224, 64])
+@pytest.mark.parametrize("name", list(ENCODERS))
+def test_timm_call_fits_every_encoder(name, img_size):
+    """The printed arguments build a timm model with exactly the encoder's keys and shapes."""
+    with torch.device("meta"):
+        state = ENCODERS[name](img_size=img_size).state_dict()
+    model_name, kwargs = export_backbone.timm_call(name, img_size, "b.safetensors")
+    export_backbone.check_against_timm(state, model_name, kwargs)  # raises on any difference
+    call = export_backbone.format_call(model_name, kwargs)
+    assert ("num_heads=12" in call) == (name == "vit_small"), call  # MoCo v3's ViT-S; timm's has 6
+    if name.startswith("vit"):  # the default tags: a .npz loader, Inception normalisation
+        assert "custom_load=False" in call or name == "vit_base", call
+        assert "mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)" in call, call
+    if img_size == 64:
+        assert "img_size=64" in call and "input_size=(3, 64, 64)" in call, call
+        assert ("window_size=((4, 4), (4, 4), (4, 4), (2, 2))" in call) == name.startswith("swin"), call
+    else:
+        assert "img_size" not in call and "window_size" not in call, call
+
+
+def test_errors_are_one_line(tmp_path, capsys):
+    missing = run_script(["tools/export_backbone.py", str(tmp_path / "none.pth"), str(tmp_path / "out")])
+    assert missing.returncode == 2 and "Traceback" not in missing.stderr
+    assert missing.stderr.strip().splitlines() == [f"error: no checkpoint at {tmp_path / 'none.pth'}"]
+
+    heads = tmp_path / "heads.pth"
+    torch.save({"model": {"projector.linear1.weight": torch.zeros(2, 2)}}, heads)
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_text("not a checkpoint")
+    cases = [
+        (heads, [], "has no encoder.* weights"),
+        (garbage, [], "unreadable checkpoint"),
+        (heads, ["--encoder-prefix", "projector."], "match no known encoder"),
+    ]
+    for path, options, message in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            export_backbone.main([str(path), str(tmp_path / "out"), *options])
+        assert exit_info.value.code == 2
+        (line,) = capsys.readouterr().err.strip().splitlines()
+        assert line.startswith("error: ") and message in line, line
+    assert not os.path.exists(tmp_path / "out.safetensors")

@@ -1,0 +1,177 @@
+"""Export the online encoder of a pretraining checkpoint as a plain timm backbone.
+
+    python tools/export_backbone.py output/moby_swin_tiny/run1/checkpoint.pth swin_tiny_moby
+
+writes ``swin_tiny_moby.safetensors`` and ``swin_tiny_moby.pth`` (the same state dict)
+and prints the ``timm.create_model(...)`` call that loads it, offline, into a timm model
+with the same features as the project's encoder. ``<out>`` may end in ``.safetensors``
+or ``.pth``: that file is the one the printed call loads, and the other format is
+written beside it. Checkpoints of the original MoBY / SynCo-v2 code are converted
+(``models/convert.py``). Errors are one line on stderr, exit status 2.
+"""
+
+import argparse
+import math
+import os
+import sys
+
+import timm
+import torch
+import yaml
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from models.convert import convert_original_encoder  # noqa: E402
+from models.swin_transformer import WINDOW_SIZE, stage_window_sizes  # noqa: E402
+
+# MODEL.ENCODER -> (timm model name, keyword arguments it needs beyond num_classes=0)
+TIMM_MODELS = {
+    "swin_tiny": ("swin_tiny_patch4_window7_224", {}),
+    "swin_small": ("swin_small_patch4_window7_224", {}),
+    "swin_base": ("swin_base_patch4_window7_224", {}),
+    "vit_tiny": ("vit_tiny_patch16_224", {}),
+    "vit_small": ("vit_small_patch16_224", {"num_heads": 12}),  # MoCo v3's ViT-S; timm's has 6 heads
+    "vit_base": ("vit_base_patch16_224", {}),
+}
+# (embed dim, blocks in stage 3) of each Swin; embed dim of each ViT
+SWIN_SHAPES = {(96, 6): "swin_tiny", (96, 18): "swin_small", (128, 18): "swin_base"}
+VIT_DIMS = {192: "vit_tiny", 384: "vit_small", 768: "vit_base"}
+
+
+class ExportError(Exception):
+    pass
+
+
+def infer_encoder_name(state):
+    """MODEL.ENCODER of a backbone state dict, from its shapes."""
+    if "cls_token" in state:
+        name = VIT_DIMS.get(state["cls_token"].shape[-1])
+    elif "patch_embed.proj.weight" in state:
+        blocks = {k.split(".")[3] for k in state if k.startswith("layers.2.blocks.")}
+        name = SWIN_SHAPES.get((state["patch_embed.proj.weight"].shape[0], len(blocks)))
+    else:
+        name = None
+    if name is None:
+        raise ExportError(f"the encoder weights match no known encoder ({', '.join(TIMM_MODELS)})")
+    return name
+
+
+def config_img_size(config):
+    """DATA.IMG_SIZE of a checkpoint's config (a YAML dump or a yacs node), or None."""
+    try:
+        config = yaml.safe_load(config) if isinstance(config, str) else config
+        return int(config["DATA"]["IMG_SIZE"])
+    except Exception:
+        return None
+
+
+def timm_call(name, img_size, file):
+    """(timm model name, create_model keyword arguments) that rebuild encoder ``name`` at ``img_size``."""
+    model_name, kwargs = TIMM_MODELS[name]
+    kwargs = dict(num_classes=0, **kwargs)
+    if img_size != 224:
+        kwargs["img_size"] = img_size
+        windows = stage_window_sizes(img_size) if name.startswith("swin") else ()
+        if any(w != (WINDOW_SIZE, WINDOW_SIZE) for w in windows):
+            kwargs["window_size"] = windows
+    default = timm.models.get_pretrained_cfg(model_name)
+    overlay = {"file": file}
+    if default.custom_load:  # older timm 1.x would read the file as the default tag's .npz
+        overlay["custom_load"] = False
+    if tuple(default.mean) != IMAGENET_DEFAULT_MEAN or tuple(default.std) != IMAGENET_DEFAULT_STD:
+        overlay.update(mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD)  # as data/transforms.py normalises
+    if img_size != 224:
+        overlay["input_size"] = (3, img_size, img_size)
+    return model_name, dict(kwargs, pretrained=True, pretrained_cfg_overlay=overlay)
+
+
+def format_call(model_name, kwargs):
+    args = ", ".join(f"{k}={v!r}" for k, v in kwargs.items() if k != "pretrained_cfg_overlay")
+    overlay = ", ".join(f"{k}={v!r}" for k, v in kwargs["pretrained_cfg_overlay"].items())
+    return f"timm.create_model({model_name!r}, {args}, pretrained_cfg_overlay=dict({overlay}))"
+
+
+def check_against_timm(state, model_name, kwargs):
+    """Raise ExportError unless ``state`` has exactly the keys and shapes of the timm model."""
+    kwargs = {k: v for k, v in kwargs.items() if k not in ("pretrained", "pretrained_cfg_overlay")}
+    with torch.device("meta"):
+        expected = timm.create_model(model_name, **kwargs).state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    mismatched = [k for k in state if k in expected and state[k].shape != expected[k].shape]
+    if missing or unexpected or mismatched:
+        raise ExportError(
+            f"the encoder does not fit timm's {model_name}: missing {missing[:5]}, unexpected {unexpected[:5]}, "
+            f"mismatched shapes {mismatched[:5]}"
+        )
+
+
+def write(state, path):
+    """Save to a temporary file, then rename, in the format of path's suffix."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import save_file
+
+            save_file(state, tmp, metadata={"format": "pt"})
+        else:
+            torch.save(state, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def export(checkpoint, out, prefix="encoder."):
+    """Write the backbone in both formats; returns (the file the call loads, MODEL.ENCODER, the timm call)."""
+    if not os.path.isfile(checkpoint):
+        raise ExportError(f"no checkpoint at {checkpoint}")
+    try:
+        ckpt = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise ExportError(f"unreadable checkpoint {checkpoint} ({type(e).__name__}: {e})") from None
+    model_state = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else {}
+    state = {k[len(prefix) :]: v for k, v in model_state.items() if k.startswith(prefix)}
+    if not state:
+        raise ExportError(f"{checkpoint} has no {prefix}* weights (keys: {', '.join(list(model_state)[:5])}, ...)")
+    name = (ckpt.get("framework") or {}).get("encoder") or infer_encoder_name(state)
+    if name not in TIMM_MODELS:
+        raise ExportError(f"{checkpoint} holds a {name} encoder; exportable: {', '.join(TIMM_MODELS)}")
+    state = convert_original_encoder(state, name)
+    state = {k: v.detach().clone().contiguous() for k, v in state.items()}  # no shared storage: safetensors
+
+    img_size = config_img_size(ckpt.get("config"))
+    if img_size is None:  # no config: the ViT's position table tells, a Swin is taken at 224
+        img_size = 16 * math.isqrt(state["pos_embed"].shape[1] - 1) if name.startswith("vit") else 224
+    stem, ext = os.path.splitext(out)
+    if ext not in (".safetensors", ".pth"):
+        stem, ext = out, ".safetensors"
+    model_name, kwargs = timm_call(name, img_size, stem + ext)
+    check_against_timm(state, model_name, kwargs)
+    for suffix in (".safetensors", ".pth"):
+        try:
+            write(state, stem + suffix)
+        except Exception as e:  # OSError, or safetensors' own error type
+            raise ExportError(f"cannot write {stem + suffix} ({type(e).__name__}: {e})") from None
+    return stem + ext, name, format_call(model_name, kwargs)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("checkpoint", help="a checkpoint of main_pretrain.py (or of the original code)")
+    parser.add_argument("out", help="output file, <out>.safetensors and <out>.pth (or either, named)")
+    parser.add_argument("--encoder-prefix", default="encoder.", help="prefix of the encoder's keys in the model")
+    args = parser.parse_args(argv)
+    try:
+        primary, name, call = export(args.checkpoint, args.out, args.encoder_prefix)
+    except ExportError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    stem = os.path.splitext(primary)[0]
+    print(f"wrote the {name} backbone to {stem}.safetensors and {stem}.pth; load it with")
+    print(call)
+
+
+if __name__ == "__main__":
+    main()
