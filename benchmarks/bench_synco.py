@@ -4,12 +4,14 @@
 
 For B queries per view, a queue of K=4096 256-d keys, N_HARD=256 and N1..N6=128,
 times the frameworks' own ``loss`` (both directions, hard negatives on) plus the
-backward pass to the predictions, on the CPU, and counts the top-level ``aten::``
-operator calls of one SynCo loss forward with torch.profiler. The last line is
-``synco_over_moby_loss=<ratio at the first batch size>``.
+backward pass to the predictions, on the CPU, and counts with torch.profiler the
+top-level ``aten::`` operator calls (those no other ``aten::`` op made) of one
+loss forward and of one direction of it (``contrast``: view 1 against queue 2).
+The last line is ``synco_over_moby_loss=<ratio at the first batch size>``.
 """
 
 import argparse
+import contextlib
 import os
 import statistics
 import sys
@@ -63,10 +65,24 @@ def median_seconds(models, online, target, repeats):
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def top_level_ops(model, online, target):
-    """aten:: operator calls of one loss forward that no other aten:: op called."""
-    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU]) as prof:
-        model.loss(online, target)
+@contextlib.contextmanager
+def quiet_stderr():
+    """Send file descriptor 2 to /dev/null: the profiler's C++ side logs its start and stop there."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(os.devnull, "w") as devnull:
+        os.dup2(devnull.fileno(), 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def top_level_ops(fn, *args):
+    """aten:: operator calls of fn(*args) that no other aten:: op called."""
+    with torch.no_grad(), quiet_stderr(), profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn(*args)
     return sum(
         1
         for e in prof.events()
@@ -94,8 +110,12 @@ def main():
         print(f"B={batch:4d}  moby {t['moby'] * 1e3:7.2f} ms  synco {t['synco'] * 1e3:7.2f} ms  "
               f"ratio {ratios[-1]:.2f}")  # fmt: skip
     online, target = inputs(args.batch[0])
+    pred1, key2 = F.normalize(online[0], dim=1), F.normalize(target[1], dim=1)  # as in the loss
     for name, model in models.items():
-        print(f"top-level aten ops per {name} loss forward (both directions): {top_level_ops(model, online, target)}")
+        both = top_level_ops(model.loss, online, target)
+        one = top_level_ops(model.contrast, pred1, key2, model.queue2)
+        print(f"top-level aten ops, B={args.batch[0]}: {name} loss forward {both} (both directions), "
+              f"one direction (contrast) {one}")  # fmt: skip
     print(f"synco_over_moby_loss={ratios[0]:.2f}")
 
 

@@ -14,19 +14,25 @@ as a constant unit vector s_hat = s / ||s||:
 where n, n1, n2 are rows of the hard set picked uniformly with replacement.
 
 ``synthetic_vectors`` builds these [B, N, D] vectors as written (the reference).
-``synthetic_logits`` gives the same logits q . s_hat without building them:
-``q . s`` and ``||s||^2`` expand into dot products of q and the rows, and
-q . n is already an entry of sim = q @ queue.T. Since s_hat is a constant, the
-gradient of a logit w.r.t. q is s_hat; writing q_d for q.detach(),
+``synthetic_logits`` gives the same logits q . s_hat without building them.
+s_hat does not change when s is scaled, so every kind can be written
 
-    q . s_hat = (alpha (q . q_d) + beta (q . n)) / ||alpha q_d + beta n||
+    s = alpha u + (1 - alpha) v
+
+with v a hard row (n1 for mixup) and u = q (kinds 1, 2, 5), n2 (3), eps (4) or
+sign(q) (6): alpha = a, 1 - b, 1 - g, then t / (1 + t) for kinds 4 to 6, whose
+s = n + t u is (1 + t) times that (t: their step length). ``q . s`` and
+``||s||^2`` expand into the dot products q.u, q.v, u.u, v.v and u.v, computed
+for all columns at once; q . v and q . n2 are entries of sim = q @ queue.T.
+Since s_hat is a constant, the gradient of a logit w.r.t. q is s_hat; writing
+q_d for q.detach() (the u of kinds 1, 2 and 5),
+
+    q . s_hat = (alpha (q . u) + (1 - alpha) (q . v)) / ||alpha u + (1 - alpha) v||
 
 has exactly that gradient when the norm is computed from detached values.
-Kinds 1, 2 and 5 are of this form (kind 2 with alpha = 1 - b, beta = b; kind 5
-with alpha = perturb_step, beta = 1) and need only gathers from sim. Kinds 3, 4
-and 6 fold the same way but need n1 . n2, n . eps and n . sign(q): these read
-queue rows, gathered a few queries at a time on the CPU so they stay in cache.
-Kind 4 also reads the noise for q . eps (the one [B, N4, D] tensor, drawn once).
+Only n1 . n2, n . eps and n . sign(q) read queue rows: these are gathered a few
+queries at a time on the CPU, so they stay in cache. Kind 4 also reads the noise
+for q . eps and ||eps||^2 (the one [B, N4, D] tensor, drawn once).
 
 Typical use, with queue rows ``queue_rows`` [K, D]::
 
@@ -45,7 +51,7 @@ from torch import Tensor
 # smallest norm a synthetic vector is divided by, as in F.normalize
 NORM_EPS = 1e-12
 # on the CPU, queue rows are gathered in chunks of about this size, to stay in cache
-CPU_CHUNK_BYTES = 2**21
+CPU_CHUNK_BYTES = 2**22
 
 
 @dataclass
@@ -102,7 +108,8 @@ def draw_choices(
     """Hard sets and all random draws for queries with similarities ``sim`` [B, K] to the queue.
 
     dim: the feature dimension D (for the noise). Draws come from ``generator``
-    (on sim's device) or the default one, in a fixed order.
+    (on sim's device) or the default one, in a fixed order: all picks, all
+    coefficients, then the noise; the fields are views of these three draws.
     """
     if cfg.n_hard > sim.shape[1]:
         raise ValueError(f"n_hard={cfg.n_hard} exceeds the queue length {sim.shape[1]}")
@@ -110,26 +117,27 @@ def draw_choices(
     b, device = sim.shape[0], sim.device
     dtype = sim.dtype if sim.dtype.is_floating_point else torch.get_default_dtype()
     hard_index = sim.detach().topk(cfg.n_hard, dim=1).indices  # [B, n_hard]
-
-    def pick(n):
-        return torch.randint(cfg.n_hard, (b, n), generator=generator, device=device)
-
-    def uniform(n, low, high):
-        return torch.rand(b, n, generator=generator, device=device, dtype=dtype) * (high - low) + low
-
+    picks = torch.randint(cfg.n_hard, (b, n1 + n2 + 2 * n3 + n4 + n5 + n6), generator=generator, device=device)
+    coefs = torch.rand(b, n1 + n2 + n3, generator=generator, device=device, dtype=dtype)  # U[0, 1)
+    interp_coef, extrap_coef, mixup_coef = coefs.split([n1, n2, n3], dim=1)
+    interp_coef.mul_(cfg.interp_max)
+    extrap_coef.mul_(cfg.extrap_max - 1).add_(1)
+    interp_pick, extrap_pick, mixup_pick1, mixup_pick2, noise_pick, perturb_pick, adversarial_pick = picks.split(
+        [n1, n2, n3, n3, n4, n5, n6], dim=1
+    )
     return SyntheticChoices(
         hard_index=hard_index,
-        interp_pick=pick(n1),
-        interp_coef=uniform(n1, 0.0, cfg.interp_max),
-        extrap_pick=pick(n2),
-        extrap_coef=uniform(n2, 1.0, cfg.extrap_max),
-        mixup_pick1=pick(n3),
-        mixup_pick2=pick(n3),
-        mixup_coef=uniform(n3, 0.0, 1.0),
-        noise_pick=pick(n4),
+        interp_pick=interp_pick,
+        interp_coef=interp_coef,
+        extrap_pick=extrap_pick,
+        extrap_coef=extrap_coef,
+        mixup_pick1=mixup_pick1,
+        mixup_pick2=mixup_pick2,
+        mixup_coef=mixup_coef,
+        noise_pick=noise_pick,
         noise=torch.randn(b, n4, dim, generator=generator, device=device, dtype=dtype),
-        perturb_pick=pick(n5),
-        adversarial_pick=pick(n6),
+        perturb_pick=perturb_pick,
+        adversarial_pick=adversarial_pick,
     )
 
 
@@ -161,48 +169,43 @@ def synthetic_vectors(
     return [F.normalize(v, dim=-1) for v in vectors]
 
 
-def _norm_of_expansion(*terms: Tensor) -> Tensor:
-    """||s|| from the terms of an expansion of ||s||^2, kept away from rounding noise.
-
-    When s is (nearly) 0 the terms cancel and their sum is rounding error; the
-    norm is then held at sqrt(eps * sum |terms|), so that the logit, whose
-    numerator is rounding error too, stays small instead of blowing up.
-    """
-    sq_norm = sum(terms)
-    scale = sum(t.abs() for t in terms)
-    floor = torch.finfo(sq_norm.dtype).eps * scale
-    return torch.maximum(sq_norm, floor).sqrt().clamp_min(NORM_EPS)
+def _chunk_views(buffer, sizes):
+    """Views of a gather buffer [C, G, D]: the [C * G, D] block that index_select fills,
+    then its mixup n1 rows, noise rows, adversarial rows (transposed, [C, D, N6]) and mixup n2 rows."""
+    row1, row_noise, row_adv, row2 = buffer.split(sizes, dim=1)
+    return buffer.view(-1, buffer.shape[2]), row1, row_noise, row_adv.mT, row2
 
 
-def _row_products(rows, mix_index1, mix_index2, noise_index, adv_index, noise, sign, chunk_rows):
+def _row_products(rows, row_index, sizes, noise, sign, chunk_rows):
     """The dot products that need queue rows, a few queries at a time.
 
-    The rows of kinds 3, 4 and 6 of ``chunk_rows // rows per query`` queries are
-    gathered into one reused buffer that stays in cache while it is read.
-    Index tensors: [B, N_k] queue rows; noise: [B, N4, D]; sign: [B, D].
-    Returns n1 . n2 [B, N3], n . eps [B, N4], ||eps||^2 [B, N4], n . sign(q) [B, N6].
+    row_index [B, G]: the queue rows of each query, G = N3 + N4 + N6 + N3 in the
+    order mixup n1, noise n, adversarial n, mixup n2 (``sizes``). The rows of
+    ``chunk_rows // G`` queries are gathered into one reused buffer, which stays
+    in cache while it is read. noise: [B, N4, D]; sign: [B, D].
+    Returns n1 . n2 [B, N3], n . eps [B, N4], n . sign(q) [B, N6].
     """
     b, d = sign.shape
-    sizes = [mix_index1.shape[1], mix_index2.shape[1], noise_index.shape[1], adv_index.shape[1]]
-    index = torch.cat([mix_index1, mix_index2, noise_index, adv_index], dim=1)  # [B, G]
-    per_query = index.shape[1]
-    n_mix, _, n_noise, n_adv = sizes
-    mix_dot, noise_dot, noise_sq, sign_dot = (rows.new_empty(b, n) for n in (n_mix, n_noise, n_noise, n_adv))
+    per_query = row_index.shape[1]
     if per_query == 0:
-        return mix_dot, noise_dot, noise_sq, sign_dot
+        return tuple(rows.new_empty(b, n) for n in sizes[:3])
     step = max(1, min(b, chunk_rows // per_query))  # queries per chunk
-    buffer = rows.new_empty(step * per_query, d)
-    for start in range(0, b, step):
-        stop = min(b, start + step)
-        flat = buffer[: (stop - start) * per_query]
-        torch.index_select(rows, 0, index[start:stop].reshape(-1), out=flat)
-        row1, row2, row_noise, row_adv = flat.view(stop - start, per_query, d).split(sizes, dim=1)
-        eps = noise[start:stop]
-        torch.linalg.vecdot(row1, row2, out=mix_dot[start:stop])
-        torch.linalg.vecdot(row_noise, eps, out=noise_dot[start:stop])
-        torch.linalg.vector_norm(eps, dim=-1, out=noise_sq[start:stop])
-        torch.bmm(sign[start:stop, None, :], row_adv.transpose(1, 2), out=sign_dot[start:stop, None, :])
-    return mix_dot, noise_dot, noise_sq.square_(), sign_dot
+    buffer = rows.new_empty(step, per_query, d)
+    whole = _chunk_views(buffer, sizes)  # made once; only a shorter last chunk needs its own
+    chunks = zip(row_index.view(-1).split(step * per_query), noise.split(step), sign[:, None, :].split(step))
+    products = []
+    for index, eps, direction in chunks:
+        flat, row1, row_noise, row_adv_t, row2 = whole if len(eps) == step else _chunk_views(buffer[: len(eps)], sizes)
+        torch.index_select(rows, 0, index, out=flat)
+        products.append(
+            (
+                torch.linalg.vecdot(row1, row2),
+                torch.linalg.vecdot(row_noise, eps),
+                torch.bmm(direction, row_adv_t),  # [chunk, 1, N6]
+            )
+        )
+    mix_dot, noise_dot, sign_dot = (torch.cat(p) if len(p) > 1 else p[0] for p in zip(*products, strict=True))
+    return mix_dot, noise_dot, sign_dot.squeeze(1)
 
 
 def synthetic_logits(
@@ -217,66 +220,58 @@ def synthetic_logits(
     through q itself, never queue_rows. Kinds with N_k = 0 contribute no columns.
     Equals ``einsum("bd,bnd->bn", q, cat(synthetic_vectors(...), 1))``.
     """
+    c = choices
+    picks = [c.interp_pick, c.extrap_pick, c.mixup_pick1, c.noise_pick, c.perturb_pick, c.adversarial_pick]
+    n1, n2, n3, n4, n5, n6 = (p.shape[1] for p in picks)
+    n = n1 + n2 + n3 + n4 + n5 + n6
+    if n == 0:
+        return sim.new_zeros(sim.shape[0], 0)
     rows = queue_rows.detach()
     q_d = q.detach()
-    q_dot_qd = (q * q_d).sum(dim=1, keepdim=True)  # [B, 1], value ||q||^2, gradient q_d
-    q_sq = q_dot_qd.detach()
-    row_sq = torch.linalg.vector_norm(rows, dim=1).square()  # [K]
     sign = q_d.sign()  # [B, D], the direction of kind 6
 
-    # one gather from sim for the picked rows of every kind
-    picks = [
-        choices.interp_pick,
-        choices.extrap_pick,
-        choices.mixup_pick1,
-        choices.mixup_pick2,
-        choices.noise_pick,
-        choices.perturb_pick,
-        choices.adversarial_pick,
-    ]
-    sizes = [p.shape[1] for p in picks]
-    index = choices.queue_index(torch.cat(picks, dim=1))  # [B, M] queue rows
-    q_dot_n = sim.gather(1, index)  # [B, M], differentiable
-    idx_1, idx_2, idx_3a, idx_3b, idx_4, idx_5, idx_6 = index.split(sizes, dim=1)
-    c_1, c_2, c_3a, c_3b, c_4, c_5, c_6 = q_dot_n.split(sizes, dim=1)
-    n_sq_1, n_sq_2, n_sq_3a, n_sq_3b, n_sq_4, n_sq_5, n_sq_6 = row_sq[index].split(sizes, dim=1)
+    # v of every column, in kind order, then mixup's n2: one gather from sim and the row norms
+    index = c.hard_index.gather(1, torch.cat(picks + [c.mixup_pick2], dim=1))  # [B, N + N3] queue rows
+    q_dot_v, q_dot_n2 = sim.gather(1, index).split([n, n3], dim=1)  # differentiable
+    v_sq, n2_sq = torch.linalg.vector_norm(rows, dim=1).square().take(index).split([n, n3], dim=1)
+    start3, start6 = n1 + n2, n - n6  # rows of mixup n1 and noise, then adversarial and mixup n2
+    row_index = torch.cat([index[:, start3 : start3 + n3 + n4], index[:, start6:]], dim=1)
+    chunk_rows = index.numel()  # one pass
     if rows.device.type == "cpu":
         chunk_rows = max(1, CPU_CHUNK_BYTES // (rows.shape[1] * rows.element_size()))
-    else:
-        chunk_rows = index.numel()  # one pass
-    mix_dot, noise_dot, noise_sq, sign_dot = _row_products(
-        rows, idx_3a, idx_3b, idx_4, idx_6, choices.noise, sign, chunk_rows
-    )
+    mix_dot, noise_dot, sign_dot = _row_products(rows, row_index, [n3, n4, n6, n3], c.noise, sign, chunk_rows)
 
-    def linear(alpha, beta, c, n_sq):
-        # logit of s = alpha q + beta n
-        norm = _norm_of_expansion(alpha * alpha * q_sq, beta * beta * n_sq, 2 * alpha * beta * c.detach())
-        return (alpha * q_dot_qd + beta * c) / norm
+    # the per-query u of kinds 1, 2, 5 (q) and 6 (sign(q)), then eps of kind 4
+    q_dot_q = (q * q_d).sum(dim=1, keepdim=True)  # [B, 1], value ||q||^2, gradient q_d
+    q_dot_sign = (q * sign).sum(dim=1, keepdim=True)  # [B, 1], gradient sign(q)
+    q_sq = q_dot_q.detach()
+    sign_sq = torch.linalg.vector_norm(sign, ord=0, dim=1, keepdim=True)  # ||sign(q)||^2: nonzero entries
+    q_dot_eps = torch.bmm(q[:, None, :], c.noise.transpose(1, 2)).squeeze(1)  # [B, N4]
+    eps_sq = torch.linalg.vector_norm(c.noise, dim=2).square()
 
-    out = []
-    if idx_1.shape[1]:
-        a = choices.interp_coef
-        out.append(linear(a, 1 - a, c_1, n_sq_1))
-    if idx_2.shape[1]:
-        b = choices.extrap_coef
-        out.append(linear(1 - b, b, c_2, n_sq_2))
-    if idx_3a.shape[1]:
-        g = choices.mixup_coef
-        norm = _norm_of_expansion(g * g * n_sq_3a, (1 - g) ** 2 * n_sq_3b, 2 * g * (1 - g) * mix_dot)
-        out.append((g * c_3a + (1 - g) * c_3b) / norm)
-    if idx_4.shape[1]:
-        sigma = cfg.noise_std
-        q_dot_eps = torch.bmm(q[:, None, :], choices.noise.transpose(1, 2)).squeeze(1)  # [B, N4]
-        norm = _norm_of_expansion(n_sq_4, 2 * sigma * noise_dot, sigma * sigma * noise_sq)
-        out.append((c_4 + sigma * q_dot_eps) / norm)
-    if idx_5.shape[1]:
-        out.append(linear(cfg.perturb_step, 1.0, c_5, n_sq_5))
-    if idx_6.shape[1]:
-        eta = cfg.adversarial_step
-        sign_sq = sign.count_nonzero(dim=1)[:, None].to(q.dtype)  # ||sign(q)||^2
-        q_dot_sign = (q * sign).sum(dim=1, keepdim=True)  # [B, 1], gradient sign(q)
-        norm = _norm_of_expansion(n_sq_6, 2 * eta * sign_dot, eta * eta * sign_sq)
-        out.append((c_6 + eta * q_dot_sign) / norm)
-    if not out:
-        return sim.new_zeros(sim.shape[0], 0)
-    return torch.cat(out, dim=1)
+    def per_column(of_q, of_n2, of_eps, of_sign):  # [B, N] from the values for each u
+        return torch.cat([of_q.expand(-1, n1 + n2), of_n2, of_eps, of_q.expand(-1, n5), of_sign.expand(-1, n6)], 1)
+
+    q_dot_u = per_column(q_dot_q, q_dot_n2, q_dot_eps, q_dot_sign)
+    u_sq = per_column(q_sq, n2_sq, eps_sq, sign_sq)
+    q_dot_n = q_dot_v.detach()
+    u_dot_v = torch.cat([q_dot_n[:, :start3], mix_dot, noise_dot, q_dot_n[:, start3 + n3 + n4 : start6], sign_dot], 1)
+
+    alpha = torch.cat([c.interp_coef, 1 - c.extrap_coef, 1 - c.mixup_coef], dim=1)
+    for count, step in ((n4, cfg.noise_std), (n5, cfg.perturb_step), (n6, cfg.adversarial_step)):
+        alpha = F.pad(alpha, (0, count), value=step / (1 + step))
+    beta = 1 - alpha
+    return torch.lerp(q_dot_v, q_dot_u, alpha) / _norm_of_expansion(alpha, beta, u_sq, v_sq, u_dot_v)
+
+
+def _norm_of_expansion(alpha, beta, u_sq, v_sq, u_dot_v):
+    """||alpha u + beta v|| from alpha^2 u.u + beta^2 v.v + 2 alpha beta u.v, kept away from rounding noise.
+
+    When s is (nearly) 0 the terms cancel and their sum is rounding error; the
+    norm is then held at sqrt(eps * sum |terms|), so that the logit, whose
+    numerator is rounding error too, stays small instead of blowing up.
+    """
+    squares = torch.addcmul(alpha * alpha * u_sq, beta * beta, v_sq)  # >= 0
+    cross = 2 * alpha * beta * u_dot_v
+    floor = (squares + cross.abs()) * torch.finfo(squares.dtype).eps
+    return torch.maximum(squares + cross, floor).sqrt().clamp_min(NORM_EPS)
