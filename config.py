@@ -135,6 +135,8 @@ _C.TRAIN.AUTO_RESUME = True
 _C.TRAIN.ACCUMULATION_STEPS = 0
 # Gradient checkpointing in the backbones to save memory
 _C.TRAIN.USE_CHECKPOINT = False
+# torch.compile the online and target encoders (weights and checkpoints are unchanged)
+_C.TRAIN.COMPILE = False
 
 # Learning-rate schedule
 _C.TRAIN.LR_SCHEDULER = CN()

@@ -325,6 +325,9 @@ def main(config, env, logger):
     # ---------------------------------------------------------------- model
     seed_everything(config.SEED)  # same initial weights and queues on every rank
     model = build_model(config, steps_per_epoch).to(device)
+    if config.TRAIN.COMPILE:
+        model.encoder.compile()  # in place: parameter names and checkpoints stay the same
+        model.encoder_k.compile()
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     logger.info(f"{config.MODEL.TYPE} with {config.MODEL.ENCODER}: {n_params / 1e6:.2f}M trainable parameters")
     optimizer = build_optimizer(config, model)
