@@ -128,7 +128,8 @@ def main():
         "--batch-size", "64", "--opts", "DATA.IMG_SIZE", str(IMG_SIZE), "DATA.NUM_WORKERS", "2",
         "TRAIN.EPOCHS", str(args.epochs), "TRAIN.WARMUP_EPOCHS", "1", "MODEL.CONTRAST_NUM_NEGATIVE", "1024",
         "MODEL.N_HARD", "64", "MODEL.PROJ_HIDDEN_DIM", "1024",
-        "MODEL.WARMUP_EPOCHS", "1", "MODEL.COOLDOWN_EPOCHS", str(args.epochs),
+        # synthetic negatives in the second half, once the encoder tells shapes apart a little
+        "MODEL.WARMUP_EPOCHS", str(args.epochs // 2), "MODEL.COOLDOWN_EPOCHS", str(args.epochs),
         "AUG.SSL_AUG_CROP", "0.25", "PRINT_FREQ", "5",
     ]  # fmt: skip
     for n in range(1, 7):
