@@ -133,7 +133,7 @@ def main():
         "AUG.SSL_AUG_CROP", "0.25", "PRINT_FREQ", "5",
     ]  # fmt: skip
     for n in range(1, 7):
-        pretrain_args += [f"MODEL.N{n}", "32"]
+        pretrain_args += [f"MODEL.N{n}", "8"]
     config, env, logger = main_pretrain.setup(pretrain_args)
     main_pretrain.main(config, env, logger)
     pretrained = os.path.join(config.OUTPUT, "checkpoint.pth")
