@@ -3,6 +3,7 @@
 import glob
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -46,6 +47,9 @@ def check_run(output, framework, world_size, steps_per_epoch):
     for rank in range(world_size):
         log = open(os.path.join(folder, f"log_rank{rank}.txt")).read()
         assert "Train: [1/2]" in log and "EPOCH 1 done" in log
+        # progress: ETA of the epoch and of the run; a summary line per epoch
+        assert re.search(r"Train: \[0/2\]\[0/\d+\]\teta \d+:\d\d:\d\d \(run \d+:\d\d:\d\d\)", log)
+        assert re.search(r"EPOCH 0 done in \S+: mean loss [\d.]+ contrast_acc1 [\d.]+ images/s [\d.]+", log)
     config = json.load(open(os.path.join(folder, "config.json")))
     assert config["MODEL"]["TYPE"] == framework and config["DATA"]["IMG_SIZE"] == 32
 
