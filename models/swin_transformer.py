@@ -53,7 +53,9 @@ def stage_window_sizes(
     return tuple(windows)
 
 
-def _swin(embed_dim, depths, num_heads, *, img_size, drop_path_rate, num_classes, use_checkpoint) -> SwinTransformer:
+def _swin(
+    embed_dim, depths, num_heads, *, img_size=224, drop_path_rate=0.0, num_classes=0, use_checkpoint=False
+) -> SwinTransformer:
     """A timm Swin (patch 4, patch norm, qkv bias, no absolute position embedding).
 
     forward: [B, 3, H, W] -> [B, num_features] (average-pooled after the final
@@ -75,40 +77,17 @@ def _swin(embed_dim, depths, num_heads, *, img_size, drop_path_rate, num_classes
     return model
 
 
-def swin_tiny(*, img_size=224, drop_path_rate=0.0, num_classes=0, use_checkpoint=False) -> SwinTransformer:
-    """Swin-T: embed 96, depths (2, 2, 6, 2), heads (3, 6, 12, 24); num_features 768."""
-    return _swin(
-        96,
-        (2, 2, 6, 2),
-        (3, 6, 12, 24),
-        img_size=img_size,
-        drop_path_rate=drop_path_rate,
-        num_classes=num_classes,
-        use_checkpoint=use_checkpoint,
-    )
+def swin_tiny(**kwargs) -> SwinTransformer:
+    """Swin-T: embed 96, depths (2, 2, 6, 2), heads (3, 6, 12, 24); num_features 768.
+    Keyword arguments (all optional): img_size, drop_path_rate, num_classes, use_checkpoint."""
+    return _swin(96, (2, 2, 6, 2), (3, 6, 12, 24), **kwargs)
 
 
-def swin_small(*, img_size=224, drop_path_rate=0.0, num_classes=0, use_checkpoint=False) -> SwinTransformer:
+def swin_small(**kwargs) -> SwinTransformer:
     """Swin-S: embed 96, depths (2, 2, 18, 2), heads (3, 6, 12, 24); num_features 768."""
-    return _swin(
-        96,
-        (2, 2, 18, 2),
-        (3, 6, 12, 24),
-        img_size=img_size,
-        drop_path_rate=drop_path_rate,
-        num_classes=num_classes,
-        use_checkpoint=use_checkpoint,
-    )
+    return _swin(96, (2, 2, 18, 2), (3, 6, 12, 24), **kwargs)
 
 
-def swin_base(*, img_size=224, drop_path_rate=0.0, num_classes=0, use_checkpoint=False) -> SwinTransformer:
+def swin_base(**kwargs) -> SwinTransformer:
     """Swin-B: embed 128, depths (2, 2, 18, 2), heads (4, 8, 16, 32); num_features 1024."""
-    return _swin(
-        128,
-        (2, 2, 18, 2),
-        (4, 8, 16, 32),
-        img_size=img_size,
-        drop_path_rate=drop_path_rate,
-        num_classes=num_classes,
-        use_checkpoint=use_checkpoint,
-    )
+    return _swin(128, (2, 2, 18, 2), (4, 8, 16, 32), **kwargs)

@@ -81,7 +81,14 @@ class VisionTransformerMoCo(VisionTransformer):
 
 
 def _vit(
-    embed_dim, num_heads, *, img_size, drop_path_rate, num_classes, use_checkpoint, stop_grad_conv1
+    embed_dim,
+    num_heads,
+    *,
+    img_size=224,
+    drop_path_rate=0.0,
+    num_classes=0,
+    use_checkpoint=False,
+    stop_grad_conv1=False,
 ) -> VisionTransformerMoCo:
     """Patch 16, depth 12, mlp ratio 4, qkv bias, LayerNorm eps 1e-6, class token pooling."""
     return VisionTransformerMoCo(
@@ -102,47 +109,18 @@ def _vit(
     )
 
 
-def vit_tiny(
-    *, img_size=224, drop_path_rate=0.0, num_classes=0, use_checkpoint=False, stop_grad_conv1=False
-) -> VisionTransformerMoCo:
-    """ViT-T/16: 192-d, depth 12, 3 heads; num_features 192."""
-    return _vit(
-        192,
-        3,
-        img_size=img_size,
-        drop_path_rate=drop_path_rate,
-        num_classes=num_classes,
-        use_checkpoint=use_checkpoint,
-        stop_grad_conv1=stop_grad_conv1,
-    )
+def vit_tiny(**kwargs) -> VisionTransformerMoCo:
+    """ViT-T/16: 192-d, depth 12, 3 heads; num_features 192. Keyword arguments (all
+    optional): img_size, drop_path_rate, num_classes, use_checkpoint, stop_grad_conv1."""
+    return _vit(192, 3, **kwargs)
 
 
-def vit_small(
-    *, img_size=224, drop_path_rate=0.0, num_classes=0, use_checkpoint=False, stop_grad_conv1=False
-) -> VisionTransformerMoCo:
+def vit_small(**kwargs) -> VisionTransformerMoCo:
     """ViT-S/16 as in MoCo v3: 384-d, depth 12, **12 heads** (DeiT-S / timm's vit_small
     use 6; the head count changes no parameter count); num_features 384."""
-    return _vit(
-        384,
-        12,
-        img_size=img_size,
-        drop_path_rate=drop_path_rate,
-        num_classes=num_classes,
-        use_checkpoint=use_checkpoint,
-        stop_grad_conv1=stop_grad_conv1,
-    )
+    return _vit(384, 12, **kwargs)
 
 
-def vit_base(
-    *, img_size=224, drop_path_rate=0.0, num_classes=0, use_checkpoint=False, stop_grad_conv1=False
-) -> VisionTransformerMoCo:
+def vit_base(**kwargs) -> VisionTransformerMoCo:
     """ViT-B/16: 768-d, depth 12, 12 heads; num_features 768."""
-    return _vit(
-        768,
-        12,
-        img_size=img_size,
-        drop_path_rate=drop_path_rate,
-        num_classes=num_classes,
-        use_checkpoint=use_checkpoint,
-        stop_grad_conv1=stop_grad_conv1,
-    )
+    return _vit(768, 12, **kwargs)
