@@ -35,7 +35,7 @@ from metrics import NULL_WRITER, MetricWriter
 from models import build_encoder
 from models.convert import convert_original_encoder
 from optimizer import build_optimizer
-from utils import all_ranks, load_newest_checkpoint, save_atomic, seed_everything, world_size
+from utils import all_ranks, load_newest_checkpoint, read_checkpoint, save_atomic, seed_everything, world_size
 
 # The linear-evaluation recipe: defaults over the pretraining YAML, under --opts.
 LINEAR_RECIPE = [
@@ -77,10 +77,7 @@ def load_pretrained_encoder(model, path, encoder_name):
             f"no pretrained checkpoint at {path}: pretrain with the same --cfg, --output and --tag "
             "first, or set LINEAR_EVAL.PRETRAINED"
         )
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:
-        raise ConfigError(f"unreadable checkpoint {path} ({type(e).__name__}: {e})") from None
+    ckpt = read_checkpoint(path)
     found = ckpt.get("framework", {}).get("encoder", encoder_name)
     if found != encoder_name:
         raise ConfigError(f"{path} holds a {found} encoder, but MODEL.ENCODER is {encoder_name}")
@@ -257,7 +254,7 @@ def main(config, env, logger, output_dir):
         path = config.MODEL.RESUME
         if not os.path.isfile(path):
             raise ConfigError(f"--resume {path}: no such file")
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        ckpt = read_checkpoint(path)
     else:
         path, ckpt = load_newest_checkpoint(output_dir, logger)
     if ckpt is not None:

@@ -34,6 +34,7 @@ from utils import (
     all_reduce_mean,
     init_distributed,
     load_newest_checkpoint,
+    read_checkpoint,
     save_atomic,
     seed_everything,
     world_size,
@@ -272,10 +273,7 @@ def resume(config, model, optimizer, scaler, logger):
         path = config.MODEL.RESUME
         if not os.path.isfile(path):
             raise ConfigError(f"--resume {path}: no such file")
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as e:
-            raise ConfigError(f"--resume {path}: unreadable checkpoint ({type(e).__name__}: {e})") from None
+        ckpt = read_checkpoint(path)
     elif config.TRAIN.AUTO_RESUME:
         path, ckpt = load_newest_checkpoint(config.OUTPUT, logger)
         if ckpt is None:

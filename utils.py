@@ -11,6 +11,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from config import ConfigError
+
 # -----------------------------------------------------------------------------
 # Distributed
 # -----------------------------------------------------------------------------
@@ -142,11 +144,19 @@ def _epoch_of(path):
     return int(match.group(1)) if match else -1
 
 
-def _try_load(path, logger):
+def read_checkpoint(path):
+    """torch.load on the CPU; a truncated or corrupt file raises ConfigError naming it."""
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # truncated or corrupt file
-        logger.warning(f"skipping unreadable checkpoint {path}: {type(e).__name__}: {e}")
+    except Exception as e:
+        raise ConfigError(f"unreadable checkpoint {path} ({type(e).__name__}: {e})") from None
+
+
+def _try_load(path, logger):
+    try:
+        return read_checkpoint(path)
+    except ConfigError as e:
+        logger.warning(f"skipping {e}")
         return None
 
 

@@ -22,8 +22,10 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from config import ConfigError  # noqa: E402
 from models.convert import convert_original_encoder  # noqa: E402
 from models.swin_transformer import WINDOW_SIZE, stage_window_sizes  # noqa: E402
+from utils import read_checkpoint  # noqa: E402
 
 # MODEL.ENCODER -> (timm model name, keyword arguments it needs beyond num_classes=0)
 TIMM_MODELS = {
@@ -128,9 +130,9 @@ def export(checkpoint, out, prefix="encoder."):
     if not os.path.isfile(checkpoint):
         raise ExportError(f"no checkpoint at {checkpoint}")
     try:
-        ckpt = torch.load(checkpoint, map_location="cpu", weights_only=False)
-    except Exception as e:
-        raise ExportError(f"unreadable checkpoint {checkpoint} ({type(e).__name__}: {e})") from None
+        ckpt = read_checkpoint(checkpoint)
+    except ConfigError as e:
+        raise ExportError(str(e)) from None
     model_state = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else {}
     state = {k[len(prefix) :]: v for k, v in model_state.items() if k.startswith(prefix)}
     if not state:
