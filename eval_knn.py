@@ -18,7 +18,7 @@ from config import ConfigError, check_config, get_config
 from data import build_linear_loaders
 from data.linear import canonical_dataset_name
 from main_linear import count_correct, load_pretrained_encoder
-from main_pretrain import AMP_DTYPES, build_parser, join_processes, open_output, run_cli
+from main_pretrain import amp_autocast, build_parser, join_processes, open_output, run_cli
 from models import build_encoder
 from utils import world_size
 
@@ -70,9 +70,7 @@ def knn_correct(train_feats, train_labels, test_feats, test_labels, k, num_class
 
 def main(config, env, logger):
     device = env.device
-    autocast = lambda: torch.autocast(  # noqa: E731
-        device_type=device.type, dtype=AMP_DTYPES.get(config.AMP_OPT_LEVEL), enabled=config.AMP_OPT_LEVEL in AMP_DTYPES
-    )
+    autocast = amp_autocast(config, device)
     try:
         train_set, val_set, train_loader, val_loader, num_classes = build_linear_loaders(config, for_features=True)
     except ValueError as e:

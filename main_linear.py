@@ -20,12 +20,13 @@ from data import build_linear_loaders
 from data.linear import canonical_dataset_name
 from lr_scheduler import build_scheduler
 from main_pretrain import (
-    AMP_DTYPES,
     NonFiniteLossError,
+    amp_autocast,
     build_parser,
     join_processes,
     memory_mb,
     open_output,
+    report_throughput,
     run_cli,
     scale_learning_rates,
     seed_epoch,
@@ -189,24 +190,17 @@ def train_one_epoch(config, model, data_loader, optimizer, lr_scheduler, scaler,
 
 
 @torch.no_grad()
-def throughput(config, model, device, autocast, logger, warmup=3, steps=10):
+def throughput(config, model, device, autocast, logger):
     """Images/s of the backbone in inference at the configured batch and image size."""
     model.eval()
     size = config.DATA.IMG_SIZE
     images = torch.randn(config.DATA.BATCH_SIZE, 3, size, size, device=device)
-    for _ in range(warmup):
+
+    def inference_step():
         with autocast():
             model(images)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.time()
-    for _ in range(steps):
-        with autocast():
-            model(images)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    logger.info(f"batch {images.shape[0]} x {size}px, {steps} steps after {warmup} warm-up steps")
-    print(f"throughput: {steps * images.shape[0] / (time.time() - start):.2f}", flush=True)
+
+    report_throughput(config, inference_step, images.shape[0], device, logger)
 
 
 # -----------------------------------------------------------------------------
@@ -218,9 +212,7 @@ def main(config, env, logger, output_dir):
     """Train (or with --eval, evaluate) the classifier; returns the best val top-1 in %."""
     device = env.device
     freeze = config.LINEAR_EVAL.WEIGHTS == "freeze"
-    autocast = lambda: torch.autocast(  # noqa: E731
-        device_type=device.type, dtype=AMP_DTYPES.get(config.AMP_OPT_LEVEL), enabled=config.AMP_OPT_LEVEL in AMP_DTYPES
-    )
+    autocast = amp_autocast(config, device)
 
     # ---------------------------------------------------------------- data
     try:

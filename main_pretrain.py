@@ -74,6 +74,32 @@ def parse_option(argv=None):
     return build_parser("Self-supervised pretraining (MoBY / BYOL / SynCo)").parse_args(argv)
 
 
+def amp_autocast(config, device):
+    """A context factory: autocast to AMP_OPT_LEVEL's dtype (O1 fp16, O2 bf16), or nothing."""
+    return partial(
+        torch.autocast,
+        device_type=device.type,
+        dtype=AMP_DTYPES.get(config.AMP_OPT_LEVEL),
+        enabled=config.AMP_OPT_LEVEL in AMP_DTYPES,
+    )
+
+
+def report_throughput(config, step, batch_size, device, logger, warmup=3, steps=10):
+    """Time ``steps`` calls of ``step()`` after ``warmup`` ones; print ``throughput: <images/s>``."""
+    for _ in range(warmup):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.time()
+    for _ in range(steps):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    images_per_s = steps * batch_size / (time.time() - start)
+    logger.info(f"batch {batch_size} x {config.DATA.IMG_SIZE}px, {steps} steps after {warmup} warm-up steps")
+    print(f"throughput: {images_per_s:.2f}", flush=True)
+
+
 def memory_mb(device):
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -214,7 +240,7 @@ def _synthetic_batch(config, device):
     return [torch.randn(config.DATA.BATCH_SIZE, 3, size, size, device=device) for _ in range(2)]
 
 
-def throughput(config, model, optimizer, scaler, autocast, device, logger, warmup=3, steps=10):
+def throughput(config, model, optimizer, scaler, autocast, device, logger):
     """Images/s of full training steps (forward, backward, optimizer step, momentum
     update) on synthetic batches of the configured size."""
     model.train()
@@ -228,18 +254,7 @@ def throughput(config, model, optimizer, scaler, autocast, device, logger, warmu
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
 
-    for _ in range(warmup):
-        train_step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.time()
-    for _ in range(steps):
-        train_step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    images_per_s = steps * x1.shape[0] / (time.time() - start)
-    logger.info(f"batch {x1.shape[0]} x {config.DATA.IMG_SIZE}px, {steps} steps after {warmup} warm-up steps")
-    print(f"throughput: {images_per_s:.2f}", flush=True)
+    report_throughput(config, train_step, x1.shape[0], device, logger)
 
 
 # -----------------------------------------------------------------------------
@@ -304,12 +319,7 @@ def resume(config, model, optimizer, scaler, logger):
 
 def main(config, env, logger):
     device = env.device
-    autocast = partial(
-        torch.autocast,
-        device_type=device.type,
-        dtype=AMP_DTYPES.get(config.AMP_OPT_LEVEL),
-        enabled=config.AMP_OPT_LEVEL in AMP_DTYPES,
-    )
+    autocast = amp_autocast(config, device)
 
     # ---------------------------------------------------------------- data
     if config.THROUGHPUT_MODE:
