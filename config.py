@@ -46,7 +46,7 @@ _C.DATA.NUM_WORKERS = 8
 _C.MODEL = CN()
 # Self-supervised framework: moby, byol or synco
 _C.MODEL.TYPE = "moby"
-# Backbone: swin_tiny, swin_small, swin_base, vit_tiny, vit_small, vit_base
+# Backbone: swin_tiny, swin_small, swin_base, vit_tiny, vit_small, vit_base, resnet50, resnet101, resnet152, resnet200
 _C.MODEL.ENCODER = "swin_tiny"
 # Run name; the output folder is OUTPUT/NAME/TAG
 _C.MODEL.NAME = "moby__swin_tiny__odpr02_tdpr0_cm099_ct02_queue4096_proj2_pred2"
@@ -157,6 +157,8 @@ _C.TRAIN.OPTIMIZER.EPS = 1e-8
 _C.TRAIN.OPTIMIZER.BETAS = (0.9, 0.999)
 # sgd and lars: momentum
 _C.TRAIN.OPTIMIZER.MOMENTUM = 0.9
+# lars: trust coefficient eta of the layer-wise rate eta * |w| / |g + wd * w|
+_C.TRAIN.OPTIMIZER.TRUST_COEFFICIENT = 0.001
 
 # -----------------------------------------------------------------------------
 # Augmentation
@@ -203,7 +205,10 @@ _C.THROUGHPUT_MODE = False
 _C.LOCAL_RANK = 0
 
 FRAMEWORKS = ("moby", "byol", "synco")
-ENCODERS = ("swin_tiny", "swin_small", "swin_base", "vit_tiny", "vit_small", "vit_base")
+ENCODERS = (
+    "swin_tiny", "swin_small", "swin_base", "vit_tiny", "vit_small", "vit_base",
+    "resnet50", "resnet101", "resnet152", "resnet200",
+)  # fmt: skip
 AMP_LEVELS = ("", "O0", "O1", "O2")
 
 
