@@ -29,6 +29,9 @@ def write_pretrain_checkpoint(path, encoder):
     torch.manual_seed(0)
     model = build_model(config)
     perturbed(model.encoder)
+    for name, buffer in model.encoder.named_buffers():  # BatchNorm statistics, as after training
+        if name.endswith(("running_mean", "running_var")):
+            buffer.uniform_(0.5, 1.5)
     state = {
         "model": model.state_dict(),
         "optimizer": {},
@@ -66,7 +69,8 @@ def assert_same_backbone(model, encoder, stem, img_size):
 
 
 @pytest.mark.parametrize("encoder, timm_name", [("vit_tiny", "vit_tiny_patch16_224"),
-                                               ("swin_tiny", "swin_tiny_patch4_window7_224")])  # fmt: skip
+                                               ("swin_tiny", "swin_tiny_patch4_window7_224"),
+                                               ("resnet50", "resnet50")])  # fmt: skip
 def test_exported_backbone_gives_encoder_features(tmp_path, offline_timm, encoder, timm_name):
     checkpoint = tmp_path / "checkpoint.pth"
     online = write_pretrain_checkpoint(checkpoint, encoder)
@@ -129,10 +133,19 @@ def test_timm_call_fits_every_encoder(name, img_size):
         assert "custom_load=False" in call or name == "vit_base", call
         assert "mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)" in call, call
     if img_size == 64:
-        assert "img_size=64" in call and "input_size=(3, 64, 64)" in call, call
+        assert ("img_size=64" in call) != name.startswith("resnet"), call  # a ResNet takes any size
+        assert "input_size=(3, 64, 64)" in call, call
         assert ("window_size=((4, 4), (4, 4), (4, 4), (2, 2))" in call) == name.startswith("swin"), call
     else:
         assert "img_size" not in call and "window_size" not in call, call
+
+
+@pytest.mark.parametrize("name", ["resnet50", "resnet101", "resnet152", "resnet200"])
+def test_resnet_depth_inferred_without_framework_entry(name):
+    """The original's checkpoints name no encoder: the blocks per stage tell the depth."""
+    with torch.device("meta"):
+        state = ENCODERS[name]().state_dict()
+    assert export_backbone.infer_encoder_name(state) == name
 
 
 def test_errors_are_one_line(tmp_path, capsys):
