@@ -37,8 +37,12 @@ _C.DATA.ZIP_MODE = False
 _C.DATA.CACHE_MODE = "part"
 # Pin CPU memory in the DataLoader for faster host-to-device copies
 _C.DATA.PIN_MEMORY = True
-# DataLoader worker processes per process
-_C.DATA.NUM_WORKERS = 8
+# DataLoader worker processes per training process; -1: one fewer than the CPU cores
+# available to each process (at most 16). More than the cores available is capped.
+_C.DATA.NUM_WORKERS = -1
+# Pretraining: run flip, colour jitter, grayscale, blur and solarize batched on the training
+# device instead of in the workers, which then only decode, crop and resize
+_C.DATA.GPU_AUG = False
 
 # -----------------------------------------------------------------------------
 # Model
@@ -164,10 +168,12 @@ _C.TRAIN.OPTIMIZER.MOMENTUM = 0.9
 _C.AUG = CN()
 # Two-view self-supervised augmentation; pretraining requires it
 _C.AUG.SSL_AUG = True
-# byol (asymmetric blur/solarize) or simclr
+# byol (BYOL's asymmetric views) or simclr (the original's name for MoCo v2's symmetric views)
 _C.AUG.SSL_AUG_TYPE = "byol"
-# Lower bound of the random-resized-crop scale
+# byol: lower bound of the random-resized-crop scale (simclr crops with (0.2, 1), as the original)
 _C.AUG.SSL_AUG_CROP = 0.08
+# Resampling of the pretraining crops: bilinear (the original's), bicubic or nearest
+_C.AUG.SSL_AUG_INTERPOLATION = "bilinear"
 # Linear evaluation: random-resized-crop + flip (True) or timm's supervised recipe (False)
 _C.AUG.SSL_LINEAR_AUG = True
 
@@ -205,6 +211,8 @@ _C.LOCAL_RANK = 0
 FRAMEWORKS = ("moby", "byol", "synco")
 ENCODERS = ("swin_tiny", "swin_small", "swin_base", "vit_tiny", "vit_small", "vit_base")
 AMP_LEVELS = ("", "O0", "O1", "O2")
+SSL_AUG_TYPES = ("byol", "simclr")
+RESAMPLINGS = ("bilinear", "bicubic", "nearest")
 
 
 # command-line flag -> config key it sets (when given)
@@ -285,6 +293,12 @@ def check_config(config):
         raise ConfigError(f"unknown MODEL.TYPE {config.MODEL.TYPE!r}; valid: {', '.join(FRAMEWORKS)}")
     if config.MODEL.ENCODER not in ENCODERS:
         raise ConfigError(f"unknown MODEL.ENCODER {config.MODEL.ENCODER!r}; valid: {', '.join(ENCODERS)}")
+    if config.AUG.SSL_AUG_TYPE not in SSL_AUG_TYPES:
+        raise ConfigError(f"unknown AUG.SSL_AUG_TYPE {config.AUG.SSL_AUG_TYPE!r}; valid: {', '.join(SSL_AUG_TYPES)}")
+    if config.AUG.SSL_AUG_INTERPOLATION not in RESAMPLINGS:
+        raise ConfigError(
+            f"unknown AUG.SSL_AUG_INTERPOLATION {config.AUG.SSL_AUG_INTERPOLATION!r}; valid: {', '.join(RESAMPLINGS)}"
+        )
     if config.AMP_OPT_LEVEL not in AMP_LEVELS:
         raise ConfigError(f"unknown AMP_OPT_LEVEL {config.AMP_OPT_LEVEL!r}; valid: O0, O1, O2")
     if config.MODEL.TYPE == "synco":

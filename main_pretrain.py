@@ -23,7 +23,8 @@ import yaml
 from timm.utils import AverageMeter, accuracy
 
 from config import ConfigError, check_config, get_config
-from data import build_loader, set_loader_epoch, skipped_samples
+from data import DeviceAugment, DeviceViews, build_loader, set_loader_epoch, skipped_samples
+from data.augment import build_recipes, sample_view
 from logger import create_logger
 from lr_scheduler import build_scheduler
 from metrics import NULL_WRITER, MetricWriter
@@ -154,10 +155,11 @@ class NonFiniteLossError(RuntimeError):
 
 
 def train_one_epoch(
-    config, model, data_loader, optimizer, lr_scheduler, scaler, autocast, epoch, device, logger, writer=NULL_WRITER
+    config, model, batches, optimizer, lr_scheduler, scaler, autocast, epoch, device, logger, writer=NULL_WRITER
 ):
+    """One epoch over ``batches`` (a ``DeviceViews``: pairs of model inputs on ``device``)."""
     model.train()
-    num_steps = len(data_loader)
+    num_steps = len(batches)
     accumulation = max(config.TRAIN.ACCUMULATION_STEPS, 1)
     params = [p for p in model.parameters() if p.requires_grad]
     batch_time, loss_meter, norm_meter = AverageMeter(), AverageMeter(), AverageMeter()
@@ -165,10 +167,8 @@ def train_one_epoch(
 
     optimizer.zero_grad(set_to_none=True)
     start = end = time.time()
-    for idx, ((x1, x2), _) in enumerate(data_loader):
+    for idx, (x1, x2) in enumerate(batches):  # [B, 3, H, W] each
         lr_scheduler.step_update(epoch * num_steps + idx)
-        x1 = x1.to(device, non_blocking=True)  # [B, 3, H, W]
-        x2 = x2.to(device, non_blocking=True)
         batch = x1.shape[0]
         update = (idx + 1) % accumulation == 0 or idx + 1 == num_steps
         no_sync = getattr(model, "no_sync", None)
@@ -234,19 +234,25 @@ def train_one_epoch(
     return mean_loss
 
 
-@torch.no_grad()
-def _synthetic_batch(config, device):
-    size = config.DATA.IMG_SIZE
-    return [torch.randn(config.DATA.BATCH_SIZE, 3, size, size, device=device) for _ in range(2)]
+def _synthetic_batch(config):
+    """Two views of random uint8 pixels with augmentation parameters drawn from the
+    configured recipes (for 500 x 375 images): ``[(images [B, 3, S, S], params [B, P])] * 2``."""
+    size, batch = config.DATA.IMG_SIZE, config.DATA.BATCH_SIZE
+    views = []
+    for recipe in build_recipes(config.AUG.SSL_AUG_TYPE, config.AUG.SSL_AUG_CROP):
+        images = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8)
+        views.append((images, torch.stack([sample_view(recipe, 500, 375)[1] for _ in range(batch)])))
+    return views
 
 
-def throughput(config, model, optimizer, scaler, autocast, device, logger):
-    """Images/s of full training steps (forward, backward, optimizer step, momentum
-    update) on synthetic batches of the configured size."""
+def throughput(config, model, augment, optimizer, scaler, autocast, device, logger):
+    """Images/s of full training steps (the device's share of the augmentation, forward,
+    backward, optimizer step, momentum update) on synthetic batches of the configured size."""
     model.train()
-    x1, x2 = _synthetic_batch(config, device)
+    views = [(images.to(device), params) for images, params in _synthetic_batch(config)]
 
     def train_step():
+        x1, x2 = (augment(images, params) for images, params in views)
         with autocast():
             loss = model(x1, x2)["loss"]
         scaler.scale(loss).backward()
@@ -254,7 +260,7 @@ def throughput(config, model, optimizer, scaler, autocast, device, logger):
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
 
-    report_throughput(config, train_step, x1.shape[0], device, logger)
+    report_throughput(config, train_step, config.DATA.BATCH_SIZE, device, logger)
 
 
 # -----------------------------------------------------------------------------
@@ -320,12 +326,14 @@ def resume(config, model, optimizer, scaler, logger):
 def main(config, env, logger):
     device = env.device
     autocast = amp_autocast(config, device)
+    augment = DeviceAugment(gpu_aug=config.DATA.GPU_AUG)
 
     # ---------------------------------------------------------------- data
     if config.THROUGHPUT_MODE:
         data_loader, steps_per_epoch = None, 10**9  # synthetic batches, all in epoch 0
     else:
         dataset, data_loader = build_loader(config)
+        batches = DeviceViews(data_loader, augment, device)
         check_batch(config, env.world_size, len(dataset))
         steps_per_epoch = len(data_loader)
         logger.info(f"{len(dataset)} training images, {steps_per_epoch} steps per epoch per process")
@@ -349,7 +357,7 @@ def main(config, env, logger):
     scaler = torch.amp.GradScaler(device.type, enabled=config.AMP_OPT_LEVEL == "O1")
 
     if config.THROUGHPUT_MODE:
-        throughput(config, model, optimizer, scaler, autocast, device, logger)
+        throughput(config, model, augment, optimizer, scaler, autocast, device, logger)
         return
 
     start_epoch, last_good = resume(config, model, optimizer, scaler, logger)
@@ -364,7 +372,7 @@ def main(config, env, logger):
         set_loader_epoch(data_loader, epoch)
         try:
             train_one_epoch(
-                config, model, data_loader, optimizer, lr_scheduler, scaler, autocast, epoch, device, logger, writer
+                config, model, batches, optimizer, lr_scheduler, scaler, autocast, epoch, device, logger, writer
             )
             if not all(torch.isfinite(p).all() for p in model.parameters()):
                 raise NonFiniteLossError(f"non-finite weights after epoch {epoch}")
