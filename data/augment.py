@@ -151,30 +151,30 @@ def sample_view(recipe: ViewRecipe, width: int, height: int) -> tuple[tuple[int,
 # -----------------------------------------------------------------------------
 # Decoding and cropping
 # -----------------------------------------------------------------------------
-def decode_crops(img: Image.Image, crops: list[tuple[int, int, int, int]], size: int, resample: int) -> torch.Tensor:
-    """Decode ``img`` (opened, not yet loaded) and resize each crop box to ``size x size``.
-
-    A JPEG is decoded at the largest DCT reduction (1/2, 1/4, 1/8) that leaves every
-    crop at least ``size`` pixels wide and high, so no crop is upsampled more than it
-    would be from the full image. Returns ``[len(crops), 3, size, size]`` uint8.
-    """
+def draft_for_crops(img: Image.Image, crops: list[tuple[int, int, int, int]], size: int) -> float:
+    """Set a JPEG ``img`` (opened, not yet loaded) to decode at the largest DCT reduction
+    (1/2, 1/4, 1/8) that leaves every crop box at least ``size`` pixels wide and high, so
+    no crop is upsampled more than from the full image. Returns the reduction (1 if none)."""
+    if img.format != "JPEG":
+        return 1.0
     full_w, full_h = img.size
-    scale = 1.0
-    if img.format == "JPEG":
-        min_h = min(c[2] for c in crops)
-        min_w = min(c[3] for c in crops)
-        # draft keeps every side >= the requested one: crop side / reduction >= size
-        request = (math.ceil(full_w * size / min_w), math.ceil(full_h * size / min_h))
-        drafted = img.draft("RGB", request)
-        if drafted is not None:
-            scale = full_w / drafted[1][2]
+    min_h = min(c[2] for c in crops)
+    min_w = min(c[3] for c in crops)
+    # draft keeps each side >= the requested one, so crop side / reduction >= size
+    drafted = img.draft("RGB", (math.ceil(full_w * size / min_w), math.ceil(full_h * size / min_h)))
+    return full_w / drafted[1][2] if drafted is not None else 1.0
+
+
+def decode_crops(img: Image.Image, crops: list[tuple[int, int, int, int]], size: int, resample: int) -> torch.Tensor:
+    """Decode ``img`` (opened, not yet loaded; see ``draft_for_crops``) and resize each crop
+    box ``(top, left, height, width)`` to ``size x size``: [len(crops), 3, size, size] uint8."""
+    scale = draft_for_crops(img, crops, size)
     img.load()
     img = _to_rgb(img)
     out = torch.empty(len(crops), size, size, 3, dtype=torch.uint8)
     for k, (top, left, h, w) in enumerate(crops):
         box = (left / scale, top / scale, (left + w) / scale, (top + h) / scale)
-        resized = img.resize((size, size), resample, box=box)
-        out[k] = torch.from_numpy(np.array(resized))
+        out[k] = torch.from_numpy(np.array(img.resize((size, size), resample, box=box)))
     return out.permute(0, 3, 1, 2).contiguous()
 
 

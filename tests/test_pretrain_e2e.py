@@ -124,9 +124,10 @@ def test_plain_python_single_process_and_auto_resume(image_folder, tmp_path):
 
 
 def test_throughput_prints_images_per_second(tmp_path):
+    # GPU_AUG: the step includes the batched photometric augmentation
     result = run_script(
         ["main_pretrain.py", "--cfg", "configs/synco_vit_tiny.yaml", "--throughput", "--output", str(tmp_path),
-         *TINY]
+         *TINY, "DATA.GPU_AUG", "True"]
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     last = result.stdout.strip().splitlines()[-1]

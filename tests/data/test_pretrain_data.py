@@ -1,5 +1,6 @@
 """The pretraining data package on tiny real image folders and zips (CPU, a few seconds)."""
 
+import io
 import os
 import zipfile
 
@@ -11,10 +12,10 @@ from torchvision import transforms as T
 from yacs.config import CfgNode as CN
 
 from data import build_loader, set_loader_epoch, zipreader
-from data.augment import TwoViewAugment, ViewRecipe, build_recipes, build_ssl_transform
-from data.build import ShardSampler, build_dataset, build_sampler
+from data.augment import TwoViewAugment, ViewRecipe, build_recipes, build_ssl_transform, decode_crops, draft_for_crops
+from data.build import ShardSampler, build_dataset, build_sampler, resolve_num_workers
 from data.cached_image_folder import CachedImageFolder, pil_rgb_loader
-from data.photometric import NUM_PARAMS
+from data.photometric import IMAGENET_MEAN, IMAGENET_STD, NUM_PARAMS, DeviceAugment
 
 CLASSES = ("cat", "dog", "fox")
 IMAGES_PER_CLASS = 4
@@ -136,6 +137,62 @@ def test_transform_follows_the_config():
     assert isinstance(transform, TwoViewAugment) and isinstance(transform.recipes[0], ViewRecipe)
     assert transform.recipes == build_recipes("simclr", 0.08)
     assert transform.img_size == 32 and transform.gpu_aug and transform.resample == Image.BILINEAR
+
+
+def _photo_jpeg(width: int, height: int) -> bytes:
+    rng = np.random.default_rng(0)
+    coarse = rng.integers(0, 256, (height // 32 + 2, width // 32 + 2, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(coarse).resize((width, height), Image.BICUBIC).save(buffer, "JPEG", quality=95)
+    return buffer.getvalue()
+
+
+def test_jpeg_is_decoded_only_as_large_as_the_crops_need():
+    data = _photo_jpeg(512, 384)
+    full = [(0, 0, 384, 512)]
+    # (crops, output side) -> DCT reduction: each crop side / reduction stays >= the output side
+    cases = [(full, 32, 8), (full, 64, 4), (full, 100, 2), (full, 224, 1), ([(0, 0, 130, 140)], 32, 4),
+             (full + [(10, 20, 70, 90)], 32, 2), ([(0, 0, 50, 40)], 32, 1)]  # fmt: skip
+    for crops, size, reduction in cases:
+        img = Image.open(io.BytesIO(data))
+        assert draft_for_crops(img, crops, size) == reduction, (crops, size)
+        img.load()
+        assert img.size == (512 // reduction, 384 // reduction)
+    png = io.BytesIO()
+    Image.open(io.BytesIO(data)).save(png, "PNG")
+    assert draft_for_crops(Image.open(png), full, 32) == 1  # not a JPEG
+
+
+def test_reduced_decoding_gives_the_full_decodings_crops():
+    data = _photo_jpeg(512, 384)
+    crops = [(0, 0, 384, 512), (100, 150, 260, 300)]
+    reduced = decode_crops(Image.open(io.BytesIO(data)), crops, 64, Image.BILINEAR).float()
+    img = Image.open(io.BytesIO(data)).convert("RGB")  # decoded in full
+    for k, (top, left, h, w) in enumerate(crops):
+        full = np.asarray(img.crop((left, top, left + w, top + h)).resize((64, 64), Image.BILINEAR), dtype=np.float32)
+        difference = reduced[k].permute(1, 2, 0).numpy() - full
+        assert np.abs(difference).mean() < 2.0  # of 255: the same picture, as sharp
+
+
+def test_device_augment_normalises_like_torchvision():
+    images = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8)
+    expected = T.Normalize(IMAGENET_MEAN, IMAGENET_STD)(images.float() / 255)
+    params = torch.zeros(2, NUM_PARAMS)  # no photometric operation drawn
+    torch.testing.assert_close(DeviceAugment(gpu_aug=False)(images, params), expected)
+    torch.testing.assert_close(DeviceAugment(gpu_aug=True)(images, params), expected)
+
+
+def test_workers_follow_the_cores_of_each_process(monkeypatch, caplog):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert resolve_num_workers(-1) == 15  # the process itself keeps a core
+    assert resolve_num_workers(4) == 4 and resolve_num_workers(0) == 0
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # 4 processes share the node's cores
+    assert resolve_num_workers(-1) == 3
+    assert resolve_num_workers(8) == 4 and "capped to the 4 CPU cores" in caplog.text
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(128)), raising=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    assert resolve_num_workers(-1) == 16
 
 
 def test_loader_converts_every_mode_to_rgb(data_root):
