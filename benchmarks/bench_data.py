@@ -55,6 +55,15 @@ def photo_jpeg(rng: np.random.Generator, quality: int = 90) -> bytes:
     return buffer.getvalue()
 
 
+def write_jpeg_folder(root: str, count: int, rng: np.random.Generator, classes: int = 4) -> None:
+    """``root/train/class_<c>/img_<i>.jpg``: ``count`` photo-like JPEGs over ``classes`` folders."""
+    for i in range(count):
+        folder = os.path.join(root, "train", f"class_{i % classes}")
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, f"img_{i}.jpg"), "wb") as f:
+            f.write(photo_jpeg(rng))
+
+
 class OriginalGaussianBlur:
     """The original's blur: PIL's GaussianBlur, sigma ~ U[0.1, 2.0] from numpy."""
 
@@ -155,11 +164,7 @@ def main():
           f"({median['project'] / median['project GPU_AUG']:.2f}x less)")  # fmt: skip
 
     with tempfile.TemporaryDirectory() as root:
-        for i in range(args.loader_images):
-            folder = os.path.join(root, "train", f"class_{i % 4}")
-            os.makedirs(folder, exist_ok=True)
-            with open(os.path.join(folder, f"img_{i}.jpg"), "wb") as f:
-                f.write(photo_jpeg(rng))
+        write_jpeg_folder(root, args.loader_images, rng)
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
         print(f"DataLoader of data/build.py, batch 32, {args.loader_images} images, {cores} CPU cores:")
         for gpu_aug in (False, True):

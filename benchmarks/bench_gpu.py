@@ -30,7 +30,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench_data import loader_images_per_s, photo_jpeg  # noqa: E402
+from bench_data import loader_images_per_s, write_jpeg_folder  # noqa: E402
 
 from config import get_config  # noqa: E402
 from data import DeviceAugment  # noqa: E402
@@ -180,21 +180,15 @@ def main():
 
     loss_lines = ["", "| B | MoBY loss + backward (ms) | SynCo loss + backward (ms) | ratio |", "|---|---|---|---|"]
     for batch in (128, 256):
-        times = measure_losses(batch, device)
-        loss_lines.append(
-            f"| {batch} | {times['moby']:.2f} | {times['synco']:.2f} | {times['synco'] / times['moby']:.2f} |"
-        )
+        moby, synco = measure_losses(batch, device).values()
+        loss_lines.append(f"| {batch} | {moby:.2f} | {synco:.2f} | {synco / moby:.2f} |")
     print("\n".join(loss_lines), flush=True)
     lines += loss_lines
 
     workers = resolve_num_workers(-1)
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as root:
-        for i in range(args.loader_images):
-            folder = os.path.join(root, "train", f"class_{i % 8}")
-            os.makedirs(folder, exist_ok=True)
-            with open(os.path.join(folder, f"img_{i}.jpg"), "wb") as f:
-                f.write(photo_jpeg(rng))
+        write_jpeg_folder(root, args.loader_images, rng, classes=8)
         loader_lines = ["", f"| DataLoader, {workers} workers, 224 px two views | images/s |", "|---|---|"]
         for gpu_aug in (False, True):
             rate = loader_images_per_s(root, workers, gpu_aug, batch=args.batch)
