@@ -59,17 +59,14 @@ def adjust_brightness(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
 
 def adjust_contrast(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     """Blend with the image's mean gray. factor [N]."""
-    luma = torch.tensor(LUMA, device=x.device, dtype=x.dtype)
-    mean = x.mean(dim=(2, 3)) @ luma  # [N]: the mean gray, from the channel means
+    r, g, b = x.mean(dim=(2, 3)).unbind(1)  # [N] each
+    mean = LUMA[0] * r + LUMA[1] * g + LUMA[2] * b  # the mean gray, from the channel means
     return torch.lerp(_per_sample(mean), x, _per_sample(factor)).clamp_(0, 1)
 
 
 def adjust_saturation(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     """Blend with the per-pixel gray. factor [N]."""
     return torch.lerp(grayscale(x), x, _per_sample(factor)).clamp_(0, 1)
-
-
-_HSV_CHANNEL_OFFSETS = (5.0, 3.0, 1.0)  # R, G, B in sextants of the hue circle
 
 
 def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
@@ -83,7 +80,7 @@ def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     )  # sextants, in [-1, 5]
     hue = hue + (_per_sample(shift).squeeze(1) * 6 + 6)  # > 0: |shift| <= 1/2 turn
     # HSV -> RGB: channel c = value - chroma * clamp(min(k, 4 - k), 0, 1), k = (offset_c + hue) mod 6
-    offsets = torch.tensor(_HSV_CHANNEL_OFFSETS, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    offsets = 5 - 2 * torch.arange(3, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)  # R, G, B: 5, 3, 1
     k = offsets + hue.unsqueeze(1)
     k = k - 6 * torch.floor(k / 6)  # torch.remainder is several times slower on the CPU
     return value.unsqueeze(1) - chroma.unsqueeze(1) * torch.minimum(k, 4 - k).clamp_(0, 1)
@@ -108,13 +105,13 @@ def blur_radius(sigma: float) -> int:
 
 
 def gaussian_blur(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
-    """Separable blur of ``x`` [N, C, H, W] with one symmetric kernel [N, K] per sample (edges
+    """Separable blur of ``x`` [N, C, H, W] with one symmetric kernel [N, K] per sample (on x's device; edges
     replicated): a sum of K shifted copies per direction, faster than a depthwise
     convolution on the CPU for these small kernels."""
     h, w = x.shape[-2:]
     taps = kernel.shape[1]
     radius = taps // 2
-    kernel = kernel.to(x.device, x.dtype, non_blocking=True).view(-1, 1, 1, 1, taps)
+    kernel = kernel.to(x.dtype).view(-1, 1, 1, 1, taps)  # on x's device
     padded = F.pad(x, (radius, radius, radius, radius), mode="replicate")  # [N, C, H + 2r, W + 2r]
     rows = padded[..., 0:h, :] * kernel[..., 0]
     for i in range(1, taps):
@@ -125,18 +122,25 @@ def gaussian_blur(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _on_rows(x: torch.Tensor, rows: torch.Tensor, fn) -> torch.Tensor:
-    """``x[rows] = fn(x[rows], rows)`` (in place when a subset); ``rows`` is a host index tensor."""
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on ``device`` without synchronising: CUDA copies it from pinned memory."""
+    if device.type == "cuda":
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
+
+
+def _on_rows(x: torch.Tensor, rows: torch.Tensor, index: torch.Tensor, fn) -> torch.Tensor:
+    """``x[rows] = fn(x[rows], index)`` (in place when a subset), for the host index tensor
+    ``rows`` and its copy ``index`` on x's device."""
     if rows.numel() == 0:
         return x
     if rows.numel() == x.shape[0]:
-        return fn(x, rows)
+        return fn(x, index)
     first, last = int(rows[0]), int(rows[-1])
     if last - first + 1 == rows.numel():  # a contiguous block: a view, no gather
-        x[first : last + 1] = fn(x[first : last + 1], rows)
+        x[first : last + 1] = fn(x[first : last + 1], index)
         return x
-    index = rows.to(x.device, non_blocking=True)
-    return x.index_copy_(0, index, fn(x.index_select(0, index), rows))
+    return x.index_copy_(0, index, fn(x.index_select(0, index), index))
 
 
 def apply_photometric(x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
@@ -145,26 +149,28 @@ def apply_photometric(x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
     ``x`` is consumed: it may be overwritten."""
     params = params.cpu()
     device = x.device
-    on_device = params.to(device, non_blocking=True)
-
-    def rows(mask: torch.Tensor) -> torch.Tensor:
-        return mask.nonzero().flatten()
-
-    x = _on_rows(x, rows(params[:, FLIP] > 0), lambda v, _: v.flip(-1))
+    factors = _to_device(params[:, JITTER_FACTORS], device)  # [N, 4]
     jittered = params[:, JITTER] > 0
     order = params[:, ORDER].long()
-    factors = on_device[:, JITTER_FACTORS]
+    blurred = (params[:, BLUR_SIGMA] > 0).nonzero().flatten()
+    sigma = params[blurred, BLUR_SIGMA]
+    kernels = _to_device(gaussian_kernels(sigma, blur_radius(float(sigma.max()))), device) if sigma.numel() else None
+
+    # (samples, operation) in the order applied; which samples is decided on the host
+    steps = [(params[:, FLIP] > 0, lambda v, _: v.flip(-1))]
     for position in range(4):
-        for op_index, op in enumerate(JITTER_OPS):
-            selected = rows(jittered & (order[:, position] == op_index))
-            x = _on_rows(x, selected, lambda v, r, op=op, i=op_index: op(v, factors[r.to(device), i]))
-    x = _on_rows(x, rows(params[:, GRAY] > 0), lambda v, _: grayscale(v).expand(-1, 3, -1, -1).contiguous())
-    blurred = rows(params[:, BLUR_SIGMA] > 0)
-    if blurred.numel():
-        sigma = params[blurred, BLUR_SIGMA]
-        kernels = gaussian_kernels(sigma, radius=blur_radius(float(sigma.max())))
-        x = _on_rows(x, blurred, lambda v, _: gaussian_blur(v, kernels))
-    return _on_rows(x, rows(params[:, SOLARIZE] > 0), lambda v, _: torch.where(v >= SOLARIZE_THRESHOLD, 1 - v, v))
+        for i, op in enumerate(JITTER_OPS):
+            steps.append((jittered & (order[:, position] == i), lambda v, index, op=op, i=i: op(v, factors[index, i])))
+    steps += [
+        (params[:, GRAY] > 0, lambda v, _: grayscale(v).expand(-1, 3, -1, -1).contiguous()),
+        (params[:, BLUR_SIGMA] > 0, lambda v, _: gaussian_blur(v, kernels)),
+        (params[:, SOLARIZE] > 0, lambda v, _: torch.where(v >= SOLARIZE_THRESHOLD, 1 - v, v)),
+    ]
+    rows = [mask.nonzero().flatten() for mask, _ in steps]
+    indices = _to_device(torch.cat(rows), device).split([len(r) for r in rows])  # one copy for all
+    for (_, fn), host_rows, index in zip(steps, rows, indices, strict=True):
+        x = _on_rows(x, host_rows, index, fn)
+    return x
 
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
