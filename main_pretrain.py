@@ -329,7 +329,8 @@ def resume_point(config, env, logger):
     if newest is not None and newest["epoch"] >= start_epoch:
         start = f"--resume {path}" if path else "TRAIN.AUTO_RESUME False"
         raise ConfigError(
-            f"{newest_path} holds epoch {newest['epoch']} but this run starts at epoch {start_epoch} ({start}): "
+            f"{newest_path} already holds epoch {newest['epoch']}, and this run would train again from epoch "
+            f"{start_epoch} ({start}): "
             "resumes and evaluations would read that newer checkpoint instead of this run's; pass another "
             f"--output or --tag, or move checkpoint.pth and ckpt_epoch_E.pth for E >= {start_epoch} out of "
             f"{config.OUTPUT}"

@@ -165,6 +165,6 @@ def test_a_start_older_than_the_folders_newest_is_refused(finished, image_folder
     (line,) = capsys.readouterr().err.splitlines()
     assert exit_info.value.code == 2 and line.startswith("error: ")
     first = 1 if resume else 0
-    assert f"checkpoint.pth holds epoch {EPOCHS - 1} but this run starts at epoch {first}" in line
+    assert f"checkpoint.pth already holds epoch {EPOCHS - 1}, and this run would train again from epoch {first}" in line
     assert f"E >= {first} out of {folder}" in line
     assert {name: os.path.getmtime(os.path.join(folder, name)) for name in checkpoints} == checkpoints
