@@ -108,7 +108,8 @@ _C.MODEL.COOLDOWN_EPOCHS = 100
 # Linear evaluation (main_linear.py)
 # -----------------------------------------------------------------------------
 _C.LINEAR_EVAL = CN()
-# Pretrained checkpoint; empty means OUTPUT/NAME/TAG/checkpoint.pth
+# Pretrained checkpoint file, or a run folder; empty means the run folder OUTPUT/NAME/TAG
+# (a folder: its newest readable checkpoint, as auto-resume picks it)
 _C.LINEAR_EVAL.PRETRAINED = ""
 # "freeze" trains the head on frozen features, "finetune" trains everything
 _C.LINEAR_EVAL.WEIGHTS = "freeze"

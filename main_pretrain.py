@@ -34,8 +34,10 @@ from utils import (
     all_ranks,
     all_reduce_mean,
     init_distributed,
-    load_newest_checkpoint,
+    make_latest,
+    newest_checkpoint,
     read_checkpoint,
+    remove_stale_tmp,
     save_atomic,
     seed_everything,
     world_size,
@@ -288,28 +290,62 @@ def save_checkpoint(config, epoch, model, optimizer, lr_scheduler, scaler, logge
     return saved[-1]
 
 
-def resume(config, model, optimizer, scaler, logger):
-    """Load the checkpoint to continue from; returns (first epoch to train, its path or None)."""
+def resume_point(config, env, logger):
+    """(first epoch to train, path, checkpoint) the run continues from; (TRAIN.START_EPOCH, None,
+    None) when it starts afresh.
+
+    Before anything else, rank 0 makes the run folder's ``checkpoint.pth`` a copy of its newest
+    readable checkpoint (``newest_checkpoint``: the rule auto-resume and every evaluation read
+    by), which a run killed between the two files of a save left behind. A start at an epoch
+    not newer than that checkpoint (``--resume`` of an older file, or TRAIN.AUTO_RESUME False)
+    is refused: the folder would name that checkpoint, not this run's, as its newest until
+    this run caught up.
+    """
+    if config.MODEL.RESUME and not os.path.isfile(config.MODEL.RESUME):
+        raise ConfigError(f"--resume {config.MODEL.RESUME}: no such file")
+    newest_path, newest = None, None
+    if env.is_main:  # the only writer here: no other rank may delete its temporary files
+        remove_stale_tmp(config.OUTPUT, logger)
+        newest_path, newest = newest_checkpoint(config.OUTPUT, logger)
+        if newest is not None:
+            make_latest(newest_path, newest["epoch"], config.OUTPUT, logger)
+    if env.world_size > 1:
+        torch.distributed.barrier()  # the other ranks read the folder as rank 0 left it
+        if not env.is_main:
+            newest_path, newest = newest_checkpoint(config.OUTPUT, logger)
+
     if config.MODEL.RESUME:
-        path = config.MODEL.RESUME
-        if not os.path.isfile(path):
-            raise ConfigError(f"--resume {path}: no such file")
-        ckpt = read_checkpoint(path)
+        path, ckpt = config.MODEL.RESUME, read_checkpoint(config.MODEL.RESUME)
     elif config.TRAIN.AUTO_RESUME:
-        path, ckpt = load_newest_checkpoint(config.OUTPUT, logger)
+        path, ckpt = newest_path, newest
         if ckpt is None:
             logger.info(f"no checkpoint in {config.OUTPUT}: training from scratch")
-            return config.TRAIN.START_EPOCH, None
     else:
-        return config.TRAIN.START_EPOCH, None
+        path, ckpt = None, None
 
-    expected = {"type": config.MODEL.TYPE, "encoder": config.MODEL.ENCODER}
-    found = ckpt.get("framework", expected)
-    if found != expected:
+    if ckpt is not None:
+        expected = {"type": config.MODEL.TYPE, "encoder": config.MODEL.ENCODER}
+        found = ckpt.get("framework", expected)
+        if found != expected:
+            raise ConfigError(
+                f"{path} was written by {found['type']} / {found['encoder']}, but the config asks for "
+                f"{expected['type']} / {expected['encoder']}: pick the matching --cfg or another --output/--tag"
+            )
+    start_epoch = ckpt["epoch"] + 1 if ckpt is not None else config.TRAIN.START_EPOCH
+    if newest is not None and newest["epoch"] >= start_epoch:
+        start = f"--resume {path}" if path else "TRAIN.AUTO_RESUME False"
         raise ConfigError(
-            f"{path} was written by {found['type']} / {found['encoder']}, but the config asks for "
-            f"{expected['type']} / {expected['encoder']}: pick the matching --cfg or another --output/--tag"
+            f"{newest_path} already holds epoch {newest['epoch']}, and this run would train again from epoch "
+            f"{start_epoch} ({start}): "
+            "resumes and evaluations would read that newer checkpoint instead of this run's; pass another "
+            f"--output or --tag, or move checkpoint.pth and ckpt_epoch_E.pth for E >= {start_epoch} out of "
+            f"{config.OUTPUT}"
         )
+    return start_epoch, path, ckpt
+
+
+def restore(path, ckpt, model, optimizer, scaler, logger):
+    """Load the model, optimizer and grad scaler states of the checkpoint ``ckpt`` read from ``path``."""
     try:
         unwrap(model).load_state_dict(ckpt["model"])
     except (KeyError, RuntimeError) as e:
@@ -320,13 +356,23 @@ def resume(config, model, optimizer, scaler, logger):
     # for inspection, so a resume may change e.g. TRAIN.EPOCHS or TRAIN.BASE_LR
     scaler.load_state_dict(ckpt["scaler"])
     logger.info(f"resumed from {path} (epoch {ckpt['epoch']})")
-    return ckpt["epoch"] + 1, path
 
 
 def main(config, env, logger):
     device = env.device
     autocast = amp_autocast(config, device)
     augment = DeviceAugment(gpu_aug=config.DATA.GPU_AUG)
+
+    # ---------------------------------------------------------------- resume point
+    start_epoch, last_good, ckpt = config.TRAIN.START_EPOCH, None, None
+    if not config.THROUGHPUT_MODE:
+        start_epoch, last_good, ckpt = resume_point(config, env, logger)
+        if ckpt is not None and start_epoch >= config.TRAIN.EPOCHS:
+            logger.info(
+                f"run complete: all {config.TRAIN.EPOCHS} epochs already trained, checkpoint {last_good} "
+                f"(epoch {ckpt['epoch']}); nothing to do"
+            )
+            return
 
     # ---------------------------------------------------------------- data
     if config.THROUGHPUT_MODE:
@@ -360,7 +406,9 @@ def main(config, env, logger):
         throughput(config, model, augment, optimizer, scaler, autocast, device, logger)
         return
 
-    start_epoch, last_good = resume(config, model, optimizer, scaler, logger)
+    if ckpt is not None:
+        restore(last_good, ckpt, model, optimizer, scaler, logger)
+        del ckpt  # a second copy of every state, on the CPU
     # a resumed run hides the steps an interrupted one logged after its checkpoint
     writer = MetricWriter(config.OUTPUT, config.TENSORBOARD and env.is_main, logger, start_epoch * steps_per_epoch)
 

@@ -1,16 +1,19 @@
 """Export the online encoder of a pretraining checkpoint as a plain timm backbone.
 
-    python tools/export_backbone.py output/moby_swin_tiny/run1/checkpoint.pth swin_tiny_moby
+    python tools/export_backbone.py output/moby_swin_tiny/run1 swin_tiny_moby
 
-writes ``swin_tiny_moby.safetensors`` and ``swin_tiny_moby.pth`` (the same state dict)
-and prints the ``timm.create_model(...)`` call that loads it, offline, into a timm model
-with the same features as the project's encoder. ``<out>`` may end in ``.safetensors``
+reads the newest readable checkpoint of the run folder (as auto-resume picks it; a
+checkpoint file is read as it is), writes ``swin_tiny_moby.safetensors`` and
+``swin_tiny_moby.pth`` (the same state dict) and prints the ``timm.create_model(...)``
+call that loads it, offline, into a timm model with the same features as the project's
+encoder. ``<out>`` may end in ``.safetensors``
 or ``.pth``: that file is the one the printed call loads, and the other format is
 written beside it. Checkpoints of the original MoBY / SynCo-v2 code are converted
 (``models/convert.py``). Errors are one line on stderr, exit status 2.
 """
 
 import argparse
+import logging
 import math
 import os
 import sys
@@ -25,7 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from config import ConfigError  # noqa: E402
 from models.convert import convert_original_encoder  # noqa: E402
 from models.swin_transformer import WINDOW_SIZE, stage_window_sizes  # noqa: E402
-from utils import read_checkpoint  # noqa: E402
+from utils import read_run_checkpoint  # noqa: E402
 
 # MODEL.ENCODER -> (timm model name, keyword arguments it needs beyond num_classes=0)
 TIMM_MODELS = {
@@ -125,18 +128,21 @@ def write(state, path):
             os.remove(tmp)
 
 
-def export(checkpoint, out, prefix="encoder."):
-    """Write the backbone in both formats; returns (the file the call loads, MODEL.ENCODER, the timm call)."""
-    if not os.path.isfile(checkpoint):
-        raise ExportError(f"no checkpoint at {checkpoint}")
+def export(source, out, prefix="encoder."):
+    """Write the backbone of ``source`` in both formats; returns (the file the call loads,
+    MODEL.ENCODER, the timm call). ``source``: a checkpoint file, or a run folder, whose newest
+    readable checkpoint is taken as auto-resume takes it; prints which file and epoch."""
     try:
-        ckpt = read_checkpoint(checkpoint)
+        checkpoint, ckpt = read_run_checkpoint(source, logging.getLogger("export_backbone"))
     except ConfigError as e:
         raise ExportError(str(e)) from None
+    if ckpt is None:
+        raise ExportError(f"no checkpoint at {source}")
     model_state = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else {}
     state = {k[len(prefix) :]: v for k, v in model_state.items() if k.startswith(prefix)}
     if not state:
         raise ExportError(f"{checkpoint} has no {prefix}* weights (keys: {', '.join(list(model_state)[:5])}, ...)")
+    print(f"read {checkpoint} (epoch {ckpt.get('epoch', 'unknown')})")
     name = (ckpt.get("framework") or {}).get("encoder") or infer_encoder_name(state)
     if name not in TIMM_MODELS:
         raise ExportError(f"{checkpoint} holds a {name} encoder; exportable: {', '.join(TIMM_MODELS)}")
@@ -161,7 +167,11 @@ def export(checkpoint, out, prefix="encoder."):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("checkpoint", help="a checkpoint of main_pretrain.py (or of the original code)")
+    parser.add_argument(
+        "checkpoint",
+        help="a run folder of main_pretrain.py (its newest readable checkpoint) or a checkpoint file "
+        "(also of the original code)",
+    )
     parser.add_argument("out", help="output file, <out>.safetensors and <out>.pth (or either, named)")
     parser.add_argument("--encoder-prefix", default="encoder.", help="prefix of the encoder's keys in the model")
     args = parser.parse_args(argv)
