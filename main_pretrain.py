@@ -27,11 +27,10 @@ from data import DeviceAugment, DeviceViews, build_loader, set_loader_epoch, ski
 from data.augment import build_recipes, sample_view
 from logger import create_logger
 from lr_scheduler import build_scheduler
-from metrics import NULL_WRITER, MetricWriter
+from metrics import NULL_WRITER, DeviceMeters, MetricWriter
 from models import build_model
 from optimizer import build_optimizer
 from utils import (
-    all_ranks,
     all_reduce_mean,
     init_distributed,
     make_latest,
@@ -156,51 +155,73 @@ class NonFiniteLossError(RuntimeError):
     """The loss, gradients or weights stopped being finite."""
 
 
+def check_finite(first_bad, num_steps, epoch):
+    """Stop every rank when any rank saw a non-finite loss or gradient norm this epoch.
+
+    ``first_bad`` [2]: the first step with a non-finite loss and gradient norm on this rank
+    (``num_steps`` when none). One collective and one synchronisation, so the training step
+    itself never waits for the device; called when logging and at the end of the epoch.
+    """
+    first_bad = first_bad.clone()
+    if world_size() > 1:
+        torch.distributed.all_reduce(first_bad, op=torch.distributed.ReduceOp.MIN)
+    bad_loss, bad_grad = first_bad.tolist()
+    if bad_loss < num_steps:
+        raise NonFiniteLossError(f"non-finite loss at epoch {epoch} step {bad_loss}")
+    if bad_grad < num_steps:
+        raise NonFiniteLossError(f"non-finite gradient norm at epoch {epoch} step {bad_grad}")
+
+
 def train_one_epoch(
     config, model, batches, optimizer, lr_scheduler, scaler, autocast, epoch, device, logger, writer=NULL_WRITER
 ):
-    """One epoch over ``batches`` (a ``DeviceViews``: pairs of model inputs on ``device``)."""
+    """One epoch over ``batches`` (a ``DeviceViews``: pairs of model inputs on ``device``).
+
+    The step reads nothing back from the device: losses and accuracies accumulate there
+    and are read when logged (every PRINT_FREQ steps), when non-finite values are checked too.
+    """
     model.train()
     num_steps = len(batches)
     accumulation = max(config.TRAIN.ACCUMULATION_STEPS, 1)
     params = [p for p in model.parameters() if p.requires_grad]
-    batch_time, loss_meter, norm_meter = AverageMeter(), AverageMeter(), AverageMeter()
-    acc1_meter, acc5_meter = AverageMeter(), AverageMeter()
+    batch_time, meters = AverageMeter(), DeviceMeters()
+    # first step with a non-finite loss, and gradient norm (fp16 overflows are the grad scaler's to skip)
+    first_bad = torch.full((2,), num_steps, dtype=torch.long, device=device)
 
     optimizer.zero_grad(set_to_none=True)
     start = end = time.time()
     for idx, (x1, x2) in enumerate(batches):  # [B, 3, H, W] each
         lr_scheduler.step_update(epoch * num_steps + idx)
-        batch = x1.shape[0]
         update = (idx + 1) % accumulation == 0 or idx + 1 == num_steps
         no_sync = getattr(model, "no_sync", None)
         with no_sync() if (no_sync is not None and not update) else nullcontext():
             with autocast():
                 out = model(x1, x2)
             loss = out["loss"]
-            if not all_ranks(torch.isfinite(loss)):  # stop every rank together, before the update
-                raise NonFiniteLossError(f"non-finite loss ({loss.item()} on rank 0) at epoch {epoch} step {idx}")
             scaler.scale(loss / accumulation).backward()
+        first_bad[0] = torch.where(torch.isfinite(loss.detach()), first_bad[0], first_bad[0].clamp(max=idx))
         if update:
             scaler.unscale_(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, config.TRAIN.CLIP_GRAD or float("inf"))
-            # fp16 overflows are the grad scaler's to skip; otherwise a non-finite gradient is fatal
-            if not scaler.is_enabled() and not torch.isfinite(grad_norm):
-                raise NonFiniteLossError(f"non-finite gradient norm at epoch {epoch} step {idx}")
+            if not scaler.is_enabled():
+                first_bad[1] = torch.where(torch.isfinite(grad_norm), first_bad[1], first_bad[1].clamp(max=idx))
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
-            norm_meter.update(grad_norm.item())
-
-        loss_meter.update(loss.item(), batch)
+            meters.update(grad_norm=grad_norm)
+        meters.update(loss=loss)
         if "logits" in out:
             acc1, acc5 = accuracy(out["logits"], out["labels"], topk=(1, 5))
-            acc1_meter.update(acc1.item(), out["labels"].shape[0])
-            acc5_meter.update(acc5.item(), out["labels"].shape[0])
+            meters.update(contrast_acc1=acc1, contrast_acc5=acc5)
         batch_time.update(time.time() - end)
         end = time.time()
 
         if idx % config.PRINT_FREQ == 0 or idx + 1 == num_steps:
+            check_finite(first_bad, num_steps, epoch)
+            read = meters.read()
+            nan = (float("nan"), float("nan"))
+            (loss_val, loss_avg), (norm_val, norm_avg) = read["loss"], read.get("grad_norm", nan)
+            (acc1_val, acc1_avg), (acc5_val, acc5_avg) = read.get("contrast_acc1", nan), read.get("contrast_acc5", nan)
             lr = optimizer.param_groups[0]["lr"]
             steps_left = num_steps - idx - 1
             eta = datetime.timedelta(seconds=int(batch_time.avg * steps_left))
@@ -211,26 +232,28 @@ def train_one_epoch(
                 f"Train: [{epoch}/{config.TRAIN.EPOCHS}][{idx}/{num_steps}]\t"
                 f"eta {eta} (run {eta_run}) lr {lr:.4e}\t"
                 f"time {batch_time.val:.4f} ({batch_time.avg:.4f})\t"
-                f"loss {loss_meter.val:.4f} ({loss_meter.avg:.4f})\t"
-                f"grad_norm {norm_meter.val:.4f} ({norm_meter.avg:.4f})\t"
+                f"loss {loss_val:.4f} ({loss_avg:.4f})\t"
+                f"grad_norm {norm_val:.4f} ({norm_avg:.4f})\t"
                 f"mem {memory_mb(device):.0f}MB\t"
-                f"contrast_acc1 {acc1_meter.val:.3f} ({acc1_meter.avg:.3f})\t"
-                f"contrast_acc5 {acc5_meter.val:.3f} ({acc5_meter.avg:.3f})"
+                f"contrast_acc1 {acc1_val:.3f} ({acc1_avg:.3f})\t"
+                f"contrast_acc5 {acc5_val:.3f} ({acc5_avg:.3f})"
             )
-            values = {"loss": loss_meter.val, "lr": lr, "grad_norm": norm_meter.val}
-            if acc1_meter.count:
-                values.update(contrast_acc1=acc1_meter.val, contrast_acc5=acc5_meter.val)
+            values = {"loss": loss_val, "lr": lr, "grad_norm": norm_val}
+            if "contrast_acc1" in read:
+                values.update(contrast_acc1=acc1_val, contrast_acc5=acc5_val)
             if hasattr(unwrap(model), "momentum"):
                 values["momentum"] = unwrap(model).momentum
             writer.scalars(values, epoch * num_steps + idx, prefix="train/")
     epoch_time = time.time() - start
-    mean_loss = all_reduce_mean(torch.tensor(loss_meter.avg, device=device)).item()
+    read = meters.read()
+    mean_loss = all_reduce_mean(torch.tensor(read["loss"][1], device=device)).item()
+    acc1_avg = read.get("contrast_acc1", (0.0, 0.0))[1]
     images_per_s = num_steps * config.DATA.BATCH_SIZE * world_size() / max(epoch_time, 1e-9)
     epoch_values = {"loss": mean_loss, "time": epoch_time, "images_per_s": images_per_s}
     writer.scalars(epoch_values, (epoch + 1) * num_steps - 1, prefix="epoch/")  # the epoch's last step
     logger.info(
         f"EPOCH {epoch} done in {datetime.timedelta(seconds=int(epoch_time))}: mean loss {mean_loss:.4f} "
-        f"contrast_acc1 {acc1_meter.avg:.3f} "
+        f"contrast_acc1 {acc1_avg:.3f} "
         f"images/s {images_per_s:.1f} (all processes)"
     )
     return mean_loss
