@@ -4,7 +4,9 @@
 
 writes ``swin_tiny_moby.safetensors`` and ``swin_tiny_moby.pth`` (the same state dict)
 and prints the ``timm.create_model(...)`` call that loads it, offline, into a timm model
-with the same features as the project's encoder. ``<out>`` may end in ``.safetensors``
+with the features of the project's encoder: identical for a ViT, equal to within 1e-4
+for a Swin (timm's Swin has LayerNorm eps 1e-5 everywhere, the encoder the original's
+eps, 1e-6 but in each block's norm2). ``<out>`` may end in ``.safetensors``
 or ``.pth``: that file is the one the printed call loads, and the other format is
 written beside it. Checkpoints of the original MoBY / SynCo-v2 code are converted
 (``models/convert.py``). Errors are one line on stderr, exit status 2.
@@ -35,6 +37,12 @@ TIMM_MODELS = {
     "vit_tiny": ("vit_tiny_patch16_224", {}),
     "vit_small": ("vit_small_patch16_224", {"num_heads": 12}),  # MoCo v3's ViT-S; timm's has 6 heads
     "vit_base": ("vit_base_patch16_224", {}),
+}
+# How close timm's model comes to the encoder: timm builds every Swin LayerNorm with eps
+# 1e-5, the encoders have the original's (1e-6 but in each block's norm2)
+FEATURE_MATCH = {
+    "swin": "features equal to the encoder's within 1e-4, not exactly: timm's Swin LayerNorms have eps 1e-5",
+    "vit": "the encoder's features",
 }
 # (embed dim, blocks in stage 3) of each Swin; embed dim of each ViT
 SWIN_SHAPES = {(96, 6): "swin_tiny", (96, 18): "swin_small", (128, 18): "swin_base"}
@@ -171,7 +179,8 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     stem = os.path.splitext(primary)[0]
-    print(f"wrote the {name} backbone to {stem}.safetensors and {stem}.pth; load it with")
+    match = FEATURE_MATCH[name.split("_")[0]]
+    print(f"wrote the {name} backbone to {stem}.safetensors and {stem}.pth; load it ({match}) with")
     print(call)
 
 
