@@ -200,6 +200,9 @@ _C.SAVE_FREQ = 1
 _C.PRINT_FREQ = 10
 # Write TensorBoard scalars into the output folder (rank 0; skipped with one log line without tensorboard)
 _C.TENSORBOARD = True
+# Unpickle checkpoints in full, even those holding objects beyond tensors and plain
+# containers (set by --trust-checkpoint): that can run code, so only for files you trust
+_C.TRUST_CHECKPOINT = False
 # Random seed (offset by the rank)
 _C.SEED = 0
 # Only evaluate (main_linear.py)
@@ -230,6 +233,7 @@ _FLAG_KEYS = {
     "tag": "TAG",
     "eval": "EVAL_MODE",
     "throughput": "THROUGHPUT_MODE",
+    "trust_checkpoint": "TRUST_CHECKPOINT",
 }
 
 

@@ -77,7 +77,7 @@ def main(config, env, logger):
         raise ConfigError(str(e)) from None
     model = build_encoder(config, drop_path_rate=0.0)
     pretrained = config.LINEAR_EVAL.PRETRAINED or os.path.join(config.OUTPUT, "checkpoint.pth")
-    epoch = load_pretrained_encoder(model, pretrained, config.MODEL.ENCODER)
+    epoch = load_pretrained_encoder(model, pretrained, config.MODEL.ENCODER, config.TRUST_CHECKPOINT)
     logger.info(f"loaded the encoder of {pretrained} (pretraining epoch {epoch})")
     model.to(device)
 

@@ -66,19 +66,20 @@ def parse_option(argv=None):
 # -----------------------------------------------------------------------------
 
 
-def load_pretrained_encoder(model, path, encoder_name):
+def load_pretrained_encoder(model, path, encoder_name, trust=False):
     """Copy the online encoder of a pretraining checkpoint into ``model`` (all but its head).
 
     Checkpoints of the original MoBY / SynCo-v2 code are converted (``models/convert.py``).
     Raises ConfigError naming the path and the keys when the checkpoint is missing,
-    unreadable, from another backbone, or has no ``encoder.*`` weights.
+    unreadable, refused (``trust``: see utils.read_checkpoint), from another backbone,
+    or has no ``encoder.*`` weights.
     """
     if not os.path.isfile(path):
         raise ConfigError(
             f"no pretrained checkpoint at {path}: pretrain with the same --cfg, --output and --tag "
             "first, or set LINEAR_EVAL.PRETRAINED"
         )
-    ckpt = read_checkpoint(path)
+    ckpt = read_checkpoint(path, trust)
     found = ckpt.get("framework", {}).get("encoder", encoder_name)
     if found != encoder_name:
         raise ConfigError(f"{path} holds a {found} encoder, but MODEL.ENCODER is {encoder_name}")
@@ -226,7 +227,7 @@ def main(config, env, logger, output_dir):
     model = build_classifier(config, num_classes, freeze)
     pretrained = config.LINEAR_EVAL.PRETRAINED or os.path.join(config.OUTPUT, "checkpoint.pth")
     if not config.THROUGHPUT_MODE:
-        epoch = load_pretrained_encoder(model, pretrained, config.MODEL.ENCODER)
+        epoch = load_pretrained_encoder(model, pretrained, config.MODEL.ENCODER, config.TRUST_CHECKPOINT)
         logger.info(f"loaded the encoder of {pretrained} (pretraining epoch {epoch})")
     model.to(device)
     if config.THROUGHPUT_MODE:
@@ -246,9 +247,9 @@ def main(config, env, logger, output_dir):
         path = config.MODEL.RESUME
         if not os.path.isfile(path):
             raise ConfigError(f"--resume {path}: no such file")
-        ckpt = read_checkpoint(path)
+        ckpt = read_checkpoint(path, config.TRUST_CHECKPOINT)
     else:
-        path, ckpt = load_newest_checkpoint(output_dir, logger)
+        path, ckpt = load_newest_checkpoint(output_dir, logger, config.TRUST_CHECKPOINT)
     if ckpt is not None:
         unwrap(model).load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])

@@ -66,6 +66,11 @@ def build_parser(description):
     parser.add_argument("--tag", help="tag of the experiment")
     parser.add_argument("--eval", action="store_true", help="evaluation only (main_linear.py)")
     parser.add_argument("--throughput", action="store_true", help="measure training images/s and exit")
+    parser.add_argument(
+        "--trust-checkpoint",
+        action="store_true",
+        help="unpickle checkpoints in full (can run code): only for files you trust",
+    )
     # torch.distributed.launch passes --local-rank (or --local_rank); torchrun sets LOCAL_RANK
     parser.add_argument("--local-rank", "--local_rank", dest="local_rank", type=int, default=None)
     return parser
@@ -294,9 +299,9 @@ def resume(config, model, optimizer, scaler, logger):
         path = config.MODEL.RESUME
         if not os.path.isfile(path):
             raise ConfigError(f"--resume {path}: no such file")
-        ckpt = read_checkpoint(path)
+        ckpt = read_checkpoint(path, config.TRUST_CHECKPOINT)
     elif config.TRAIN.AUTO_RESUME:
-        path, ckpt = load_newest_checkpoint(config.OUTPUT, logger)
+        path, ckpt = load_newest_checkpoint(config.OUTPUT, logger, config.TRUST_CHECKPOINT)
         if ckpt is None:
             logger.info(f"no checkpoint in {config.OUTPUT}: training from scratch")
             return config.TRAIN.START_EPOCH, None

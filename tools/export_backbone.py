@@ -133,12 +133,13 @@ def write(state, path):
             os.remove(tmp)
 
 
-def export(checkpoint, out, prefix="encoder."):
-    """Write the backbone in both formats; returns (the file the call loads, MODEL.ENCODER, the timm call)."""
+def export(checkpoint, out, prefix="encoder.", trust=False):
+    """Write the backbone in both formats; returns (the file the call loads, MODEL.ENCODER, the timm call).
+    ``trust``: unpickle the checkpoint in full (see utils.read_checkpoint)."""
     if not os.path.isfile(checkpoint):
         raise ExportError(f"no checkpoint at {checkpoint}")
     try:
-        ckpt = read_checkpoint(checkpoint)
+        ckpt = read_checkpoint(checkpoint, trust)
     except ConfigError as e:
         raise ExportError(str(e)) from None
     model_state = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else {}
@@ -172,9 +173,14 @@ def main(argv=None):
     parser.add_argument("checkpoint", help="a checkpoint of main_pretrain.py (or of the original code)")
     parser.add_argument("out", help="output file, <out>.safetensors and <out>.pth (or either, named)")
     parser.add_argument("--encoder-prefix", default="encoder.", help="prefix of the encoder's keys in the model")
+    parser.add_argument(
+        "--trust-checkpoint",
+        action="store_true",
+        help="unpickle the checkpoint in full (can run code): only for a file you trust",
+    )
     args = parser.parse_args(argv)
     try:
-        primary, name, call = export(args.checkpoint, args.out, args.encoder_prefix)
+        primary, name, call = export(args.checkpoint, args.out, args.encoder_prefix, args.trust_checkpoint)
     except ExportError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
