@@ -82,13 +82,14 @@ _C.MODEL.PRED_NUM_LAYERS = 2
 _C.MODEL.STOP_GRAD_CONV1 = False
 # synco: queue entries most similar to each query that synthetic negatives are made from
 _C.MODEL.N_HARD = 256
-# synco: number of synthetic negatives of each kind per query
+# synco: number of synthetic negatives of each kind per query (128, 128, 128, 64, 64, 64:
+# what the original code ran, its constructor's defaults; it never read these keys)
 _C.MODEL.N1 = 128  # interpolation a*q + (1-a)*n
 _C.MODEL.N2 = 128  # extrapolation q + b*(n - q)
 _C.MODEL.N3 = 128  # mixup g*n1 + (1-g)*n2
-_C.MODEL.N4 = 128  # noise injection n + N(0, sigma^2)
-_C.MODEL.N5 = 128  # perturbation n + delta * d(q.n)/dn
-_C.MODEL.N6 = 128  # adversarial n + eta * sign(d(q.n)/dn)
+_C.MODEL.N4 = 64  # noise injection n + N(0, sigma^2)
+_C.MODEL.N5 = 64  # perturbation n + delta * d(q.n)/dn
+_C.MODEL.N6 = 64  # adversarial n + eta * sign(d(q.n)/dn)
 # synco: upper bound of a in kind 1, a ~ U[0, INTERP_MAX)
 _C.MODEL.INTERP_MAX = 0.5
 # synco: upper bound of b in kind 2, b ~ U[1, EXTRAP_MAX)
@@ -200,6 +201,9 @@ _C.SAVE_FREQ = 1
 _C.PRINT_FREQ = 10
 # Write TensorBoard scalars into the output folder (rank 0; skipped with one log line without tensorboard)
 _C.TENSORBOARD = True
+# Unpickle checkpoints in full, even those holding objects beyond tensors and plain
+# containers (set by --trust-checkpoint): that can run code, so only for files you trust
+_C.TRUST_CHECKPOINT = False
 # Random seed (offset by the rank)
 _C.SEED = 0
 # Only evaluate (main_linear.py)
@@ -230,6 +234,7 @@ _FLAG_KEYS = {
     "tag": "TAG",
     "eval": "EVAL_MODE",
     "throughput": "THROUGHPUT_MODE",
+    "trust_checkpoint": "TRUST_CHECKPOINT",
 }
 
 

@@ -75,13 +75,14 @@ def parse_option(argv=None):
 # -----------------------------------------------------------------------------
 
 
-def load_pretrained_encoder(model, path, encoder_name, ckpt=None):
+def load_pretrained_encoder(model, path, encoder_name, ckpt=None, trust=False):
     """Copy the online encoder of a pretraining checkpoint into ``model`` (all but its head);
     returns its pretraining epoch. ``ckpt``: the checkpoint, when already read from ``path``.
 
     Checkpoints of the original MoBY / SynCo-v2 code are converted (``models/convert.py``).
     Raises ConfigError naming the path and the keys when the checkpoint is missing,
-    unreadable, from another backbone, or has no ``encoder.*`` weights.
+    unreadable, refused (``trust``: see utils.read_checkpoint), from another backbone,
+    or has no ``encoder.*`` weights.
     """
     if ckpt is None:
         if not os.path.isfile(path):
@@ -89,7 +90,7 @@ def load_pretrained_encoder(model, path, encoder_name, ckpt=None):
                 f"no pretrained checkpoint at {path}: pretrain with the same --cfg, --output and --tag "
                 "first, or set LINEAR_EVAL.PRETRAINED"
             )
-        ckpt = read_checkpoint(path)
+        ckpt = read_checkpoint(path, trust)
     found = ckpt.get("framework", {}).get("encoder", encoder_name)
     if found != encoder_name:
         raise ConfigError(f"{path} holds a {found} encoder, but MODEL.ENCODER is {encoder_name}")
@@ -119,7 +120,7 @@ def load_run_encoder(model, config, logger):
     run folder) or else of the run folder OUTPUT: a folder's newest readable checkpoint, as
     auto-resume picks it. Logs the file and epoch."""
     source = config.LINEAR_EVAL.PRETRAINED or config.OUTPUT
-    path, ckpt = read_run_checkpoint(source, logger)
+    path, ckpt = read_run_checkpoint(source, logger, config.TRUST_CHECKPOINT)
     if ckpt is None:
         raise ConfigError(
             f"no pretrained checkpoint at {source} (a file, or a run folder with checkpoint.pth or "
@@ -270,9 +271,9 @@ def main(config, env, logger, output_dir):
         path = config.MODEL.RESUME
         if not os.path.isfile(path):
             raise ConfigError(f"--resume {path}: no such file")
-        ckpt = read_checkpoint(path)
+        ckpt = read_checkpoint(path, config.TRUST_CHECKPOINT)
     else:
-        path, ckpt = load_newest_checkpoint(output_dir, logger)
+        path, ckpt = load_newest_checkpoint(output_dir, logger, config.TRUST_CHECKPOINT)
     if ckpt is not None:
         unwrap(model).load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])

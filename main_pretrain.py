@@ -67,6 +67,11 @@ def build_parser(description):
     parser.add_argument("--tag", help="tag of the experiment")
     parser.add_argument("--eval", action="store_true", help="evaluation only (main_linear.py)")
     parser.add_argument("--throughput", action="store_true", help="measure training images/s and exit")
+    parser.add_argument(
+        "--trust-checkpoint",
+        action="store_true",
+        help="unpickle checkpoints in full (can run code): only for files you trust",
+    )
     # torch.distributed.launch passes --local-rank (or --local_rank); torchrun sets LOCAL_RANK
     parser.add_argument("--local-rank", "--local_rank", dest="local_rank", type=int, default=None)
     return parser
@@ -329,16 +334,16 @@ def resume_point(config, env, logger):
     newest_path, newest = None, None
     if env.is_main:  # the only writer here: no other rank may delete its temporary files
         remove_stale_tmp(config.OUTPUT, logger)
-        newest_path, newest = newest_checkpoint(config.OUTPUT, logger)
+        newest_path, newest = newest_checkpoint(config.OUTPUT, logger, config.TRUST_CHECKPOINT)
         if newest is not None:
             make_latest(newest_path, newest["epoch"], config.OUTPUT, logger)
     if env.world_size > 1:
         torch.distributed.barrier()  # the other ranks read the folder as rank 0 left it
         if not env.is_main:
-            newest_path, newest = newest_checkpoint(config.OUTPUT, logger)
+            newest_path, newest = newest_checkpoint(config.OUTPUT, logger, config.TRUST_CHECKPOINT)
 
     if config.MODEL.RESUME:
-        path, ckpt = config.MODEL.RESUME, read_checkpoint(config.MODEL.RESUME)
+        path, ckpt = config.MODEL.RESUME, read_checkpoint(config.MODEL.RESUME, config.TRUST_CHECKPOINT)
     elif config.TRAIN.AUTO_RESUME:
         path, ckpt = newest_path, newest
         if ckpt is None:

@@ -5,8 +5,10 @@
 reads the newest readable checkpoint of the run folder (as auto-resume picks it; a
 checkpoint file is read as it is), writes ``swin_tiny_moby.safetensors`` and
 ``swin_tiny_moby.pth`` (the same state dict) and prints the ``timm.create_model(...)``
-call that loads it, offline, into a timm model with the same features as the project's
-encoder. ``<out>`` may end in ``.safetensors``
+call that loads it, offline, into a timm model with the features of the project's
+encoder: identical for a ViT, equal to within 1e-4 for a Swin (timm's Swin has LayerNorm
+eps 1e-5 everywhere, the encoder the original's eps, 1e-6 but in each block's norm2).
+``<out>`` may end in ``.safetensors``
 or ``.pth``: that file is the one the printed call loads, and the other format is
 written beside it. Checkpoints of the original MoBY / SynCo-v2 code are converted
 (``models/convert.py``). Errors are one line on stderr, exit status 2.
@@ -38,6 +40,12 @@ TIMM_MODELS = {
     "vit_tiny": ("vit_tiny_patch16_224", {}),
     "vit_small": ("vit_small_patch16_224", {"num_heads": 12}),  # MoCo v3's ViT-S; timm's has 6 heads
     "vit_base": ("vit_base_patch16_224", {}),
+}
+# How close timm's model comes to the encoder: timm builds every Swin LayerNorm with eps
+# 1e-5, the encoders have the original's (1e-6 but in each block's norm2)
+FEATURE_MATCH = {
+    "swin": "features equal to the encoder's within 1e-4, not exactly: timm's Swin LayerNorms have eps 1e-5",
+    "vit": "the encoder's features",
 }
 # (embed dim, blocks in stage 3) of each Swin; embed dim of each ViT
 SWIN_SHAPES = {(96, 6): "swin_tiny", (96, 18): "swin_small", (128, 18): "swin_base"}
@@ -128,12 +136,13 @@ def write(state, path):
             os.remove(tmp)
 
 
-def export(source, out, prefix="encoder."):
+def export(source, out, prefix="encoder.", trust=False):
     """Write the backbone of ``source`` in both formats; returns (the file the call loads,
     MODEL.ENCODER, the timm call). ``source``: a checkpoint file, or a run folder, whose newest
-    readable checkpoint is taken as auto-resume takes it; prints which file and epoch."""
+    readable checkpoint is taken as auto-resume takes it; prints which file and epoch.
+    ``trust``: unpickle the checkpoint in full (see utils.read_checkpoint)."""
     try:
-        checkpoint, ckpt = read_run_checkpoint(source, logging.getLogger("export_backbone"))
+        checkpoint, ckpt = read_run_checkpoint(source, logging.getLogger("export_backbone"), trust)
     except ConfigError as e:
         raise ExportError(str(e)) from None
     if ckpt is None:
@@ -174,14 +183,20 @@ def main(argv=None):
     )
     parser.add_argument("out", help="output file, <out>.safetensors and <out>.pth (or either, named)")
     parser.add_argument("--encoder-prefix", default="encoder.", help="prefix of the encoder's keys in the model")
+    parser.add_argument(
+        "--trust-checkpoint",
+        action="store_true",
+        help="unpickle the checkpoint in full (can run code): only for a file you trust",
+    )
     args = parser.parse_args(argv)
     try:
-        primary, name, call = export(args.checkpoint, args.out, args.encoder_prefix)
+        primary, name, call = export(args.checkpoint, args.out, args.encoder_prefix, args.trust_checkpoint)
     except ExportError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     stem = os.path.splitext(primary)[0]
-    print(f"wrote the {name} backbone to {stem}.safetensors and {stem}.pth; load it with")
+    match = FEATURE_MATCH[name.split("_")[0]]
+    print(f"wrote the {name} backbone to {stem}.safetensors and {stem}.pth; load it ({match}) with")
     print(call)
 
 
