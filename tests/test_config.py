@@ -87,25 +87,32 @@ SYNCO_COUNTS = {  # the original SynCo constructor's defaults, which ran: 576 sy
     "MODEL.N4": 64, "MODEL.N5": 64, "MODEL.N6": 64,
 }  # fmt: skip
 
+AUGMENTATION = {  # BYOL's asymmetric views (tests/data/test_pretrain_data.py checks the recipe), bilinear crops
+    "AUG.SSL_AUG": True,
+    "AUG.SSL_AUG_TYPE": "byol",
+    "AUG.SSL_AUG_CROP": 0.08,
+    "AUG.SSL_AUG_INTERPOLATION": "bilinear",
+}
+
 EXPECTED = {
-    "moby_swin_tiny": {**DROP_PATH_AND_STOP_GRAD},
-    "moby_swin_small": {**DROP_PATH_AND_STOP_GRAD},
-    "moby_swin_base": {**DROP_PATH_AND_STOP_GRAD},
-    "moby_vit_tiny": {**DROP_PATH_AND_STOP_GRAD},
-    "moby_vit_small": {**DROP_PATH_AND_STOP_GRAD},
-    "moby_vit_base": {**DROP_PATH_AND_STOP_GRAD},
-    "byol_swin_tiny": {**DROP_PATH_AND_STOP_GRAD},
-    "byol_swin_small": {**DROP_PATH_AND_STOP_GRAD},
-    "byol_swin_base": {**DROP_PATH_AND_STOP_GRAD},
-    "byol_vit_tiny": {**DROP_PATH_AND_STOP_GRAD},
-    "byol_vit_small": {**DROP_PATH_AND_STOP_GRAD},
-    "byol_vit_base": {**DROP_PATH_AND_STOP_GRAD},
-    "synco_swin_tiny": {**DROP_PATH_AND_STOP_GRAD, **SYNCO_COUNTS},
-    "synco_swin_small": {**DROP_PATH_AND_STOP_GRAD, **SYNCO_COUNTS},
-    "synco_swin_base": {**DROP_PATH_AND_STOP_GRAD, **SYNCO_COUNTS},
-    "synco_vit_tiny": {**DROP_PATH_AND_STOP_GRAD, **SYNCO_COUNTS},
-    "synco_vit_small": {**DROP_PATH_AND_STOP_GRAD, **SYNCO_COUNTS},
-    "synco_vit_base": {**DROP_PATH_AND_STOP_GRAD, **SYNCO_COUNTS},
+    "moby_swin_tiny": {**DROP_PATH_AND_STOP_GRAD, **AUGMENTATION},
+    "moby_swin_small": {**DROP_PATH_AND_STOP_GRAD, **AUGMENTATION},
+    "moby_swin_base": {**DROP_PATH_AND_STOP_GRAD, **AUGMENTATION},
+    "moby_vit_tiny": {**DROP_PATH_AND_STOP_GRAD, **AUGMENTATION},
+    "moby_vit_small": {**DROP_PATH_AND_STOP_GRAD, **AUGMENTATION},
+    "moby_vit_base": {**DROP_PATH_AND_STOP_GRAD, **AUGMENTATION},
+    "byol_swin_tiny": {**DROP_PATH_AND_STOP_GRAD, **AUGMENTATION},
+    "byol_swin_small": {**DROP_PATH_AND_STOP_GRAD, **AUGMENTATION},
+    "byol_swin_base": {**DROP_PATH_AND_STOP_GRAD, **AUGMENTATION},
+    "byol_vit_tiny": {**DROP_PATH_AND_STOP_GRAD, **AUGMENTATION},
+    "byol_vit_small": {**DROP_PATH_AND_STOP_GRAD, **AUGMENTATION},
+    "byol_vit_base": {**DROP_PATH_AND_STOP_GRAD, **AUGMENTATION},
+    "synco_swin_tiny": {**DROP_PATH_AND_STOP_GRAD, **AUGMENTATION, **SYNCO_COUNTS},
+    "synco_swin_small": {**DROP_PATH_AND_STOP_GRAD, **AUGMENTATION, **SYNCO_COUNTS},
+    "synco_swin_base": {**DROP_PATH_AND_STOP_GRAD, **AUGMENTATION, **SYNCO_COUNTS},
+    "synco_vit_tiny": {**DROP_PATH_AND_STOP_GRAD, **AUGMENTATION, **SYNCO_COUNTS},
+    "synco_vit_small": {**DROP_PATH_AND_STOP_GRAD, **AUGMENTATION, **SYNCO_COUNTS},
+    "synco_vit_base": {**DROP_PATH_AND_STOP_GRAD, **AUGMENTATION, **SYNCO_COUNTS},
 }
 
 CONFIG_FILES = sorted(glob.glob("configs/*.yaml"))
