@@ -37,8 +37,12 @@ _C.DATA.ZIP_MODE = False
 _C.DATA.CACHE_MODE = "part"
 # Pin CPU memory in the DataLoader for faster host-to-device copies
 _C.DATA.PIN_MEMORY = True
-# DataLoader worker processes per process
-_C.DATA.NUM_WORKERS = 8
+# DataLoader worker processes per training process; -1: one fewer than the CPU cores
+# available to each process (at most 16). More than the cores available is capped.
+_C.DATA.NUM_WORKERS = -1
+# Pretraining: run flip, colour jitter, grayscale, blur and solarize batched on the training
+# device instead of in the workers, which then only decode, crop and resize
+_C.DATA.GPU_AUG = False
 
 # -----------------------------------------------------------------------------
 # Model
@@ -78,13 +82,14 @@ _C.MODEL.PRED_NUM_LAYERS = 2
 _C.MODEL.STOP_GRAD_CONV1 = False
 # synco: queue entries most similar to each query that synthetic negatives are made from
 _C.MODEL.N_HARD = 256
-# synco: number of synthetic negatives of each kind per query
+# synco: number of synthetic negatives of each kind per query (128, 128, 128, 64, 64, 64:
+# what the original code ran, its constructor's defaults; it never read these keys)
 _C.MODEL.N1 = 128  # interpolation a*q + (1-a)*n
 _C.MODEL.N2 = 128  # extrapolation q + b*(n - q)
 _C.MODEL.N3 = 128  # mixup g*n1 + (1-g)*n2
-_C.MODEL.N4 = 128  # noise injection n + N(0, sigma^2)
-_C.MODEL.N5 = 128  # perturbation n + delta * d(q.n)/dn
-_C.MODEL.N6 = 128  # adversarial n + eta * sign(d(q.n)/dn)
+_C.MODEL.N4 = 64  # noise injection n + N(0, sigma^2)
+_C.MODEL.N5 = 64  # perturbation n + delta * d(q.n)/dn
+_C.MODEL.N6 = 64  # adversarial n + eta * sign(d(q.n)/dn)
 # synco: upper bound of a in kind 1, a ~ U[0, INTERP_MAX)
 _C.MODEL.INTERP_MAX = 0.5
 # synco: upper bound of b in kind 2, b ~ U[1, EXTRAP_MAX)
@@ -104,7 +109,8 @@ _C.MODEL.COOLDOWN_EPOCHS = 100
 # Linear evaluation (main_linear.py)
 # -----------------------------------------------------------------------------
 _C.LINEAR_EVAL = CN()
-# Pretrained checkpoint; empty means OUTPUT/NAME/TAG/checkpoint.pth
+# Pretrained checkpoint file, or a run folder; empty means the run folder OUTPUT/NAME/TAG
+# (a folder: its newest readable checkpoint, as auto-resume picks it)
 _C.LINEAR_EVAL.PRETRAINED = ""
 # "freeze" trains the head on frozen features, "finetune" trains everything
 _C.LINEAR_EVAL.WEIGHTS = "freeze"
@@ -166,10 +172,12 @@ _C.TRAIN.OPTIMIZER.TRUST_COEFFICIENT = 0.001
 _C.AUG = CN()
 # Two-view self-supervised augmentation; pretraining requires it
 _C.AUG.SSL_AUG = True
-# byol (asymmetric blur/solarize) or simclr
+# byol (BYOL's asymmetric views) or simclr (the original's name for MoCo v2's symmetric views)
 _C.AUG.SSL_AUG_TYPE = "byol"
-# Lower bound of the random-resized-crop scale
+# byol: lower bound of the random-resized-crop scale (simclr crops with (0.2, 1), as the original)
 _C.AUG.SSL_AUG_CROP = 0.08
+# Resampling of the pretraining crops: bilinear (the original's), bicubic or nearest
+_C.AUG.SSL_AUG_INTERPOLATION = "bilinear"
 # Linear evaluation: random-resized-crop + flip (True) or timm's supervised recipe (False)
 _C.AUG.SSL_LINEAR_AUG = True
 
@@ -195,6 +203,9 @@ _C.SAVE_FREQ = 1
 _C.PRINT_FREQ = 10
 # Write TensorBoard scalars into the output folder (rank 0; skipped with one log line without tensorboard)
 _C.TENSORBOARD = True
+# Unpickle checkpoints in full, even those holding objects beyond tensors and plain
+# containers (set by --trust-checkpoint): that can run code, so only for files you trust
+_C.TRUST_CHECKPOINT = False
 # Random seed (offset by the rank)
 _C.SEED = 0
 # Only evaluate (main_linear.py)
@@ -210,6 +221,8 @@ ENCODERS = (
     "resnet50", "resnet101", "resnet152", "resnet200",
 )  # fmt: skip
 AMP_LEVELS = ("", "O0", "O1", "O2")
+SSL_AUG_TYPES = ("byol", "simclr")
+RESAMPLINGS = ("bilinear", "bicubic", "nearest")
 
 
 # command-line flag -> config key it sets (when given)
@@ -226,6 +239,7 @@ _FLAG_KEYS = {
     "tag": "TAG",
     "eval": "EVAL_MODE",
     "throughput": "THROUGHPUT_MODE",
+    "trust_checkpoint": "TRUST_CHECKPOINT",
 }
 
 
@@ -290,6 +304,12 @@ def check_config(config):
         raise ConfigError(f"unknown MODEL.TYPE {config.MODEL.TYPE!r}; valid: {', '.join(FRAMEWORKS)}")
     if config.MODEL.ENCODER not in ENCODERS:
         raise ConfigError(f"unknown MODEL.ENCODER {config.MODEL.ENCODER!r}; valid: {', '.join(ENCODERS)}")
+    if config.AUG.SSL_AUG_TYPE not in SSL_AUG_TYPES:
+        raise ConfigError(f"unknown AUG.SSL_AUG_TYPE {config.AUG.SSL_AUG_TYPE!r}; valid: {', '.join(SSL_AUG_TYPES)}")
+    if config.AUG.SSL_AUG_INTERPOLATION not in RESAMPLINGS:
+        raise ConfigError(
+            f"unknown AUG.SSL_AUG_INTERPOLATION {config.AUG.SSL_AUG_INTERPOLATION!r}; valid: {', '.join(RESAMPLINGS)}"
+        )
     if config.AMP_OPT_LEVEL not in AMP_LEVELS:
         raise ConfigError(f"unknown AMP_OPT_LEVEL {config.AMP_OPT_LEVEL!r}; valid: O0, O1, O2")
     if config.MODEL.TYPE == "synco":

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from config import ConfigError, check_config, get_config
 from data import build_linear_loaders
 from data.linear import canonical_dataset_name
-from main_linear import count_correct, load_pretrained_encoder
+from main_linear import count_correct, load_run_encoder
 from main_pretrain import amp_autocast, build_parser, join_processes, open_output, run_cli
 from models import build_encoder
 from utils import world_size
@@ -76,9 +76,7 @@ def main(config, env, logger):
     except ValueError as e:
         raise ConfigError(str(e)) from None
     model = build_encoder(config, drop_path_rate=0.0)
-    pretrained = config.LINEAR_EVAL.PRETRAINED or os.path.join(config.OUTPUT, "checkpoint.pth")
-    epoch = load_pretrained_encoder(model, pretrained, config.MODEL.ENCODER)
-    logger.info(f"loaded the encoder of {pretrained} (pretraining epoch {epoch})")
+    load_run_encoder(model, config, logger)
     model.to(device)
 
     train_feats, train_labels = extract_features(model, train_loader, len(train_set), env.rank, device, autocast)

@@ -3,8 +3,9 @@
     torchrun --nproc_per_node=4 main_linear.py --cfg configs/moby_swin_tiny.yaml \
         --data-path /path/to/imagenet --output output --tag run1 [--opts DATA.DATASET cifar10]
 
-Reads the online encoder (``encoder.*``) of ``<output>/<MODEL.NAME>/<tag>/checkpoint.pth``
-(or LINEAR_EVAL.PRETRAINED) and writes to ``.../linear_<dataset>_<linprob|ft>/``.
+Reads the online encoder (``encoder.*``) of the newest readable checkpoint of the run folder
+``<output>/<MODEL.NAME>/<tag>/`` (or of LINEAR_EVAL.PRETRAINED) and writes to
+``.../linear_<dataset>_<linprob|ft>/``.
 """
 
 import datetime
@@ -37,7 +38,15 @@ from metrics import NULL_WRITER, MetricWriter
 from models import build_encoder
 from models.convert import convert_original_encoder
 from optimizer import build_optimizer
-from utils import all_ranks, load_newest_checkpoint, read_checkpoint, save_atomic, seed_everything, world_size
+from utils import (
+    all_ranks,
+    load_newest_checkpoint,
+    read_checkpoint,
+    read_run_checkpoint,
+    save_atomic,
+    seed_everything,
+    world_size,
+)
 
 # The linear-evaluation recipe: defaults over the pretraining YAML, under --opts.
 LINEAR_RECIPE = [
@@ -67,19 +76,22 @@ def parse_option(argv=None):
 # -----------------------------------------------------------------------------
 
 
-def load_pretrained_encoder(model, path, encoder_name):
-    """Copy the online encoder of a pretraining checkpoint into ``model`` (all but its head).
+def load_pretrained_encoder(model, path, encoder_name, ckpt=None, trust=False):
+    """Copy the online encoder of a pretraining checkpoint into ``model`` (all but its head);
+    returns its pretraining epoch. ``ckpt``: the checkpoint, when already read from ``path``.
 
     Checkpoints of the original MoBY / SynCo-v2 code are converted (``models/convert.py``).
     Raises ConfigError naming the path and the keys when the checkpoint is missing,
-    unreadable, from another backbone, or has no ``encoder.*`` weights.
+    unreadable, refused (``trust``: see utils.read_checkpoint), from another backbone,
+    or has no ``encoder.*`` weights.
     """
-    if not os.path.isfile(path):
-        raise ConfigError(
-            f"no pretrained checkpoint at {path}: pretrain with the same --cfg, --output and --tag "
-            "first, or set LINEAR_EVAL.PRETRAINED"
-        )
-    ckpt = read_checkpoint(path)
+    if ckpt is None:
+        if not os.path.isfile(path):
+            raise ConfigError(
+                f"no pretrained checkpoint at {path}: pretrain with the same --cfg, --output and --tag "
+                "first, or set LINEAR_EVAL.PRETRAINED"
+            )
+        ckpt = read_checkpoint(path, trust)
     found = ckpt.get("framework", {}).get("encoder", encoder_name)
     if found != encoder_name:
         raise ConfigError(f"{path} holds a {found} encoder, but MODEL.ENCODER is {encoder_name}")
@@ -102,6 +114,21 @@ def load_pretrained_encoder(model, path, encoder_name):
         )
     model.load_state_dict(encoder, strict=False)
     return ckpt.get("epoch")
+
+
+def load_run_encoder(model, config, logger):
+    """Load into ``model`` the online encoder of LINEAR_EVAL.PRETRAINED (a checkpoint file, or a
+    run folder) or else of the run folder OUTPUT: a folder's newest readable checkpoint, as
+    auto-resume picks it. Logs the file and epoch."""
+    source = config.LINEAR_EVAL.PRETRAINED or config.OUTPUT
+    path, ckpt = read_run_checkpoint(source, logger, config.TRUST_CHECKPOINT)
+    if ckpt is None:
+        raise ConfigError(
+            f"no pretrained checkpoint at {source} (a file, or a run folder with checkpoint.pth or "
+            "ckpt_epoch_E.pth): pretrain with the same --cfg, --output and --tag first, or set LINEAR_EVAL.PRETRAINED"
+        )
+    epoch = load_pretrained_encoder(model, path, config.MODEL.ENCODER, ckpt)
+    logger.info(f"loaded the encoder of {path} (pretraining epoch {epoch})")
 
 
 def build_classifier(config, num_classes, freeze):
@@ -225,10 +252,8 @@ def main(config, env, logger, output_dir):
     # ---------------------------------------------------------------- model
     seed_everything(config.SEED)
     model = build_classifier(config, num_classes, freeze)
-    pretrained = config.LINEAR_EVAL.PRETRAINED or os.path.join(config.OUTPUT, "checkpoint.pth")
     if not config.THROUGHPUT_MODE:
-        epoch = load_pretrained_encoder(model, pretrained, config.MODEL.ENCODER)
-        logger.info(f"loaded the encoder of {pretrained} (pretraining epoch {epoch})")
+        load_run_encoder(model, config, logger)
     model.to(device)
     if config.THROUGHPUT_MODE:
         throughput(config, model, device, autocast, logger)
@@ -244,9 +269,9 @@ def main(config, env, logger, output_dir):
         path = config.MODEL.RESUME
         if not os.path.isfile(path):
             raise ConfigError(f"--resume {path}: no such file")
-        ckpt = read_checkpoint(path)
+        ckpt = read_checkpoint(path, config.TRUST_CHECKPOINT)
     else:
-        path, ckpt = load_newest_checkpoint(output_dir, logger)
+        path, ckpt = load_newest_checkpoint(output_dir, logger, config.TRUST_CHECKPOINT)
     if ckpt is not None:
         unwrap(model).load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])

@@ -23,18 +23,20 @@ import yaml
 from timm.utils import AverageMeter, accuracy
 
 from config import ConfigError, check_config, get_config
-from data import build_loader, set_loader_epoch, skipped_samples
+from data import DeviceAugment, DeviceViews, build_loader, set_loader_epoch, skipped_samples
+from data.augment import build_recipes, sample_view
 from logger import create_logger
 from lr_scheduler import build_scheduler
-from metrics import NULL_WRITER, MetricWriter
+from metrics import NULL_WRITER, DeviceMeters, MetricWriter
 from models import build_model
 from optimizer import build_optimizer
 from utils import (
-    all_ranks,
     all_reduce_mean,
     init_distributed,
-    load_newest_checkpoint,
+    make_latest,
+    newest_checkpoint,
     read_checkpoint,
+    remove_stale_tmp,
     save_atomic,
     seed_everything,
     world_size,
@@ -65,6 +67,11 @@ def build_parser(description):
     parser.add_argument("--tag", help="tag of the experiment")
     parser.add_argument("--eval", action="store_true", help="evaluation only (main_linear.py)")
     parser.add_argument("--throughput", action="store_true", help="measure training images/s and exit")
+    parser.add_argument(
+        "--trust-checkpoint",
+        action="store_true",
+        help="unpickle checkpoints in full (can run code): only for files you trust",
+    )
     # torch.distributed.launch passes --local-rank (or --local_rank); torchrun sets LOCAL_RANK
     parser.add_argument("--local-rank", "--local_rank", dest="local_rank", type=int, default=None)
     return parser
@@ -165,52 +172,73 @@ class NonFiniteLossError(RuntimeError):
     """The loss, gradients or weights stopped being finite."""
 
 
+def check_finite(first_bad, num_steps, epoch):
+    """Stop every rank when any rank saw a non-finite loss or gradient norm this epoch.
+
+    ``first_bad`` [2]: the first step with a non-finite loss and gradient norm on this rank
+    (``num_steps`` when none). One collective and one synchronisation, so the training step
+    itself never waits for the device; called when logging and at the end of the epoch.
+    """
+    first_bad = first_bad.clone()
+    if world_size() > 1:
+        torch.distributed.all_reduce(first_bad, op=torch.distributed.ReduceOp.MIN)
+    bad_loss, bad_grad = first_bad.tolist()
+    if bad_loss < num_steps:
+        raise NonFiniteLossError(f"non-finite loss at epoch {epoch} step {bad_loss}")
+    if bad_grad < num_steps:
+        raise NonFiniteLossError(f"non-finite gradient norm at epoch {epoch} step {bad_grad}")
+
+
 def train_one_epoch(
-    config, model, data_loader, optimizer, lr_scheduler, scaler, autocast, epoch, device, logger, writer=NULL_WRITER
+    config, model, batches, optimizer, lr_scheduler, scaler, autocast, epoch, device, logger, writer=NULL_WRITER
 ):
+    """One epoch over ``batches`` (a ``DeviceViews``: pairs of model inputs on ``device``).
+
+    The step reads nothing back from the device: losses and accuracies accumulate there
+    and are read when logged (every PRINT_FREQ steps), when non-finite values are checked too.
+    """
     model.train()
-    num_steps = len(data_loader)
+    num_steps = len(batches)
     accumulation = max(config.TRAIN.ACCUMULATION_STEPS, 1)
     params = [p for p in model.parameters() if p.requires_grad]
-    batch_time, loss_meter, norm_meter = AverageMeter(), AverageMeter(), AverageMeter()
-    acc1_meter, acc5_meter = AverageMeter(), AverageMeter()
+    batch_time, meters = AverageMeter(), DeviceMeters()
+    # first step with a non-finite loss, and gradient norm (fp16 overflows are the grad scaler's to skip)
+    first_bad = torch.full((2,), num_steps, dtype=torch.long, device=device)
 
     optimizer.zero_grad(set_to_none=True)
     start = end = time.time()
-    for idx, ((x1, x2), _) in enumerate(data_loader):
+    for idx, (x1, x2) in enumerate(batches):  # [B, 3, H, W] each
         lr_scheduler.step_update(epoch * num_steps + idx)
-        x1 = x1.to(device, non_blocking=True)  # [B, 3, H, W]
-        x2 = x2.to(device, non_blocking=True)
-        batch = x1.shape[0]
         update = (idx + 1) % accumulation == 0 or idx + 1 == num_steps
         no_sync = getattr(model, "no_sync", None)
         with no_sync() if (no_sync is not None and not update) else nullcontext():
             with autocast():
                 out = model(x1, x2)
             loss = out["loss"]
-            if not all_ranks(torch.isfinite(loss)):  # stop every rank together, before the update
-                raise NonFiniteLossError(f"non-finite loss ({loss.item()} on rank 0) at epoch {epoch} step {idx}")
             scaler.scale(loss / accumulation).backward()
+        first_bad[0] = torch.where(torch.isfinite(loss.detach()), first_bad[0], first_bad[0].clamp(max=idx))
         if update:
             scaler.unscale_(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, config.TRAIN.CLIP_GRAD or float("inf"))
-            # fp16 overflows are the grad scaler's to skip; otherwise a non-finite gradient is fatal
-            if not scaler.is_enabled() and not torch.isfinite(grad_norm):
-                raise NonFiniteLossError(f"non-finite gradient norm at epoch {epoch} step {idx}")
+            if not scaler.is_enabled():
+                first_bad[1] = torch.where(torch.isfinite(grad_norm), first_bad[1], first_bad[1].clamp(max=idx))
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
-            norm_meter.update(grad_norm.item())
-
-        loss_meter.update(loss.item(), batch)
+            meters.update(grad_norm=grad_norm)
+        meters.update(loss=loss)
         if "logits" in out:
             acc1, acc5 = accuracy(out["logits"], out["labels"], topk=(1, 5))
-            acc1_meter.update(acc1.item(), out["labels"].shape[0])
-            acc5_meter.update(acc5.item(), out["labels"].shape[0])
+            meters.update(contrast_acc1=acc1, contrast_acc5=acc5)
         batch_time.update(time.time() - end)
         end = time.time()
 
         if idx % config.PRINT_FREQ == 0 or idx + 1 == num_steps:
+            check_finite(first_bad, num_steps, epoch)
+            read = meters.read()
+            nan = (float("nan"), float("nan"))
+            (loss_val, loss_avg), (norm_val, norm_avg) = read["loss"], read.get("grad_norm", nan)
+            (acc1_val, acc1_avg), (acc5_val, acc5_avg) = read.get("contrast_acc1", nan), read.get("contrast_acc5", nan)
             lr = optimizer.param_groups[0]["lr"]
             steps_left = num_steps - idx - 1
             eta = datetime.timedelta(seconds=int(batch_time.avg * steps_left))
@@ -221,44 +249,52 @@ def train_one_epoch(
                 f"Train: [{epoch}/{config.TRAIN.EPOCHS}][{idx}/{num_steps}]\t"
                 f"eta {eta} (run {eta_run}) lr {lr:.4e}\t"
                 f"time {batch_time.val:.4f} ({batch_time.avg:.4f})\t"
-                f"loss {loss_meter.val:.4f} ({loss_meter.avg:.4f})\t"
-                f"grad_norm {norm_meter.val:.4f} ({norm_meter.avg:.4f})\t"
+                f"loss {loss_val:.4f} ({loss_avg:.4f})\t"
+                f"grad_norm {norm_val:.4f} ({norm_avg:.4f})\t"
                 f"mem {memory_mb(device):.0f}MB\t"
-                f"contrast_acc1 {acc1_meter.val:.3f} ({acc1_meter.avg:.3f})\t"
-                f"contrast_acc5 {acc5_meter.val:.3f} ({acc5_meter.avg:.3f})"
+                f"contrast_acc1 {acc1_val:.3f} ({acc1_avg:.3f})\t"
+                f"contrast_acc5 {acc5_val:.3f} ({acc5_avg:.3f})"
             )
-            values = {"loss": loss_meter.val, "lr": lr, "grad_norm": norm_meter.val}
-            if acc1_meter.count:
-                values.update(contrast_acc1=acc1_meter.val, contrast_acc5=acc5_meter.val)
+            values = {"loss": loss_val, "lr": lr, "grad_norm": norm_val}
+            if "contrast_acc1" in read:
+                values.update(contrast_acc1=acc1_val, contrast_acc5=acc5_val)
             if hasattr(unwrap(model), "momentum"):
                 values["momentum"] = unwrap(model).momentum
             writer.scalars(values, epoch * num_steps + idx, prefix="train/")
     epoch_time = time.time() - start
-    mean_loss = all_reduce_mean(torch.tensor(loss_meter.avg, device=device)).item()
+    read = meters.read()
+    mean_loss = all_reduce_mean(torch.tensor(read["loss"][1], device=device)).item()
+    acc1_avg = read.get("contrast_acc1", (0.0, 0.0))[1]
     images_per_s = num_steps * config.DATA.BATCH_SIZE * world_size() / max(epoch_time, 1e-9)
     epoch_values = {"loss": mean_loss, "time": epoch_time, "images_per_s": images_per_s}
     writer.scalars(epoch_values, (epoch + 1) * num_steps - 1, prefix="epoch/")  # the epoch's last step
     logger.info(
         f"EPOCH {epoch} done in {datetime.timedelta(seconds=int(epoch_time))}: mean loss {mean_loss:.4f} "
-        f"contrast_acc1 {acc1_meter.avg:.3f} "
+        f"contrast_acc1 {acc1_avg:.3f} "
         f"images/s {images_per_s:.1f} (all processes)"
     )
     return mean_loss
 
 
-@torch.no_grad()
-def _synthetic_batch(config, device):
-    size = config.DATA.IMG_SIZE
-    return [torch.randn(config.DATA.BATCH_SIZE, 3, size, size, device=device) for _ in range(2)]
+def _synthetic_batch(config):
+    """Two views of random uint8 pixels with augmentation parameters drawn from the
+    configured recipes (for 500 x 375 images): ``[(images [B, 3, S, S], params [B, P])] * 2``."""
+    size, batch = config.DATA.IMG_SIZE, config.DATA.BATCH_SIZE
+    views = []
+    for recipe in build_recipes(config.AUG.SSL_AUG_TYPE, config.AUG.SSL_AUG_CROP):
+        images = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8)
+        views.append((images, torch.stack([sample_view(recipe, 500, 375)[1] for _ in range(batch)])))
+    return views
 
 
-def throughput(config, model, optimizer, scaler, autocast, device, logger):
-    """Images/s of full training steps (forward, backward, optimizer step, momentum
-    update) on synthetic batches of the configured size."""
+def throughput(config, model, augment, optimizer, scaler, autocast, device, logger):
+    """Images/s of full training steps (the device's share of the augmentation, forward,
+    backward, optimizer step, momentum update) on synthetic batches of the configured size."""
     model.train()
-    x1, x2 = _synthetic_batch(config, device)
+    views = [(images.to(device), params) for images, params in _synthetic_batch(config)]
 
     def train_step():
+        x1, x2 = (augment(images, params) for images, params in views)
         with autocast():
             loss = model(x1, x2)["loss"]
         scaler.scale(loss).backward()
@@ -266,7 +302,7 @@ def throughput(config, model, optimizer, scaler, autocast, device, logger):
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
 
-    report_throughput(config, train_step, x1.shape[0], device, logger)
+    report_throughput(config, train_step, config.DATA.BATCH_SIZE, device, logger)
 
 
 # -----------------------------------------------------------------------------
@@ -294,28 +330,62 @@ def save_checkpoint(config, epoch, model, optimizer, lr_scheduler, scaler, logge
     return saved[-1]
 
 
-def resume(config, model, optimizer, scaler, logger):
-    """Load the checkpoint to continue from; returns (first epoch to train, its path or None)."""
+def resume_point(config, env, logger):
+    """(first epoch to train, path, checkpoint) the run continues from; (TRAIN.START_EPOCH, None,
+    None) when it starts afresh.
+
+    Before anything else, rank 0 makes the run folder's ``checkpoint.pth`` a copy of its newest
+    readable checkpoint (``newest_checkpoint``: the rule auto-resume and every evaluation read
+    by), which a run killed between the two files of a save left behind. A start at an epoch
+    not newer than that checkpoint (``--resume`` of an older file, or TRAIN.AUTO_RESUME False)
+    is refused: the folder would name that checkpoint, not this run's, as its newest until
+    this run caught up.
+    """
+    if config.MODEL.RESUME and not os.path.isfile(config.MODEL.RESUME):
+        raise ConfigError(f"--resume {config.MODEL.RESUME}: no such file")
+    newest_path, newest = None, None
+    if env.is_main:  # the only writer here: no other rank may delete its temporary files
+        remove_stale_tmp(config.OUTPUT, logger)
+        newest_path, newest = newest_checkpoint(config.OUTPUT, logger, config.TRUST_CHECKPOINT)
+        if newest is not None:
+            make_latest(newest_path, newest["epoch"], config.OUTPUT, logger)
+    if env.world_size > 1:
+        torch.distributed.barrier()  # the other ranks read the folder as rank 0 left it
+        if not env.is_main:
+            newest_path, newest = newest_checkpoint(config.OUTPUT, logger, config.TRUST_CHECKPOINT)
+
     if config.MODEL.RESUME:
-        path = config.MODEL.RESUME
-        if not os.path.isfile(path):
-            raise ConfigError(f"--resume {path}: no such file")
-        ckpt = read_checkpoint(path)
+        path, ckpt = config.MODEL.RESUME, read_checkpoint(config.MODEL.RESUME, config.TRUST_CHECKPOINT)
     elif config.TRAIN.AUTO_RESUME:
-        path, ckpt = load_newest_checkpoint(config.OUTPUT, logger)
+        path, ckpt = newest_path, newest
         if ckpt is None:
             logger.info(f"no checkpoint in {config.OUTPUT}: training from scratch")
-            return config.TRAIN.START_EPOCH, None
     else:
-        return config.TRAIN.START_EPOCH, None
+        path, ckpt = None, None
 
-    expected = {"type": config.MODEL.TYPE, "encoder": config.MODEL.ENCODER}
-    found = ckpt.get("framework", expected)
-    if found != expected:
+    if ckpt is not None:
+        expected = {"type": config.MODEL.TYPE, "encoder": config.MODEL.ENCODER}
+        found = ckpt.get("framework", expected)
+        if found != expected:
+            raise ConfigError(
+                f"{path} was written by {found['type']} / {found['encoder']}, but the config asks for "
+                f"{expected['type']} / {expected['encoder']}: pick the matching --cfg or another --output/--tag"
+            )
+    start_epoch = ckpt["epoch"] + 1 if ckpt is not None else config.TRAIN.START_EPOCH
+    if newest is not None and newest["epoch"] >= start_epoch:
+        start = f"--resume {path}" if path else "TRAIN.AUTO_RESUME False"
         raise ConfigError(
-            f"{path} was written by {found['type']} / {found['encoder']}, but the config asks for "
-            f"{expected['type']} / {expected['encoder']}: pick the matching --cfg or another --output/--tag"
+            f"{newest_path} already holds epoch {newest['epoch']}, and this run would train again from epoch "
+            f"{start_epoch} ({start}): "
+            "resumes and evaluations would read that newer checkpoint instead of this run's; pass another "
+            f"--output or --tag, or move checkpoint.pth and ckpt_epoch_E.pth for E >= {start_epoch} out of "
+            f"{config.OUTPUT}"
         )
+    return start_epoch, path, ckpt
+
+
+def restore(path, ckpt, model, optimizer, scaler, logger):
+    """Load the model, optimizer and grad scaler states of the checkpoint ``ckpt`` read from ``path``."""
     try:
         unwrap(model).load_state_dict(ckpt["model"])
     except (KeyError, RuntimeError) as e:
@@ -326,18 +396,30 @@ def resume(config, model, optimizer, scaler, logger):
     # for inspection, so a resume may change e.g. TRAIN.EPOCHS or TRAIN.BASE_LR
     scaler.load_state_dict(ckpt["scaler"])
     logger.info(f"resumed from {path} (epoch {ckpt['epoch']})")
-    return ckpt["epoch"] + 1, path
 
 
 def main(config, env, logger):
     device = env.device
     autocast = amp_autocast(config, device)
+    augment = DeviceAugment(gpu_aug=config.DATA.GPU_AUG)
+
+    # ---------------------------------------------------------------- resume point
+    start_epoch, last_good, ckpt = config.TRAIN.START_EPOCH, None, None
+    if not config.THROUGHPUT_MODE:
+        start_epoch, last_good, ckpt = resume_point(config, env, logger)
+        if ckpt is not None and start_epoch >= config.TRAIN.EPOCHS:
+            logger.info(
+                f"run complete: all {config.TRAIN.EPOCHS} epochs already trained, checkpoint {last_good} "
+                f"(epoch {ckpt['epoch']}); nothing to do"
+            )
+            return
 
     # ---------------------------------------------------------------- data
     if config.THROUGHPUT_MODE:
         data_loader, steps_per_epoch = None, 10**9  # synthetic batches, all in epoch 0
     else:
         dataset, data_loader = build_loader(config)
+        batches = DeviceViews(data_loader, augment, device)
         check_batch(config, env.world_size, len(dataset))
         steps_per_epoch = len(data_loader)
         logger.info(f"{len(dataset)} training images, {steps_per_epoch} steps per epoch per process")
@@ -356,10 +438,12 @@ def main(config, env, logger):
     scaler = torch.amp.GradScaler(device.type, enabled=config.AMP_OPT_LEVEL == "O1")
 
     if config.THROUGHPUT_MODE:
-        throughput(config, model, optimizer, scaler, autocast, device, logger)
+        throughput(config, model, augment, optimizer, scaler, autocast, device, logger)
         return
 
-    start_epoch, last_good = resume(config, model, optimizer, scaler, logger)
+    if ckpt is not None:
+        restore(last_good, ckpt, model, optimizer, scaler, logger)
+        del ckpt  # a second copy of every state, on the CPU
     # a resumed run hides the steps an interrupted one logged after its checkpoint
     writer = MetricWriter(config.OUTPUT, config.TENSORBOARD and env.is_main, logger, start_epoch * steps_per_epoch)
 
@@ -371,7 +455,7 @@ def main(config, env, logger):
         set_loader_epoch(data_loader, epoch)
         try:
             train_one_epoch(
-                config, model, data_loader, optimizer, lr_scheduler, scaler, autocast, epoch, device, logger, writer
+                config, model, batches, optimizer, lr_scheduler, scaler, autocast, epoch, device, logger, writer
             )
             if not all(torch.isfinite(p).all() for p in model.parameters()):
                 raise NonFiniteLossError(f"non-finite weights after epoch {epoch}")

@@ -10,6 +10,8 @@
 import atexit
 import logging
 
+import torch
+
 
 class MetricWriter:
     """``scalar(tag, value, step)`` into TensorBoard event files in ``output_dir``.
@@ -72,3 +74,28 @@ class MetricWriter:
 
 # the writer of functions called without one
 NULL_WRITER = MetricWriter(None, enabled=False)
+
+
+class DeviceMeters:
+    """Last values and running means of per-step scalar tensors, kept on their device:
+    ``update`` never synchronises the host with the device; ``read`` does, once for all."""
+
+    def __init__(self):
+        self._last: dict[str, torch.Tensor] = {}
+        self._sum: dict[str, torch.Tensor] = {}
+        self._count: dict[str, int] = {}
+
+    def update(self, **values: torch.Tensor) -> None:
+        for name, value in values.items():
+            value = value.detach().float()
+            self._last[name] = value
+            self._sum[name] = self._sum[name] + value if name in self._sum else value
+            self._count[name] = self._count.get(name, 0) + 1
+
+    def read(self) -> dict[str, tuple[float, float]]:
+        """``{name: (last value, mean)}`` of every scalar updated so far."""
+        names = list(self._last)
+        if not names:
+            return {}
+        values = torch.stack([self._last[n] for n in names] + [self._sum[n] for n in names]).tolist()
+        return {n: (values[i], values[len(names) + i] / self._count[n]) for i, n in enumerate(names)}

@@ -3,8 +3,11 @@
 import contextlib
 import glob
 import os
+import pickle
 import random
 import re
+import shutil
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
@@ -120,16 +123,17 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_atomic(obj, path):
-    """torch.save to a temporary file, then rename: a crash never leaves a torn ``path``.
+def _write_atomic(path, write):
+    """Call ``write(f)`` on a temporary file, fsync it, then rename it to ``path``: a crash
+    never leaves a torn ``path``.
 
-    A failed save removes its temporary file; one left by a killed process is removed
+    A failed write removes its temporary file; one left by a killed process is removed
     by the next ``load_newest_checkpoint`` of the folder.
     """
     tmp = f"{path}.tmp.{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -139,22 +143,72 @@ def save_atomic(obj, path):
         raise
 
 
+def save_atomic(obj, path):
+    """torch.save ``obj`` to ``path`` through a temporary file and a rename (``_write_atomic``)."""
+    _write_atomic(path, lambda f: torch.save(obj, f))
+
+
+def copy_atomic(src, path):
+    """Copy the bytes of ``src`` to ``path`` as every save writes (``_write_atomic``)."""
+    with open(src, "rb") as source:
+        _write_atomic(path, lambda f: shutil.copyfileobj(source, f, 16 * 2**20))
+
+
 def _epoch_of(path):
     match = re.search(r"ckpt_epoch_(\d+)\.pth$", path)
     return int(match.group(1)) if match else -1
 
 
-def read_checkpoint(path):
-    """torch.load on the CPU; a truncated or corrupt file raises ConfigError naming it."""
+# Beyond tensors and plain containers (torch's weights_only set), checkpoints of this
+# project pickle nothing; the original code's hold its yacs config, read here as nested
+# OrderedDicts: its keys and values, without constructing a CfgNode.
+CHECKPOINT_GLOBALS = [(OrderedDict, "yacs.config.CfgNode")]
+
+
+class UnsafeCheckpointError(ConfigError):
+    """A checkpoint that pickles an object whose unpickling could run code."""
+
+
+def read_checkpoint(path, trust=False):
+    """A checkpoint, on the CPU, unpickling only tensors, plain containers and CHECKPOINT_GLOBALS.
+
+    A file that needs any other class or function raises UnsafeCheckpointError naming it
+    (nothing of it is run); ``trust=True`` (``--trust-checkpoint``) unpickles it in full.
+    A truncated or corrupt file raises ConfigError naming it.
+    """
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        if trust:
+            return torch.load(path, map_location="cpu", weights_only=False)
+        with torch.serialization.safe_globals(CHECKPOINT_GLOBALS):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        unsafe = _unsafe_globals(path) or re.findall(r"GLOBAL ([\w.]+)", str(e))[:1]  # legacy format
+        if unsafe:
+            raise UnsafeCheckpointError(
+                f"refused to load {path}: it pickles {', '.join(unsafe)}, which no checkpoint of this project "
+                "or of the original code holds, and unpickling it could run code; pass --trust-checkpoint "
+                "only if you trust the file"
+            ) from None
+        raise ConfigError(f"unreadable checkpoint {path} ({type(e).__name__}: {' '.join(str(e).split())})") from None
     except Exception as e:
         raise ConfigError(f"unreadable checkpoint {path} ({type(e).__name__}: {e})") from None
 
 
-def _try_load(path, logger):
+def _unsafe_globals(path):
+    """The classes and functions a (zip-format) checkpoint's pickle names beyond what
+    read_checkpoint allows (read from the pickle's opcodes, nothing executed); [] if unreadable."""
+    allowed = {name for _, name in CHECKPOINT_GLOBALS}
     try:
-        return read_checkpoint(path)
+        return sorted(set(torch.serialization.get_unsafe_globals_in_checkpoint(path)) - allowed)
+    except Exception:
+        return []
+
+
+def _try_load(path, logger, trust):
+    try:
+        return read_checkpoint(path, trust)
+    except UnsafeCheckpointError:
+        raise  # not a torn file: never resume past it
     except ConfigError as e:
         logger.warning(f"skipping {e}")
         return None
@@ -168,24 +222,57 @@ def remove_stale_tmp(output_dir, logger):
             logger.info(f"removed {path}, left by an interrupted save")
 
 
-def load_newest_checkpoint(output_dir, logger):
+LATEST = "checkpoint.pth"  # a run's checkpoint of its last finished epoch, rewritten every epoch
+
+
+def newest_checkpoint(output_dir, logger, trust=False):
     """(path, checkpoint) of the newest readable checkpoint in ``output_dir``, or (None, None).
 
-    A save writes ``ckpt_epoch_{E}.pth`` (when due) before ``checkpoint.pth``, so a
-    numbered file may be one epoch newer than ``checkpoint.pth``; numbered files are
-    only read when their epoch is newer. An unreadable file is skipped with a
-    warning, so a file torn by a crash never stops a resume while an older good one
-    exists. Temporary files of interrupted saves are deleted first.
+    The one rule by which auto-resume and every evaluation find a run's weights. A save
+    writes ``ckpt_epoch_{E}.pth`` (when due) before ``checkpoint.pth``, so a numbered
+    file may be one epoch newer than ``checkpoint.pth``; numbered files are only read
+    when their epoch is newer. An unreadable file is skipped with a warning, so a file
+    torn by a crash never stops a resume while an older good one exists; one that
+    read_checkpoint refuses (``trust``: see there) stops it. Nothing is written or
+    deleted: a run may be saving into the folder meanwhile.
     """
-    remove_stale_tmp(output_dir, logger)
-    latest_path = os.path.join(output_dir, "checkpoint.pth")
-    latest = _try_load(latest_path, logger) if os.path.isfile(latest_path) else None
+    latest_path = os.path.join(output_dir, LATEST)
+    latest = _try_load(latest_path, logger, trust) if os.path.isfile(latest_path) else None
     latest_epoch = latest.get("epoch", -1) if latest is not None else -1
     numbered = sorted(glob.glob(os.path.join(glob.escape(output_dir), "ckpt_epoch_*.pth")), key=_epoch_of, reverse=True)
     for path in numbered:
         if _epoch_of(path) <= latest_epoch:
             break
-        ckpt = _try_load(path, logger)
+        ckpt = _try_load(path, logger, trust)
         if ckpt is not None:
             return path, ckpt
     return (latest_path, latest) if latest is not None else (None, None)
+
+
+def load_newest_checkpoint(output_dir, logger, trust=False):
+    """``newest_checkpoint`` of a folder this process alone writes to, after deleting the
+    temporary files of its interrupted saves."""
+    remove_stale_tmp(output_dir, logger)
+    return newest_checkpoint(output_dir, logger, trust)
+
+
+def make_latest(path, epoch, output_dir, logger):
+    """Make ``output_dir``'s ``checkpoint.pth`` a copy of ``path`` (its newest checkpoint,
+    of ``epoch``) when it is another file: a process killed between the two files of a
+    save left ``checkpoint.pth`` an epoch behind, or without it."""
+    latest = os.path.join(output_dir, LATEST)
+    if os.path.abspath(path) == os.path.abspath(latest):
+        return
+    copy_atomic(path, latest)
+    logger.info(f"{latest} was behind {path} (epoch {epoch}): replaced by a copy of it")
+
+
+def read_run_checkpoint(source, logger, trust=False):
+    """(path, checkpoint) of ``source``, a checkpoint file read as it is or a run folder read
+    by ``newest_checkpoint``; (None, None) when there is no such file or no readable
+    checkpoint in the folder. Reads only: a run may be saving into the folder meanwhile."""
+    if os.path.isdir(source):
+        return newest_checkpoint(source, logger, trust)
+    if not os.path.isfile(source):
+        return None, None
+    return source, read_checkpoint(source, trust)

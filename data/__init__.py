@@ -2,5 +2,13 @@
 
 from data.build import build_loader, set_loader_epoch, skipped_samples
 from data.linear import build_linear_loaders
+from data.photometric import DeviceAugment, DeviceViews
 
-__all__ = ["build_loader", "build_linear_loaders", "set_loader_epoch", "skipped_samples"]
+__all__ = [
+    "DeviceAugment",
+    "DeviceViews",
+    "build_loader",
+    "build_linear_loaders",
+    "set_loader_epoch",
+    "skipped_samples",
+]

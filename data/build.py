@@ -1,5 +1,10 @@
 """The pretraining data loader: datasets, samplers, and reproducible augmentation.
 
+A batch is ``((view1, view2), (params1, params2)), target``: views ``[B, 3, S, S]``
+uint8 and their augmentation parameters ``[B, NUM_PARAMS]`` (``data/augment.py``).
+``DeviceAugment`` turns a view into the normalised float input of the model on the
+training device (and, with ``DATA.GPU_AUG``, applies the photometric operations there).
+
 Reproducibility across a resume. The data of epoch ``e`` on rank ``r`` is a pure
 function of (SEED, e, r):
 
@@ -33,20 +38,24 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
+from data.augment import build_ssl_transform
 from data.cached_image_folder import (
     CACHE_MODES,
     UNREADABLE_ERRORS,
     CachedImageFolder,
     LenientImageFolder,
+    open_image,
+    pil_rgb_loader,
     shard_indices,
 )
-from data.transforms import build_ssl_transform
 
 logger = logging.getLogger(__name__)
 
 _MASK64 = (1 << 64) - 1
 # Give up on a sample after this many unreadable images in a row: the data is broken.
 MAX_ATTEMPTS = 100
+# DATA.NUM_WORKERS -1 never starts more workers than this per process
+MAX_AUTO_WORKERS = 16
 
 
 def _splitmix64(x: int) -> int:
@@ -161,9 +170,12 @@ class _SeededDataset(Dataset):
             logger.warning(f"skipping unreadable image {self.dataset.source(index)}: {type(error).__name__}: {error}")
 
 
-def build_dataset(config, transform, rank: int = 0, world_size: int = 1, split: str = "train") -> Dataset:
+def build_dataset(
+    config, transform, rank: int = 0, world_size: int = 1, split: str = "train", loader=pil_rgb_loader
+) -> Dataset:
     """The ``split`` ("train" or "val") of the ImageNet-style set under ``config.DATA.DATA_PATH``,
-    as a folder or, in zip mode, ``<split>.zip`` with ``<split>_map.txt``.
+    as a folder or, in zip mode, ``<split>.zip`` with ``<split>_map.txt``. ``loader`` turns a
+    path or the bytes of a file into what ``transform`` takes (an RGB image by default).
 
     Raises:
         FileNotFoundError: ``DATA_PATH/<split>`` (folder mode, or it holds no image) or
@@ -186,6 +198,7 @@ def build_dataset(config, transform, rank: int = 0, world_size: int = 1, split: 
             cache_mode=config.DATA.CACHE_MODE,
             rank=rank,
             world_size=world_size,
+            loader=loader,
         )
     folder = os.path.join(root, split)
     if not os.path.isdir(folder):
@@ -193,7 +206,7 @@ def build_dataset(config, transform, rank: int = 0, world_size: int = 1, split: 
             f"{folder} not found: expected an ImageNet-style folder {folder}/<class>/<image> "
             f"(or set DATA.ZIP_MODE for {split}.zip + {split}_map.txt)"
         )
-    return LenientImageFolder(folder, transform=transform)
+    return LenientImageFolder(folder, transform=transform, loader=loader)
 
 
 def build_sampler(config, dataset: Sized, rank: int = 0, world_size: int = 1) -> SeededSampler:
@@ -207,12 +220,29 @@ def build_sampler(config, dataset: Sized, rank: int = 0, world_size: int = 1) ->
     return SeededSampler(sampler, seed=config.SEED, rank=rank)
 
 
-def build_loader(config, rank: int | None = None, world_size: int | None = None) -> tuple[Dataset, DataLoader]:
-    """The pretraining set ``DATA_PATH/train`` and its loader of ``((view1, view2), target)``.
+def cpus_per_process() -> int:
+    """CPU cores this process may use, shared with the other processes of its node."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cpus // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
 
-    Each view is a ``[B, 3, IMG_SIZE, IMG_SIZE]`` float tensor. ``rank`` and
-    ``world_size`` default to those of ``torch.distributed`` (0 and 1 without it).
-    Call ``set_loader_epoch(loader, epoch)`` before each epoch.
+
+def resolve_num_workers(requested: int) -> int:
+    """DATA.NUM_WORKERS as run: -1 is one fewer than the cores of this process (the process
+    itself needs one) up to MAX_AUTO_WORKERS; a request above the cores is capped, with a warning."""
+    cores = cpus_per_process()
+    if requested < 0:
+        return min(cores - 1, MAX_AUTO_WORKERS)
+    if requested > cores:
+        logger.warning(f"DATA.NUM_WORKERS {requested} capped to the {cores} CPU cores available to this process")
+        return cores
+    return requested
+
+
+def build_loader(config, rank: int | None = None, world_size: int | None = None) -> tuple[Dataset, DataLoader]:
+    """The pretraining set ``DATA_PATH/train`` and its loader of ``((view1, view2), (params1, params2)), target``
+    (see the module docstring). ``rank`` and ``world_size`` default to those of
+    ``torch.distributed`` (0 and 1 without it). Call ``set_loader_epoch(loader, epoch)``
+    before each epoch.
     """
     if (rank is None) != (world_size is None):
         raise ValueError("give both rank and world_size, or neither")
@@ -221,11 +251,11 @@ def build_loader(config, rank: int | None = None, world_size: int | None = None)
     if config.DATA.ZIP_MODE and config.DATA.CACHE_MODE not in CACHE_MODES:
         raise ValueError(f"unknown DATA.CACHE_MODE {config.DATA.CACHE_MODE!r}; valid: {', '.join(CACHE_MODES)}")
 
-    dataset = build_dataset(config, build_ssl_transform(config), rank, world_size)
+    dataset = build_dataset(config, build_ssl_transform(config), rank, world_size, loader=open_image)
     sampler = build_sampler(config, dataset, rank, world_size)
     generator = torch.Generator()
     generator.manual_seed(derive_seed(config.SEED, 0, rank))
-    num_workers = config.DATA.NUM_WORKERS
+    num_workers = resolve_num_workers(config.DATA.NUM_WORKERS)
     data_loader = DataLoader(
         _SeededDataset(dataset),
         batch_size=config.DATA.BATCH_SIZE,

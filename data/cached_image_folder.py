@@ -76,6 +76,16 @@ def pil_rgb_loader(source: str | bytes | bytearray | memoryview) -> Image.Image:
     return _to_rgb(img)
 
 
+def open_image(source: str | bytes | bytearray | memoryview) -> Image.Image:
+    """Open an image file (a path, or its bytes) without decoding it: only the header is
+    read, so a transform can still choose how much to decode (``Image.draft``). The file
+    is read into memory first, so no file handle stays open."""
+    if isinstance(source, str):
+        with open(source, "rb") as f:
+            source = f.read()
+    return Image.open(io.BytesIO(source))
+
+
 class LenientImageFolder(ImageFolder):
     """``ImageFolder`` of ``root/<class>/**/<image>`` that ignores what is not an image.
 
@@ -168,9 +178,10 @@ class CachedImageFolder(Dataset):
     Args:
         zip_path: the archive holding the images.
         map_path: the map file, one ``<path inside the zip>\\t<class index>`` per line.
-        transform: applied to the RGB ``PIL.Image``; None returns the image itself.
+        transform: applied to what ``loader`` returns; None returns it as it is.
         cache_mode: 'no', 'full' or 'part' (see the module docstring).
         rank, world_size: which shard 'part' caches.
+        loader: image bytes -> image; by default decoded to an RGB ``PIL.Image``.
     """
 
     def __init__(
@@ -181,11 +192,13 @@ class CachedImageFolder(Dataset):
         cache_mode: str = "no",
         rank: int = 0,
         world_size: int = 1,
+        loader: Callable = pil_rgb_loader,
     ):
         if cache_mode not in CACHE_MODES:
             raise ValueError(f"unknown cache mode {cache_mode!r}; valid: {', '.join(CACHE_MODES)}")
         self.zip_path = zip_path
         self.transform = transform
+        self.loader = loader
         self.cache_mode = cache_mode
         self.samples = read_map_file(map_path)
         if not self.samples:
@@ -246,7 +259,7 @@ class CachedImageFolder(Dataset):
         return len(self.samples)
 
     def __getitem__(self, index: int):
-        img = pil_rgb_loader(self._read_bytes(index))
+        img = self.loader(self._read_bytes(index))
         if self.transform is not None:
             img = self.transform(img)
         return img, self.targets[index]

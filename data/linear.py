@@ -63,7 +63,7 @@ from PIL import Image
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSampler, Subset
 from torchvision import datasets as tvd
 
-from data.build import ShardSampler, build_dataset, dist_rank_world
+from data.build import ShardSampler, build_dataset, dist_rank_world, resolve_num_workers
 from data.cached_image_folder import CACHE_MODES, pil_rgb_loader
 from data.transforms import build_linear_transform
 
@@ -504,7 +504,7 @@ def build_linear_loaders(
     else:
         train_set, val_set, num_classes = build_transfer_sets(name, config.DATA.TRANSFER_ROOT, train_t, test_t)
 
-    num_workers = config.DATA.NUM_WORKERS
+    num_workers = resolve_num_workers(config.DATA.NUM_WORKERS)
     common = dict(
         batch_size=config.DATA.BATCH_SIZE,
         num_workers=num_workers,

@@ -15,6 +15,10 @@ def cosine_momentum(base_momentum, step, total_steps):
     return 1.0 - (1.0 - base_momentum) * (math.cos(math.pi * progress) + 1.0) / 2.0
 
 
+def _copy_step_to_host(module, incompatible_keys):
+    module.steps_done = int(module.step)
+
+
 class MomentumFramework(nn.Module):
     """Online encoder + projector + predictor, and a momentum target encoder + projector.
 
@@ -61,6 +65,9 @@ class MomentumFramework(nn.Module):
         self.total_steps = steps_per_epoch * epochs
         # forward passes done so far: drives the momentum (and synco's) schedules
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
+        # its host copy: reading a GPU buffer every step would synchronise host and device
+        self.steps_done = 0
+        self.register_load_state_dict_post_hook(_copy_step_to_host)
 
         for online, target in self._online_target_pairs():
             target.data.copy_(online.data)
@@ -73,12 +80,12 @@ class MomentumFramework(nn.Module):
     @property
     def epoch(self):
         """The epoch of the current forward pass (counted from the step buffer)."""
-        return int(self.step) // self.steps_per_epoch
+        return self.steps_done // self.steps_per_epoch
 
     @property
     def momentum(self):
         """Momentum of the current step's target update."""
-        return cosine_momentum(self.base_momentum, int(self.step), self.total_steps)
+        return cosine_momentum(self.base_momentum, self.steps_done, self.total_steps)
 
     @torch.no_grad()
     def momentum_update(self):
@@ -100,6 +107,7 @@ class MomentumFramework(nn.Module):
             out = self.loss((pred1.float(), pred2.float()), (proj1_k.float(), proj2_k.float()))
         if self.training:
             self.step += 1
+            self.steps_done += 1
         return out
 
     def loss(self, online, target):

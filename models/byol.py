@@ -11,9 +11,9 @@ def regression_loss(pred, target):
 
 
 class BYOL(MomentumFramework):
-    """Symmetric BYOL loss; no negatives."""
+    """Symmetric BYOL loss, the mean of its two directions (as the original code); no negatives."""
 
     def loss(self, online, target):
         (pred1, pred2), (proj1_k, proj2_k) = online, target
-        loss = (regression_loss(pred1, proj2_k) + regression_loss(pred2, proj1_k)).mean()
+        loss = 0.5 * (regression_loss(pred1, proj2_k).mean() + regression_loss(pred2, proj1_k).mean())
         return {"loss": loss}

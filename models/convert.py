@@ -21,8 +21,8 @@ Swin (the original Swin Transformer implementation):
   * blocks, patch embedding, final norm and the relative position bias tables
     are named and laid out alike.
   SynCo-v2's Swin built its LayerNorms (all but ``norm2``) with eps 1e-6 where timm
-  and Transformer-SSL use 1e-5: its weights load exactly, but the features differ
-  slightly (by the eps added to each token's variance).
+  and Transformer-SSL use 1e-5; ``models/swin_transformer.py`` builds the original's
+  eps, so converted weights give the original's features.
 
 ViT (MoCo v3's ``VisionTransformerMoCo`` on an older timm ``VisionTransformer``):
   ``cls_token``, ``pos_embed`` (the fixed sin-cos table, saved as a parameter),

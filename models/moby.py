@@ -50,10 +50,11 @@ class MoBY(MomentumFramework):
                 f"queue length {self.num_negative} is not a multiple of the global batch {n}: "
                 "change MODEL.CONTRAST_NUM_NEGATIVE or the batch size"
             )
-        ptr = int(self.queue_ptr)
-        self.queue1[:, ptr : ptr + n] = keys1.T
-        self.queue2[:, ptr : ptr + n] = keys2.T
-        self.queue_ptr[0] = (ptr + n) % self.num_negative
+        # slots ptr .. ptr + n - 1, addressed on the device: no host-device synchronisation
+        slots = self.queue_ptr + torch.arange(n, device=self.queue_ptr.device)
+        self.queue1.index_copy_(1, slots, keys1.T.to(self.queue1.dtype))
+        self.queue2.index_copy_(1, slots, keys2.T.to(self.queue2.dtype))
+        self.queue_ptr.add_(n).remainder_(self.num_negative)
 
     def contrast(self, q, k, queue):
         """Logits [B, 1 + negatives] of queries q [B, D] against key k and queue [D, K].

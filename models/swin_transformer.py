@@ -20,13 +20,24 @@ tokens that wrapped around the border (top row next to bottom row) share a
 mask region and attend to each other, and zero padding tokens are unmasked
 keys. Image sizes whose grids have no divisor close to 7 (for example 176 px:
 a 22x22 stage would get 2x2 windows) are refused with a ValueError.
+
+LayerNorm eps. The original code's Swin builds its norms with eps 1e-6 (patch
+embedding, each block's norm1, each patch merging, the final norm) except each
+block's norm2, a plain ``nn.LayerNorm(dim)`` with eps 1e-5: Swin-T has 17 norms at
+1e-6 and 12 at 1e-5. timm uses 1e-5 everywhere; these models use the original's,
+so its weights give its features.
 """
 
+from functools import partial
+
+import torch.nn as nn
 from timm.layers import to_2tuple
 from timm.models.swin_transformer import SwinTransformer
 
 PATCH_SIZE = 4
 WINDOW_SIZE = 7
+NORM_EPS = 1e-6  # every LayerNorm of the original Swin ...
+MLP_NORM_EPS = 1e-5  # ... but each block's norm2, before its MLP
 
 
 def _largest_divisor(n: int, limit: int) -> int:
@@ -56,7 +67,8 @@ def stage_window_sizes(
 def _swin(
     embed_dim, depths, num_heads, *, img_size=224, drop_path_rate=0.0, num_classes=0, use_checkpoint=False
 ) -> SwinTransformer:
-    """A timm Swin (patch 4, patch norm, qkv bias, no absolute position embedding).
+    """A timm Swin (patch 4, patch norm, qkv bias, no absolute position embedding, the
+    original's LayerNorm eps).
 
     forward: [B, 3, H, W] -> [B, num_features] (average-pooled after the final
     norm) if num_classes == 0, else logits [B, num_classes]. H, W must equal img_size.
@@ -72,7 +84,11 @@ def _swin(
         mlp_ratio=4.0,
         qkv_bias=True,
         drop_path_rate=drop_path_rate,
+        norm_layer=partial(nn.LayerNorm, eps=NORM_EPS),
     )
+    for stage in model.layers:
+        for block in stage.blocks:
+            block.norm2.eps = MLP_NORM_EPS
     model.set_grad_checkpointing(use_checkpoint)
     return model
 

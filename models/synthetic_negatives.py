@@ -64,7 +64,8 @@ class SyntheticNegativeConfig:
     """
 
     n_hard: int = 256
-    num_per_kind: tuple[int, int, int, int, int, int] = (128, 128, 128, 128, 128, 128)
+    # the counts the original code ran (its constructor's defaults): 576 per query
+    num_per_kind: tuple[int, int, int, int, int, int] = (128, 128, 128, 64, 64, 64)
     interp_max: float = 0.5
     extrap_max: float = 1.5
     noise_std: float = 0.1

@@ -9,7 +9,7 @@ import zipfile
 
 import pytest
 import torch
-from conftest import run_script
+from conftest import run_script, save_code_running_checkpoint
 
 import main_pretrain
 
@@ -96,6 +96,14 @@ def test_resume_unreadable_checkpoint(run, tmp_path):
     ckpt = tmp_path / "torn.pth"
     ckpt.write_bytes(b"PK\x03\x04 not a checkpoint")
     assert_clean_error(run("--batch-size", "4", "--resume", str(ckpt), "--opts", *SMALL), "torn.pth", "unreadable")
+
+
+def test_resume_checkpoint_that_would_run_code(run, tmp_path):
+    ckpt, marker = tmp_path / "foreign.pth", tmp_path / "marker"
+    save_code_running_checkpoint(ckpt, marker)
+    result = run("--batch-size", "4", "--resume", str(ckpt), "--opts", *SMALL)
+    assert_clean_error(result, f"refused to load {ckpt}", "builtins.exec", "--trust-checkpoint")
+    assert not marker.exists()
 
 
 def test_zip_mode_without_map_file(run, tmp_path):

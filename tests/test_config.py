@@ -1,4 +1,6 @@
 import argparse
+import glob
+import os
 
 import pytest
 
@@ -29,8 +31,8 @@ def test_flags_then_opts_override_and_output_folder(monkeypatch):
     )  # fmt: skip
     assert config.DATA.BATCH_SIZE == 32  # the flag wins over --opts, as in the original
     assert (config.DATA.DATA_PATH, config.DATA.ZIP_MODE, config.DATA.CACHE_MODE) == ("/data", True, "full")
-    assert config.TRAIN.EPOCHS == 7 and config.AMP_OPT_LEVEL == "O2" and config.MODEL.STOP_GRAD_CONV1
-    assert config.OUTPUT == "runs/byol__vit_small__odpr0_tdpr0_cm0996_proj2_pred2/exp"
+    assert config.TRAIN.EPOCHS == 7 and config.AMP_OPT_LEVEL == "O2"
+    assert config.OUTPUT == "runs/byol__vit_small__odpr02_tdpr0_cm0996_proj2_pred2/exp"
     assert config.LOCAL_RANK == 3
     assert get_config(args(local_rank=1)).LOCAL_RANK == 1
 
@@ -65,3 +67,119 @@ def test_odd_opts_and_unknown_keys_are_config_errors(tmp_path):
     bad.write_text("BASE: ['missing_base.yaml']\n")
     with pytest.raises(ConfigError, match="missing_base.yaml"):
         get_config(args(cfg=str(bad)))
+
+
+# -----------------------------------------------------------------------------
+# Every shipped config resolves to what the original code ran
+# -----------------------------------------------------------------------------
+
+# Groups of columns; a row of the table is the union of its groups, so a new column is
+# one more key in a group (or one more group) and a new config one more row.
+DROP_PATH_AND_STOP_GRAD = {
+    # MoBY and SynCo as published; BYOL as the original ran (its configs comment these lines out)
+    "MODEL.ONLINE_DROP_PATH_RATE": 0.2,
+    "MODEL.TARGET_DROP_PATH_RATE": 0.0,
+    "MODEL.STOP_GRAD_CONV1": False,
+}
+SYNCO_COUNTS = {  # the original SynCo constructor's defaults, which ran: 576 synthetic negatives per query
+    "MODEL.N_HARD": 256,
+    "MODEL.N1": 128, "MODEL.N2": 128, "MODEL.N3": 128,
+    "MODEL.N4": 64, "MODEL.N5": 64, "MODEL.N6": 64,
+}  # fmt: skip
+
+AUGMENTATION = {  # BYOL's asymmetric views (tests/data/test_pretrain_data.py checks the recipe), bilinear crops
+    "AUG.SSL_AUG": True,
+    "AUG.SSL_AUG_TYPE": "byol",
+    "AUG.SSL_AUG_CROP": 0.08,
+    "AUG.SSL_AUG_INTERPOLATION": "bilinear",
+}
+
+RESNET_DROP_PATH = {  # the original built its ResNets without drop path, fine-tuning included
+    "MODEL.ONLINE_DROP_PATH_RATE": 0.0,
+    "MODEL.TARGET_DROP_PATH_RATE": 0.0,
+    "MODEL.DROP_PATH_RATE": 0.0,
+    "MODEL.STOP_GRAD_CONV1": False,
+}
+RESNET_CONTRASTIVE = {  # the original's {moby,synco}_resnet50.yaml
+    "TRAIN.OPTIMIZER.NAME": "sgd", "TRAIN.OPTIMIZER.MOMENTUM": 0.9, "TRAIN.BASE_LR": 1e-3, "TRAIN.WEIGHT_DECAY": 0.05,
+    "TRAIN.EPOCHS": 300, "TRAIN.WARMUP_EPOCHS": 5,
+    "MODEL.CONTRAST_MOMENTUM": 0.99, "MODEL.CONTRAST_TEMPERATURE": 0.2, "MODEL.CONTRAST_NUM_NEGATIVE": 4096,
+}  # fmt: skip
+RESNET_BYOL = {  # the original's byol_resnet50.yaml
+    "TRAIN.OPTIMIZER.NAME": "lars", "TRAIN.OPTIMIZER.TRUST_COEFFICIENT": 1e-3, "TRAIN.OPTIMIZER.MOMENTUM": 0.9,
+    "TRAIN.BASE_LR": 0.4, "TRAIN.WEIGHT_DECAY": 1e-6, "TRAIN.EPOCHS": 300, "TRAIN.WARMUP_EPOCHS": 10,
+    "MODEL.CONTRAST_MOMENTUM": 0.996,
+}  # fmt: skip
+
+EXPECTED = {
+    "moby_swin_tiny": {**DROP_PATH_AND_STOP_GRAD, **AUGMENTATION},
+    "moby_swin_small": {**DROP_PATH_AND_STOP_GRAD, **AUGMENTATION},
+    "moby_swin_base": {**DROP_PATH_AND_STOP_GRAD, **AUGMENTATION},
+    "moby_vit_tiny": {**DROP_PATH_AND_STOP_GRAD, **AUGMENTATION},
+    "moby_vit_small": {**DROP_PATH_AND_STOP_GRAD, **AUGMENTATION},
+    "moby_vit_base": {**DROP_PATH_AND_STOP_GRAD, **AUGMENTATION},
+    "byol_swin_tiny": {**DROP_PATH_AND_STOP_GRAD, **AUGMENTATION},
+    "byol_swin_small": {**DROP_PATH_AND_STOP_GRAD, **AUGMENTATION},
+    "byol_swin_base": {**DROP_PATH_AND_STOP_GRAD, **AUGMENTATION},
+    "byol_vit_tiny": {**DROP_PATH_AND_STOP_GRAD, **AUGMENTATION},
+    "byol_vit_small": {**DROP_PATH_AND_STOP_GRAD, **AUGMENTATION},
+    "byol_vit_base": {**DROP_PATH_AND_STOP_GRAD, **AUGMENTATION},
+    "synco_swin_tiny": {**DROP_PATH_AND_STOP_GRAD, **AUGMENTATION, **SYNCO_COUNTS},
+    "synco_swin_small": {**DROP_PATH_AND_STOP_GRAD, **AUGMENTATION, **SYNCO_COUNTS},
+    "synco_swin_base": {**DROP_PATH_AND_STOP_GRAD, **AUGMENTATION, **SYNCO_COUNTS},
+    "synco_vit_tiny": {**DROP_PATH_AND_STOP_GRAD, **AUGMENTATION, **SYNCO_COUNTS},
+    "synco_vit_small": {**DROP_PATH_AND_STOP_GRAD, **AUGMENTATION, **SYNCO_COUNTS},
+    "synco_vit_base": {**DROP_PATH_AND_STOP_GRAD, **AUGMENTATION, **SYNCO_COUNTS},
+    "moby_resnet50": {**RESNET_DROP_PATH, **AUGMENTATION, **RESNET_CONTRASTIVE},
+    "byol_resnet50": {**RESNET_DROP_PATH, **AUGMENTATION, **RESNET_BYOL},
+    "synco_resnet50": {**RESNET_DROP_PATH, **AUGMENTATION, **RESNET_CONTRASTIVE, **SYNCO_COUNTS},
+}
+
+CONFIG_FILES = sorted(glob.glob("configs/*.yaml"))
+
+
+def resolved(cfg_file, key):
+    node = get_config(args(cfg=cfg_file))
+    for part in key.split("."):
+        node = node[part]
+    return node
+
+
+def test_the_table_lists_every_config():
+    assert sorted(os.path.basename(f)[: -len(".yaml")] for f in CONFIG_FILES) == sorted(EXPECTED)
+
+
+@pytest.mark.parametrize("cfg_file", CONFIG_FILES, ids=os.path.basename)
+def test_every_config_resolves_to_the_table(cfg_file):
+    expected = EXPECTED[os.path.basename(cfg_file)[: -len(".yaml")]]
+    found = {key: resolved(cfg_file, key) for key in expected}
+    assert found == expected
+
+
+def name_value(x):
+    """How run names write a number: 0.2 -> "02", 0.0 -> "0", 0.996 -> "0996", 4096 -> "4096"."""
+    return f"{x:g}".replace(".", "")
+
+
+@pytest.mark.parametrize("cfg_file", CONFIG_FILES, ids=os.path.basename)
+def test_run_name_says_what_runs(cfg_file):
+    """Every setting MODEL.NAME spells out is the one the config runs."""
+    m = get_config(args(cfg=cfg_file)).MODEL
+    framework, encoder, settings = m.NAME.split("__")
+    assert (framework, encoder) == (m.TYPE, m.ENCODER)
+    tokens = {
+        "odpr": name_value(m.ONLINE_DROP_PATH_RATE),
+        "tdpr": name_value(m.TARGET_DROP_PATH_RATE),
+        "cm": name_value(m.CONTRAST_MOMENTUM),
+        "ct": name_value(m.CONTRAST_TEMPERATURE),
+        "queue": name_value(m.CONTRAST_NUM_NEGATIVE),
+        "proj": name_value(m.PROJ_NUM_LAYERS),
+        "pred": name_value(m.PRED_NUM_LAYERS),
+    }
+    named = settings.split("_")
+    assert ("stopgradconv1" in named) == m.STOP_GRAD_CONV1
+    for token in named:
+        if token != "stopgradconv1":
+            prefix = token.rstrip("0123456789")
+            assert token == prefix + tokens[prefix], f"{m.NAME}: {token} but the config runs {prefix}{tokens[prefix]}"
+    assert {"odpr", "tdpr"} <= {token.rstrip("0123456789") for token in named}

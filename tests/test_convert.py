@@ -2,14 +2,17 @@
 
 The original layout is written here from the original Swin Transformer's code (patch
 merging at the end of each stage, saved index and mask buffers), independently of the
-conversion it checks.
+conversion it checks, and so is a reference forward pass of the original SynCo-v2 Swin
+(its block structure and its LayerNorm eps) straight from such a state dict.
 """
 
 import re
+from functools import partial
 
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from timm.models.swin_transformer import PatchMerging
 
 from config import get_config
@@ -81,6 +84,60 @@ def to_original_layout(state, embed_dim, depths, img_size, patch_size, window_si
     return original
 
 
+def original_norm(x, state, name, eps):
+    return F.layer_norm(x, x.shape[-1:], state[f"{name}.weight"], state[f"{name}.bias"], eps)
+
+
+def original_window_attention(x, state, name, num_heads, mask):
+    """The original WindowAttention: x [B * nW, N, C] windows, mask [nW, N, N] or None."""
+    windows, n, c = x.shape
+    qkv = F.linear(x, state[f"{name}.qkv.weight"], state[f"{name}.qkv.bias"])  # [B * nW, N, 3C]
+    q, k, v = qkv.reshape(windows, n, 3, num_heads, c // num_heads).permute(2, 0, 3, 1, 4)  # [B*nW, heads, N, C/heads]
+    attn = (q * (c // num_heads) ** -0.5) @ k.transpose(-2, -1)  # [B * nW, heads, N, N]
+    index = state[f"{name}.relative_position_index"].view(-1)
+    attn = attn + state[f"{name}.relative_position_bias_table"][index].view(n, n, -1).permute(2, 0, 1)
+    if mask is not None:
+        nw = mask.shape[0]
+        attn = (attn.view(windows // nw, nw, num_heads, n, n) + mask[None, :, None]).view(windows, num_heads, n, n)
+    x = (attn.softmax(dim=-1) @ v).transpose(1, 2).reshape(windows, n, c)
+    return F.linear(x, state[f"{name}.proj.weight"], state[f"{name}.proj.bias"])
+
+
+def original_block(x, state, name, res, num_heads, win, shift):
+    """The original SwinTransformerBlock on x [B, res * res, C]: norm1 eps 1e-6, norm2 eps 1e-5."""
+    b, length, c = x.shape
+    h = original_norm(x, state, f"{name}.norm1", 1e-6).view(b, res, res, c)
+    h = torch.roll(h, (-shift, -shift), dims=(1, 2))
+    h = h.view(b, res // win, win, res // win, win, c).permute(0, 1, 3, 2, 4, 5).reshape(-1, win * win, c)
+    h = original_window_attention(h, state, f"{name}.attn", num_heads, state.get(f"{name}.attn_mask"))
+    h = h.view(b, res // win, res // win, win, win, c).permute(0, 1, 3, 2, 4, 5).reshape(b, res, res, c)
+    x = x + torch.roll(h, (shift, shift), dims=(1, 2)).reshape(b, length, c)
+    h = original_norm(x, state, f"{name}.norm2", 1e-5)
+    h = F.linear(h, state[f"{name}.mlp.fc1.weight"], state[f"{name}.mlp.fc1.bias"])
+    return x + F.linear(F.gelu(h), state[f"{name}.mlp.fc2.weight"], state[f"{name}.mlp.fc2.bias"])
+
+
+def original_swin_features(state, x, embed_dim, depths, img_size, patch_size, window_size, num_heads):
+    """The original SynCo-v2 Swin's pooled features [B, C] of images x [B, 3, H, W], from
+    an original-layout state dict: every LayerNorm at eps 1e-6 but each block's norm2."""
+    x = F.conv2d(x, state["patch_embed.proj.weight"], state["patch_embed.proj.bias"], stride=patch_size)
+    res = x.shape[-1]
+    x = original_norm(x.flatten(2).transpose(1, 2), state, "patch_embed.norm", 1e-6)  # [B, res * res, C]
+    for i, (depth, heads) in enumerate(zip(depths, num_heads)):
+        win = min(window_size, res)  # one window, never shifted, once the map is no larger
+        for j in range(depth):
+            shift = win // 2 if j % 2 == 1 and res > window_size else 0
+            x = original_block(x, state, f"layers.{i}.blocks.{j}", res, heads, win, shift)
+        if i < len(depths) - 1:
+            merge = f"layers.{i}.downsample"
+            norm = partial(original_norm, state=state, name=f"{merge}.norm", eps=1e-6)
+            reduction = partial(F.linear, weight=state[f"{merge}.reduction.weight"])
+            x = original_patch_merging(x.view(x.shape[0], res, res, -1), norm, reduction)
+            res //= 2
+            x = x.flatten(1, 2)
+    return original_norm(x, state, "norm", 1e-6).mean(dim=1)
+
+
 def test_patch_merging_needs_no_permutation():
     """timm's reshape / permute orders the 4C channels as the original's x0, x1, x2, x3."""
     torch.manual_seed(0)
@@ -139,6 +196,23 @@ def test_original_swin_checkpoint_gives_identical_features(swin, tmp_path):
     with torch.no_grad():
         features = classifier.eval().forward_head(classifier.forward_features(x), pre_logits=True)
         torch.testing.assert_close(features, swin(x), rtol=0, atol=1e-5)
+
+
+def test_original_checkpoint_gives_the_original_swins_features(swin):
+    """An original-layout Swin-T checkpoint, converted and loaded, computes what the original
+    Swin computes from it (in float64, so only a real difference can exceed the tolerance)."""
+    original = to_original_layout(swin.state_dict(), **SWIN_T)
+    original = {k: v.double() if v.is_floating_point() else v for k, v in original.items()}
+    model = swin_tiny(img_size=224).double().eval()
+    model.load_state_dict(convert_original_encoder(original, "swin_tiny"))
+    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    with torch.no_grad():
+        expected = original_swin_features(original, x, **SWIN_T, num_heads=(3, 6, 12, 24))
+        torch.testing.assert_close(model(x), expected, rtol=0, atol=1e-6)
+        for norm in model.modules():  # timm's eps, 1e-5 everywhere, would fail this test
+            if isinstance(norm, nn.LayerNorm):
+                norm.eps = 1e-5
+        assert (model(x) - expected).abs().max() > 1e-6
 
 
 @pytest.mark.parametrize("name", ["swin_tiny", "vit_tiny"])

@@ -21,13 +21,14 @@ from utils import load_newest_checkpoint, save_atomic
 EPOCHS = 6
 CHECKPOINT = re.compile(r"(checkpoint|ckpt_epoch_\d+)\.pth")
 # When each run is killed: ("log", text, d) a random 0-d s after the text shows in its
-# output; ("tmp", name, 0) as soon as it opens the temporary file of that checkpoint.
+# output; ("tmp", name, 0) as soon as it opens the temporary file of that checkpoint;
+# ("file", name, 0) as soon as that file appears.
 KILLS = [("log", "INFO saved", 1.0), ("tmp", "checkpoint.pth", 0), ("tmp", "ckpt_epoch_*.pth", 0)]
 
 
-def start(image_folder, output, log_path):
+def start(image_folder, output, log_path, epochs=EPOCHS):
     args = ["main_pretrain.py", "--cfg", "configs/moby_vit_tiny.yaml", "--data-path", image_folder,
-            "--output", str(output), "--tag", "t", *TINY, "TRAIN.EPOCHS", str(EPOCHS), "SAVE_FREQ", "1"]  # fmt: skip
+            "--output", str(output), "--tag", "t", *TINY, "TRAIN.EPOCHS", str(epochs), "SAVE_FREQ", "1"]  # fmt: skip
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     with open(log_path, "w") as log:
         return subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -36,6 +37,8 @@ def start(image_folder, output, log_path):
 def reached(kind, what, proc, log_path, folder):
     if kind == "tmp":
         return bool(glob.glob(os.path.join(folder, f"{what}.tmp.{proc.pid}")))
+    if kind == "file":
+        return bool(glob.glob(os.path.join(folder, what)))
     return what in log_path.read_text()
 
 
@@ -82,6 +85,49 @@ def test_runs_killed_at_random_moments_resume_and_finish(image_folder, tmp_path)
         assert torch.load(path, map_location="cpu", weights_only=False)["epoch"] == epoch
     # every epoch's numbered checkpoint exists: a kill between the two files of a save loses neither
     assert sorted(numbered) == list(range(EPOCHS))
+
+
+def test_killed_between_the_last_two_saves_the_restart_makes_checkpoint_current(image_folder, tmp_path):
+    """SIGKILL the instant the last epoch's ckpt_epoch_{E}.pth appears, before checkpoint.pth
+    follows: the restart makes checkpoint.pth that file, and trains nothing."""
+    epochs, last = 2, "ckpt_epoch_1.pth"
+    output, folder = tmp_path / "out", str(tmp_path / "out" / "*" / "t")
+    logs = [tmp_path / "killed.txt", tmp_path / "restarted.txt"]
+    proc = start(image_folder, output, logs[0], epochs)
+    try:
+        kill_when("file", last, proc, logs[0], folder)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
+    (run_folder,) = glob.glob(folder)
+    latest = os.path.join(run_folder, "checkpoint.pth")
+    assert torch.load(latest, weights_only=False)["epoch"] == epochs - 2  # killed between the two files
+
+    final = start(image_folder, output, logs[1], epochs)
+    try:
+        assert final.wait(timeout=120) == 0, logs[1].read_text()[-3000:]
+    finally:
+        final.kill()
+    out = logs[1].read_text()
+    assert f"run complete: all {epochs} epochs already trained" in out and "start training" not in out
+    assert not glob.glob(os.path.join(run_folder, "*.tmp.*"))
+    a = torch.load(latest, weights_only=False)
+    b = torch.load(os.path.join(run_folder, last), weights_only=False)
+    assert a["epoch"] == b["epoch"] == epochs - 1
+    for part in ("model", "optimizer", "scaler"):
+        assert_same_tensors(a[part], b[part])
+
+
+def assert_same_tensors(a, b):
+    """Nested state dicts ``a`` and ``b`` have the same keys and identical tensors and values."""
+    if isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert_same_tensors(a[key], b[key])
+    elif isinstance(a, torch.Tensor):
+        assert torch.equal(a, b)
+    else:
+        assert a == b
 
 
 @pytest.fixture

@@ -1,5 +1,6 @@
 """A diverging run stops with a clear message and never overwrites a good checkpoint."""
 
+import filecmp
 import os
 
 import torch
@@ -23,7 +24,8 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(image_folder, tmp_p
     assert "Traceback" not in diverging.stderr
     (line,) = [x for x in diverging.stderr.splitlines() if x.startswith("error: ")]
     assert "non-finite" in line and "step" in line and "ckpt_epoch_0.pth" in line
-    assert not os.path.exists(os.path.join(folder, "checkpoint.pth"))  # nothing saved after the divergence
+    # nothing saved after the divergence: checkpoint.pth is the resume's copy of ckpt_epoch_0.pth
+    assert filecmp.cmp(os.path.join(folder, "checkpoint.pth"), os.path.join(folder, "ckpt_epoch_0.pth"), shallow=False)
     kept = torch.load(os.path.join(folder, "ckpt_epoch_0.pth"), weights_only=False)
     for key, value in good["model"].items():
         assert torch.equal(kept["model"][key], value), key

@@ -116,17 +116,19 @@ def test_plain_python_single_process_and_auto_resume(image_folder, tmp_path):
     result = pretrain(None, "synco", image_folder, tmp_path, None)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     folder = check_run(tmp_path, "synco", world_size=1, steps_per_epoch=4)
-    # a second launch finds the finished run and trains nothing more
+    # a second launch finds the finished run, says so and trains nothing more
     result = pretrain(None, "synco", image_folder, tmp_path, None)
     assert result.returncode == 0
-    assert "resumed from" in open(os.path.join(folder, "log_rank0.txt")).read()
-    assert open(os.path.join(folder, "log_rank0.txt")).read().count("EPOCH 1 done") == 1
+    log = open(os.path.join(folder, "log_rank0.txt")).read()
+    assert "run complete: all 2 epochs already trained" in log and "(epoch 1); nothing to do" in log
+    assert log.count("EPOCH 1 done") == 1 and log.count("start training") == 1
 
 
 def test_throughput_prints_images_per_second(tmp_path):
+    # GPU_AUG: the step includes the batched photometric augmentation
     result = run_script(
         ["main_pretrain.py", "--cfg", "configs/synco_vit_tiny.yaml", "--throughput", "--output", str(tmp_path),
-         *TINY]
+         *TINY, "DATA.GPU_AUG", "True"]
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     last = result.stdout.strip().splitlines()[-1]

@@ -10,10 +10,10 @@ from conftest import run_script
 from test_pretrain_e2e import TINY, run_folder
 
 
-def pretrain(framework, image_folder, output, workers):
+def pretrain(framework, image_folder, output, workers, gpu_aug):
     result = run_script(
         ["main_pretrain.py", "--cfg", f"configs/{framework}_vit_tiny.yaml", "--data-path", image_folder,
-         "--output", str(output), "--tag", "t", *TINY, "DATA.NUM_WORKERS", str(workers)]
+         "--output", str(output), "--tag", "t", *TINY, "DATA.NUM_WORKERS", str(workers), "DATA.GPU_AUG", str(gpu_aug)]
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     return run_folder(output)
@@ -24,9 +24,10 @@ def epoch_losses(folder, epoch):
     return re.findall(rf"Train: \[{epoch}/2\]\[\d+/\d+\].*?\bloss (\S+)", log)
 
 
-@pytest.mark.parametrize("framework, workers", [("synco", 2), ("byol", 0)])
-def test_resume_after_first_epoch_is_exact(framework, workers, image_folder, tmp_path):
-    straight = pretrain(framework, image_folder, tmp_path / "straight", workers)
+# photometric augmentation in the workers, and batched on the training device (GPU_AUG)
+@pytest.mark.parametrize("framework, workers, gpu_aug", [("synco", 2, False), ("byol", 0, True)])
+def test_resume_after_first_epoch_is_exact(framework, workers, gpu_aug, image_folder, tmp_path):
+    straight = pretrain(framework, image_folder, tmp_path / "straight", workers, gpu_aug)
 
     # the same run, "stopped" after epoch 0: only epoch 0's checkpoint survives
     resumed_root = tmp_path / "resumed"
@@ -36,7 +37,7 @@ def test_resume_after_first_epoch_is_exact(framework, workers, image_folder, tmp
     os.remove(os.path.join(resumed, "ckpt_epoch_1.pth"))
     with open(os.path.join(resumed, "log_rank0.txt"), "w"):
         pass
-    pretrain(framework, image_folder, resumed_root, workers)
+    pretrain(framework, image_folder, resumed_root, workers, gpu_aug)
     assert "resumed from" in open(os.path.join(resumed, "log_rank0.txt")).read()
 
     expected = epoch_losses(straight, 1)

@@ -1,16 +1,21 @@
 """Export the online encoder of a pretraining checkpoint as a plain timm backbone.
 
-    python tools/export_backbone.py output/moby_swin_tiny/run1/checkpoint.pth swin_tiny_moby
+    python tools/export_backbone.py output/moby_swin_tiny/run1 swin_tiny_moby
 
-writes ``swin_tiny_moby.safetensors`` and ``swin_tiny_moby.pth`` (the same state dict)
-and prints the ``timm.create_model(...)`` call that loads it, offline, into a timm model
-with the same features as the project's encoder. ``<out>`` may end in ``.safetensors``
+reads the newest readable checkpoint of the run folder (as auto-resume picks it; a
+checkpoint file is read as it is), writes ``swin_tiny_moby.safetensors`` and
+``swin_tiny_moby.pth`` (the same state dict) and prints the ``timm.create_model(...)``
+call that loads it, offline, into a timm model with the features of the project's
+encoder: identical for a ViT, equal to within 1e-4 for a Swin (timm's Swin has LayerNorm
+eps 1e-5 everywhere, the encoder the original's eps, 1e-6 but in each block's norm2).
+``<out>`` may end in ``.safetensors``
 or ``.pth``: that file is the one the printed call loads, and the other format is
 written beside it. Checkpoints of the original MoBY / SynCo-v2 code are converted
 (``models/convert.py``). Errors are one line on stderr, exit status 2.
 """
 
 import argparse
+import logging
 import math
 import os
 import sys
@@ -26,7 +31,7 @@ from config import ConfigError  # noqa: E402
 from models.convert import convert_original_encoder  # noqa: E402
 from models.resnet import DEPTHS as RESNET_DEPTHS  # noqa: E402
 from models.swin_transformer import WINDOW_SIZE, stage_window_sizes  # noqa: E402
-from utils import read_checkpoint  # noqa: E402
+from utils import read_run_checkpoint  # noqa: E402
 
 # MODEL.ENCODER -> (timm model name, keyword arguments it needs beyond num_classes=0)
 TIMM_MODELS = {
@@ -37,6 +42,13 @@ TIMM_MODELS = {
     "vit_small": ("vit_small_patch16_224", {"num_heads": 12}),  # MoCo v3's ViT-S; timm's has 6 heads
     "vit_base": ("vit_base_patch16_224", {}),
     **{name: (name, {}) for name in RESNET_DEPTHS},  # timm's own ResNets, same names
+}
+# How close timm's model comes to the encoder: timm builds every Swin LayerNorm with eps
+# 1e-5, the encoders have the original's (1e-6 but in each block's norm2)
+FEATURE_MATCH = {
+    "swin": "features equal to the encoder's within 1e-4, not exactly: timm's Swin LayerNorms have eps 1e-5",
+    "vit": "the encoder's features",
+    "resnet": "the encoder's features",
 }
 # (embed dim, blocks in stage 3) of each Swin; embed dim of each ViT
 SWIN_SHAPES = {(96, 6): "swin_tiny", (96, 18): "swin_small", (128, 18): "swin_base"}
@@ -131,18 +143,22 @@ def write(state, path):
             os.remove(tmp)
 
 
-def export(checkpoint, out, prefix="encoder."):
-    """Write the backbone in both formats; returns (the file the call loads, MODEL.ENCODER, the timm call)."""
-    if not os.path.isfile(checkpoint):
-        raise ExportError(f"no checkpoint at {checkpoint}")
+def export(source, out, prefix="encoder.", trust=False):
+    """Write the backbone of ``source`` in both formats; returns (the file the call loads,
+    MODEL.ENCODER, the timm call). ``source``: a checkpoint file, or a run folder, whose newest
+    readable checkpoint is taken as auto-resume takes it; prints which file and epoch.
+    ``trust``: unpickle the checkpoint in full (see utils.read_checkpoint)."""
     try:
-        ckpt = read_checkpoint(checkpoint)
+        checkpoint, ckpt = read_run_checkpoint(source, logging.getLogger("export_backbone"), trust)
     except ConfigError as e:
         raise ExportError(str(e)) from None
+    if ckpt is None:
+        raise ExportError(f"no checkpoint at {source}")
     model_state = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else {}
     state = {k[len(prefix) :]: v for k, v in model_state.items() if k.startswith(prefix)}
     if not state:
         raise ExportError(f"{checkpoint} has no {prefix}* weights (keys: {', '.join(list(model_state)[:5])}, ...)")
+    print(f"read {checkpoint} (epoch {ckpt.get('epoch', 'unknown')})")
     name = (ckpt.get("framework") or {}).get("encoder") or infer_encoder_name(state)
     if name not in TIMM_MODELS:
         raise ExportError(f"{checkpoint} holds a {name} encoder; exportable: {', '.join(TIMM_MODELS)}")
@@ -167,17 +183,27 @@ def export(checkpoint, out, prefix="encoder."):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("checkpoint", help="a checkpoint of main_pretrain.py (or of the original code)")
+    parser.add_argument(
+        "checkpoint",
+        help="a run folder of main_pretrain.py (its newest readable checkpoint) or a checkpoint file "
+        "(also of the original code)",
+    )
     parser.add_argument("out", help="output file, <out>.safetensors and <out>.pth (or either, named)")
     parser.add_argument("--encoder-prefix", default="encoder.", help="prefix of the encoder's keys in the model")
+    parser.add_argument(
+        "--trust-checkpoint",
+        action="store_true",
+        help="unpickle the checkpoint in full (can run code): only for a file you trust",
+    )
     args = parser.parse_args(argv)
     try:
-        primary, name, call = export(args.checkpoint, args.out, args.encoder_prefix)
+        primary, name, call = export(args.checkpoint, args.out, args.encoder_prefix, args.trust_checkpoint)
     except ExportError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     stem = os.path.splitext(primary)[0]
-    print(f"wrote the {name} backbone to {stem}.safetensors and {stem}.pth; load it with")
+    match = next(text for family, text in FEATURE_MATCH.items() if name.startswith(family))
+    print(f"wrote the {name} backbone to {stem}.safetensors and {stem}.pth; load it ({match}) with")
     print(call)
 
 

@@ -1,5 +1,6 @@
 """The pretraining data package on tiny real image folders and zips (CPU, a few seconds)."""
 
+import io
 import os
 import zipfile
 
@@ -8,12 +9,14 @@ import pytest
 import torch
 from PIL import Image
 from torchvision import transforms as T
+from torchvision.transforms import InterpolationMode
 from yacs.config import CfgNode as CN
 
 from data import build_loader, set_loader_epoch, zipreader
-from data.build import ShardSampler, build_dataset, build_sampler
+from data.augment import TwoViewAugment, ViewRecipe, build_recipes, build_ssl_transform, decode_crops, draft_for_crops
+from data.build import ShardSampler, build_dataset, build_sampler, resolve_num_workers
 from data.cached_image_folder import CachedImageFolder, pil_rgb_loader
-from data.transforms import TwoViewTransform, blur_kernel_size, build_ssl_transform
+from data.photometric import IMAGENET_MEAN, IMAGENET_STD, NUM_PARAMS, DeviceAugment
 
 CLASSES = ("cat", "dog", "fox")
 IMAGES_PER_CLASS = 4
@@ -72,9 +75,11 @@ def make_config(data_root: str, **data) -> CN:
     cfg.DATA.CACHE_MODE = "no"
     cfg.DATA.PIN_MEMORY = False
     cfg.DATA.NUM_WORKERS = 0
+    cfg.DATA.GPU_AUG = False
     cfg.AUG = CN()
     cfg.AUG.SSL_AUG_TYPE = "byol"
     cfg.AUG.SSL_AUG_CROP = 0.08
+    cfg.AUG.SSL_AUG_INTERPOLATION = "bilinear"
     for key, value in data.items():
         setattr(cfg.DATA, key, value)
     return cfg
@@ -87,74 +92,110 @@ def epoch_batches(data_loader, epoch: int) -> list:
 
 def assert_same_batches(a: list, b: list) -> None:
     assert len(a) == len(b)
-    for ((a1, a2), at), ((b1, b2), bt) in zip(a, b, strict=True):
+    for ((a_views, a_params), at), ((b_views, b_params), bt) in zip(a, b, strict=True):
         assert torch.equal(at, bt)
-        assert torch.equal(a1, b1)
-        assert torch.equal(a2, b2)
-
-
-def find_op(compose: T.Compose, op_type: type):
-    """The transform of ``op_type`` in ``compose`` and its probability of being applied."""
-    for op in compose.transforms:
-        if isinstance(op, op_type):
-            return op, getattr(op, "p", 1.0)
-        if isinstance(op, T.RandomApply) and isinstance(op.transforms[0], op_type):
-            return op.transforms[0], op.p
-    raise AssertionError(f"no {op_type.__name__} in {compose}")
+        for x, y in zip((*a_views, *a_params), (*b_views, *b_params), strict=True):
+            assert torch.equal(x, y)
 
 
 # ----------------------------------------------------------------------------
 # Transforms and image loading
 # ----------------------------------------------------------------------------
-def test_byol_transform_is_asymmetric():
-    cfg = make_config("unused")
-    transform = build_ssl_transform(cfg)
-    assert isinstance(transform, TwoViewTransform)
-    expected = {"t1": (1.0, 0.0), "t2": (0.1, 0.2)}  # (blur p, solarize p)
-    for view, (blur_p, solarize_p) in expected.items():
-        compose = getattr(transform, view)
-        crop, _ = find_op(compose, T.RandomResizedCrop)
-        assert crop.size == (32, 32) and crop.scale == (0.08, 1.0)
-        assert crop.interpolation == T.InterpolationMode.BICUBIC
-        assert find_op(compose, T.RandomHorizontalFlip)[1] == 0.5
-        jitter, jitter_p = find_op(compose, T.ColorJitter)
-        assert jitter_p == 0.8
-        assert jitter.brightness == pytest.approx((0.6, 1.4)) and jitter.contrast == pytest.approx((0.6, 1.4))
-        assert jitter.saturation == pytest.approx((0.8, 1.2)) and jitter.hue == pytest.approx((-0.1, 0.1))
-        assert find_op(compose, T.RandomGrayscale)[1] == 0.2
-        blur, p = find_op(compose, T.GaussianBlur)
-        assert p == blur_p
-        assert blur.sigma == (0.1, 2.0) and blur.kernel_size == (3, 3)  # 10% of 32, odd
-        solarize, p = find_op(compose, T.RandomSolarize)
-        assert p == solarize_p and solarize.threshold == 128
-        normalize, _ = find_op(compose, T.Normalize)
-        assert normalize.mean == (0.485, 0.456, 0.406) and normalize.std == (0.229, 0.224, 0.225)
+def test_byol_views_are_asymmetric():
+    view1, view2 = build_recipes("byol", 0.08)
+    for view in (view1, view2):
+        assert view.crop_scale == (0.08, 1.0) and view.crop_ratio == pytest.approx((3 / 4, 4 / 3))
+        assert view.flip_p == 0.5 and view.jitter_p == 0.8 and view.gray_p == 0.2
+        assert np.allclose(view.jitter_ranges(), [(0.6, 1.4), (0.6, 1.4), (0.8, 1.2), (-0.1, 0.1)])
+        assert view.blur_sigma == (0.1, 2.0)
+    assert (view1.blur_p, view1.solarize_p) == (1.0, None)  # the original's view 1 has no solarize step
+    assert (view2.blur_p, view2.solarize_p) == (0.1, 0.2)
+    assert build_recipes("byol", 0.3)[0].crop_scale == (0.3, 1.0)
 
 
-def test_simclr_transform_is_symmetric():
-    cfg = make_config("unused")
-    cfg.AUG.SSL_AUG_TYPE = "simclr"
-    transform = build_ssl_transform(cfg)
-    for compose in (transform.t1, transform.t2):
-        jitter, jitter_p = find_op(compose, T.ColorJitter)
-        assert jitter_p == 0.8 and jitter.brightness == pytest.approx((0.2, 1.8))
-        assert jitter.saturation == pytest.approx((0.2, 1.8)) and jitter.hue == pytest.approx((-0.2, 0.2))
-        assert find_op(compose, T.GaussianBlur)[1] == 0.5
-        assert not any(isinstance(op, T.RandomSolarize) for op in compose.transforms)
-    assert repr(transform.t1) == repr(transform.t2)
+def test_simclr_views_are_moco_v2s():
+    view1, view2 = build_recipes("simclr", 0.08)
+    assert view1 == view2
+    assert view1.crop_scale == (0.2, 1.0)  # fixed, as the original ran it
+    assert np.allclose(view1.jitter_ranges(), [(0.6, 1.4), (0.6, 1.4), (0.6, 1.4), (-0.1, 0.1)])
+    assert (view1.jitter_p, view1.gray_p, view1.blur_p, view1.solarize_p) == (0.8, 0.2, 0.5, None)
 
 
 def test_unknown_aug_type_names_the_valid_ones():
-    cfg = make_config("unused")
-    cfg.AUG.SSL_AUG_TYPE = "moco"
     with pytest.raises(ValueError, match="byol.*simclr"):
+        build_recipes("moco", 0.08)
+    cfg = make_config("unused")
+    cfg.AUG.SSL_AUG_INTERPOLATION = "lanczos"
+    with pytest.raises(ValueError, match="bilinear"):
         build_ssl_transform(cfg)
 
 
-def test_blur_kernel_is_odd_and_about_a_tenth():
-    assert blur_kernel_size(224) == 23
-    assert blur_kernel_size(96) == 9
-    assert blur_kernel_size(16) == 3
+def test_transform_follows_the_config():
+    cfg = make_config("unused")
+    cfg.AUG.SSL_AUG_TYPE = "simclr"
+    cfg.DATA.GPU_AUG = True
+    transform = build_ssl_transform(cfg)
+    assert isinstance(transform, TwoViewAugment) and isinstance(transform.recipes[0], ViewRecipe)
+    assert transform.recipes == build_recipes("simclr", 0.08)
+    assert transform.img_size == 32 and transform.gpu_aug and transform.resample == InterpolationMode.BILINEAR
+
+
+def _photo_jpeg(width: int, height: int) -> bytes:
+    rng = np.random.default_rng(0)
+    coarse = rng.integers(0, 256, (height // 32 + 2, width // 32 + 2, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(coarse).resize((width, height), Image.BICUBIC).save(buffer, "JPEG", quality=95)
+    return buffer.getvalue()
+
+
+def test_jpeg_is_decoded_only_as_large_as_the_crops_need():
+    data = _photo_jpeg(512, 384)
+    full = [(0, 0, 384, 512)]
+    # (crops, output side) -> DCT reduction: each crop side / reduction stays >= the output side
+    cases = [(full, 32, 8), (full, 64, 4), (full, 100, 2), (full, 224, 1), ([(0, 0, 130, 140)], 32, 4),
+             (full + [(10, 20, 70, 90)], 32, 2), ([(0, 0, 50, 40)], 32, 1)]  # fmt: skip
+    for crops, size, reduction in cases:
+        img = Image.open(io.BytesIO(data))
+        assert draft_for_crops(img, crops, size) == reduction, (crops, size)
+        img.load()
+        assert img.size == (512 // reduction, 384 // reduction)
+    png = io.BytesIO()
+    Image.open(io.BytesIO(data)).save(png, "PNG")
+    assert draft_for_crops(Image.open(png), full, 32) == 1  # not a JPEG
+
+
+def test_reduced_decoding_gives_the_full_decodings_crops():
+    data = _photo_jpeg(512, 384)
+    crops = [(0, 0, 384, 512), (100, 150, 260, 300)]  # decoded at 1/4 for 64 px views
+    reduced = decode_crops(Image.open(io.BytesIO(data)), crops, 64, InterpolationMode.BILINEAR).float()
+    img = Image.open(io.BytesIO(data)).convert("RGB")  # decoded in full
+    for k, crop in enumerate(crops):
+        top, left, bottom, right = (round(v / 4) * 4 for v in (crop[0], crop[1], crop[0] + crop[2], crop[1] + crop[3]))
+        # the box edges fall on the reduced decoding's pixels: 150 and 450 (37.5 and 112.5 of them) move by 2
+        full = np.asarray(img.crop((left, top, right, bottom)).resize((64, 64), Image.BILINEAR), dtype=np.float32)
+        difference = reduced[k].permute(1, 2, 0).numpy() - full
+        assert np.abs(difference).mean() < 2.0  # of 255: the same picture, as sharp
+
+
+def test_device_augment_normalises_like_torchvision():
+    images = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8)
+    expected = T.Normalize(IMAGENET_MEAN, IMAGENET_STD)(images.float() / 255)
+    params = torch.zeros(2, NUM_PARAMS)  # no photometric operation drawn
+    torch.testing.assert_close(DeviceAugment(gpu_aug=False)(images, params), expected)
+    torch.testing.assert_close(DeviceAugment(gpu_aug=True)(images, params), expected)
+
+
+def test_workers_follow_the_cores_of_each_process(monkeypatch, caplog):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert resolve_num_workers(-1) == 15  # the process itself keeps a core
+    assert resolve_num_workers(4) == 4 and resolve_num_workers(0) == 0
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # 4 processes share the node's cores
+    assert resolve_num_workers(-1) == 3
+    assert resolve_num_workers(8) == 4 and "capped to the 4 CPU cores" in caplog.text
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(128)), raising=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    assert resolve_num_workers(-1) == 16
 
 
 def test_loader_converts_every_mode_to_rgb(data_root):
@@ -191,12 +232,12 @@ def test_loader_yields_two_different_views(data_root):
     dataset, data_loader = build_loader(make_config(data_root))
     assert len(dataset) == NUM_IMAGES
     assert len(data_loader) == NUM_IMAGES // 4
-    (view1, view2), target = next(iter(data_loader))
-    for view in (view1, view2):
-        assert view.shape == (4, 3, 32, 32) and view.dtype == torch.float32
-        assert torch.isfinite(view).all()
+    ((view1, view2), (params1, params2)), target = next(iter(data_loader))
+    for view, params in ((view1, params1), (view2, params2)):
+        assert view.shape == (4, 3, 32, 32) and view.dtype == torch.uint8
+        assert params.shape == (4, NUM_PARAMS) and params.dtype == torch.float32
     assert target.shape == (4,) and target.dtype == torch.int64
-    assert not torch.equal(view1, view2)
+    assert not torch.equal(view1, view2) and not torch.equal(params1, params2)
 
 
 @pytest.mark.parametrize("cache_mode", ["no", "full", "part"])
@@ -290,10 +331,10 @@ def test_epoch_data_is_a_function_of_seed_epoch_and_rank(data_root, num_workers)
         assert torch.equal(torch.get_rng_state(), state)  # the loop's RNG stream is untouched
     # Another epoch, or another rank, sees other data.
     for a, b in zip(epoch0, epoch1, strict=True):
-        assert not torch.equal(a[0][0], b[0][0])
+        assert not torch.equal(a[0][0][0], b[0][0][0])
     _, other_rank = build_loader(cfg, rank=1, world_size=2)
     _, rank0_of_2 = build_loader(cfg, rank=0, world_size=2)
-    assert not torch.equal(epoch_batches(other_rank, 1)[0][0][0], epoch_batches(rank0_of_2, 1)[0][0][0])
+    assert not torch.equal(epoch_batches(other_rank, 1)[0][0][0][0], epoch_batches(rank0_of_2, 1)[0][0][0][0])
 
 
 def test_zip_loader_with_workers_matches_folder_loader_without(data_root):

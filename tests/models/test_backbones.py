@@ -114,6 +114,24 @@ def test_param_count_at_224(name):
     assert n / 1e6 == pytest.approx(PUBLISHED_M[name], rel=1e-3)
 
 
+@pytest.mark.parametrize("name", list(FACTORIES))
+def test_layer_norm_eps_is_the_originals(name):
+    """The original Swin: eps 1e-6 but in each block's norm2 (nn.LayerNorm(dim), 1e-5). MoCo v3's ViT: 1e-6."""
+    model = _on_meta(FACTORIES[name])
+    eps = {n: m.eps for n, m in model.named_modules() if isinstance(m, torch.nn.LayerNorm)}
+    if name in SWIN_ARCH:
+        blocks = sum(SWIN_ARCH[name][1])
+        mlp_norms = {n for n in eps if n.endswith(".norm2")}
+        assert len(mlp_norms) == blocks and all(eps[n] == 1e-5 for n in mlp_norms)
+        others = set(eps) - mlp_norms  # patch embedding, each norm1, 3 patch mergings, final norm
+        assert others == {"patch_embed.norm", "norm"} | {n for n in eps if n.endswith((".norm1", "downsample.norm"))}
+        assert len(others) == 1 + blocks + 3 + 1 and all(eps[n] == 1e-6 for n in others)
+        if name == "swin_tiny":
+            assert (len(eps), len(others)) == (29, 17)
+    else:
+        assert len(eps) == 2 * 12 + 1 and set(eps.values()) == {1e-6}
+
+
 def test_vit_small_has_12_heads():
     model = _on_meta(vit_small)
     assert len(model.blocks) == 12

@@ -59,16 +59,36 @@ def test_contrastive_loss_uniform_logits_closed_form():
     assert out["loss"].item() == pytest.approx(2 * math.log(k + 1), rel=1e-6)
 
 
+def reference_byol(p1, p2, z1, z2):
+    """The original code's BYOL loss, one sample at a time: the mean of the two directions'
+    batch means of ``2 - 2 cos``, 0.5 * (mean_b(2 - 2 cos(p1, z2)) + mean_b(2 - 2 cos(p2, z1)))."""
+    direction1 = sum(2 - 2 * (p @ z) / (p.norm() * z.norm()) for p, z in zip(p1, z2)) / len(p1)
+    direction2 = sum(2 - 2 * (p @ z) / (p.norm() * z.norm()) for p, z in zip(p2, z1)) / len(p2)
+    return 0.5 * (direction1 + direction2)
+
+
 def test_byol_loss_closed_form_and_reference():
     model = build_model(small_config("byol")).eval()
     p = torch.randn(4, 16)
     assert model.loss((p, p), (p, p))["loss"].item() == pytest.approx(0.0, abs=1e-6)
-    assert model.loss((p, p), (-p, -p))["loss"].item() == pytest.approx(8.0, abs=1e-5)
-    a, b, c, d = (torch.randn(4, 16) for _ in range(4))
-    expected = sum(2 - 2 * F.cosine_similarity(x, y, dim=0) for x, y in zip(a, d)) / 4
-    expected += sum(2 - 2 * F.cosine_similarity(x, y, dim=0) for x, y in zip(b, c)) / 4
-    torch.testing.assert_close(model.loss((a, b), (c, d))["loss"], expected)
-    assert regression_loss(a, 3 * a).abs().max() < 1e-6  # scale invariant
+    # opposite targets: 2 - 2 * (-1) = 4 in each direction, and their mean is 4 (a sum would give 8)
+    assert model.loss((p, p), (-p, -p))["loss"].item() == pytest.approx(4.0, abs=1e-5)
+    assert regression_loss(p, 3 * p).abs().max() < 1e-6  # scale invariant
+
+
+def test_byol_loss_and_gradient_match_the_original_formula():
+    torch.manual_seed(0)
+    model = build_model(small_config("byol")).eval()
+    p1, p2, z1, z2 = (torch.randn(4, 16, dtype=torch.float64) for _ in range(4))
+    ours = [t.clone().requires_grad_(True) for t in (p1, p2)]
+    theirs = [t.clone().requires_grad_(True) for t in (p1, p2)]
+    loss = model.loss(ours, (z1, z2))["loss"]
+    expected = reference_byol(*theirs, z1, z2)
+    torch.testing.assert_close(loss, expected, rtol=1e-12, atol=1e-12)
+    loss.backward()
+    expected.backward()
+    for mine, reference in zip(ours, theirs):
+        torch.testing.assert_close(mine.grad, reference.grad, rtol=1e-12, atol=1e-12)
 
 
 # -----------------------------------------------------------------------------
@@ -228,5 +248,13 @@ def test_every_config_loads_and_builds(cfg_file):
         model = build_model(config)
     assert type(model).__name__.lower() == framework
     assert model.encoder.num_features == model.projector.linear_hidden[1].in_features
-    if framework == "byol" and encoder.startswith("vit"):
-        assert not model.encoder.patch_embed.proj.weight.requires_grad
+    # the drop path of the deepest block, and the ViT patch projection, as configured
+    for net, rate in ((model.encoder, config.MODEL.ONLINE_DROP_PATH_RATE),
+                      (model.encoder_k, config.MODEL.TARGET_DROP_PATH_RATE)):  # fmt: skip
+        if encoder.startswith("resnet"):
+            drop_path = net.layer4[-1].drop_path  # None at rate 0
+        else:
+            drop_path = (net.blocks[-1] if encoder.startswith("vit") else net.layers[-1].blocks[-1]).drop_path1
+        assert getattr(drop_path, "drop_prob", 0.0) == pytest.approx(rate)
+    if encoder.startswith("vit"):
+        assert model.encoder.patch_embed.proj.weight.requires_grad != config.MODEL.STOP_GRAD_CONV1

@@ -89,7 +89,7 @@ def test_default_config_matches_reference():
     cfg = SyntheticNegativeConfig(n_hard=N_HARD)
     choices = draw_choices(q.detach() @ queue_rows.T, D, cfg, generator=torch.Generator().manual_seed(3))
     fast, reference, grad_fast, grad_ref = fast_and_reference(q, queue_rows, cfg, choices)
-    assert fast.shape == (B, 6 * 128)
+    assert fast.shape == (B, 3 * 128 + 3 * 64)
     torch.testing.assert_close(fast, reference, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(grad_fast, grad_ref, rtol=1e-5, atol=1e-5)
 
