@@ -31,6 +31,7 @@ from metrics import NULL_WRITER, DeviceMeters, MetricWriter
 from models import build_model
 from optimizer import build_optimizer
 from utils import (
+    all_ranks,
     all_reduce_mean,
     init_distributed,
     make_latest,
@@ -298,7 +299,32 @@ def throughput(config, model, augment, optimizer, scaler, autocast, device, logg
 # -----------------------------------------------------------------------------
 
 
-def save_checkpoint(config, epoch, model, optimizer, lr_scheduler, scaler, logger):
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (a full disk, a quota, a lost mount)."""
+
+
+def write_checkpoints(state, paths, last_good, logger):
+    """Write ``state`` to each of ``paths`` in turn (``save_atomic``); returns the last path.
+
+    A write that fails leaves no file behind and raises CheckpointWriteError naming it, the OS's
+    reason and the newest good checkpoint, the one auto-resume then picks.
+    """
+    for path in paths:
+        try:
+            save_atomic(state, path)
+        except OSError as e:
+            raise CheckpointWriteError(
+                f"could not write {path} ({e.strerror or e}); the last good checkpoint is {last_good or 'none'}: "
+                f"free space in {os.path.dirname(path) or '.'} (or fix it), then resume"
+            ) from None
+        last_good = path
+    logger.info(f"saved {', '.join(paths)}")
+    return last_good
+
+
+def save_checkpoint(config, epoch, model, optimizer, lr_scheduler, scaler, last_good, logger):
+    """Write the state after ``epoch``: ``ckpt_epoch_{epoch}.pth`` when due, then ``checkpoint.pth``.
+    Returns the new last good checkpoint."""
     state = {
         "model": unwrap(model).state_dict(),
         "optimizer": optimizer.state_dict(),
@@ -308,14 +334,25 @@ def save_checkpoint(config, epoch, model, optimizer, lr_scheduler, scaler, logge
         "framework": {"type": config.MODEL.TYPE, "encoder": config.MODEL.ENCODER},
         "config": config.dump(),
     }
-    saved = []
+    paths = []
     if epoch % config.SAVE_FREQ == 0 or epoch == config.TRAIN.EPOCHS - 1:
-        saved.append(os.path.join(config.OUTPUT, f"ckpt_epoch_{epoch}.pth"))
-    saved.append(os.path.join(config.OUTPUT, "checkpoint.pth"))  # last: see load_newest_checkpoint
-    for path in saved:
-        save_atomic(state, path)
-    logger.info(f"saved {', '.join(saved)}")
-    return saved[-1]
+        paths.append(os.path.join(config.OUTPUT, f"ckpt_epoch_{epoch}.pth"))
+    paths.append(os.path.join(config.OUTPUT, "checkpoint.pth"))  # last: see newest_checkpoint
+    return write_checkpoints(state, paths, last_good, logger)
+
+
+def save_on_rank0(env, device, save, last_good):
+    """``save()`` on rank 0, which returns the new last good checkpoint; every rank raises when it
+    failed, so none trains on past a save rank 0 could not make. One collective."""
+    error = None
+    if env.is_main:
+        try:
+            last_good = save()
+        except CheckpointWriteError as e:
+            error = e
+    if not all_ranks(torch.tensor(error is None, device=device)):
+        raise error or CheckpointWriteError("rank 0 could not write a checkpoint: see its error line")
+    return last_good
 
 
 def resume_point(config, env, logger):
@@ -336,7 +373,14 @@ def resume_point(config, env, logger):
         remove_stale_tmp(config.OUTPUT, logger)
         newest_path, newest = newest_checkpoint(config.OUTPUT, logger, config.TRUST_CHECKPOINT)
         if newest is not None:
-            make_latest(newest_path, newest["epoch"], config.OUTPUT, logger)
+            try:
+                make_latest(newest_path, newest["epoch"], config.OUTPUT, logger)
+            except OSError as e:
+                raise CheckpointWriteError(
+                    f"could not write {os.path.join(config.OUTPUT, 'checkpoint.pth')} ({e.strerror or e}); "
+                    f"the last good checkpoint is {newest_path}: free space in {config.OUTPUT} (or fix it), "
+                    "then resume"
+                ) from None
     if env.world_size > 1:
         torch.distributed.barrier()  # the other ranks read the folder as rank 0 left it
         if not env.is_main:
@@ -458,8 +502,8 @@ def main(config, env, logger):
                 "lower TRAIN.BASE_LR or set TRAIN.CLIP_GRAD, then resume"
             ) from None
         logger.info(f"epoch {epoch}: skipped {skipped_samples(data_loader)} unreadable images")
-        if env.is_main:
-            last_good = save_checkpoint(config, epoch, model, optimizer, lr_scheduler, scaler, logger)
+        save = partial(save_checkpoint, config, epoch, model, optimizer, lr_scheduler, scaler, last_good, logger)
+        last_good = save_on_rank0(env, device, save, last_good)
     writer.close()
     logger.info(f"training time {datetime.timedelta(seconds=int(time.time() - start))}")
 
@@ -511,7 +555,7 @@ def run_cli(setup_fn, main_fn, argv=None):
     rank = int(os.environ.get("RANK", 0))
     try:
         main_fn(*setup_fn(argv))
-    except (ConfigError, FileNotFoundError, PermissionError, NonFiniteLossError) as e:
+    except (ConfigError, FileNotFoundError, PermissionError, NonFiniteLossError, CheckpointWriteError) as e:
         if rank == 0:
             print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)

@@ -123,23 +123,47 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+class _KeepOSError:
+    """A binary file's ``write`` that keeps the OSError it raised: torch.save turns a failed
+    write into a RuntimeError without the OS's reason ("unexpected pos ...")."""
+
+    def __init__(self, file):
+        self.file = file
+        self.error = None
+
+    def write(self, data):
+        try:
+            return self.file.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self):
+        self.file.flush()
+
+
 def _write_atomic(path, write):
     """Call ``write(f)`` on a temporary file, fsync it, then rename it to ``path``: a crash
     never leaves a torn ``path``.
 
-    A failed write removes its temporary file; one left by a killed process is removed
-    by the next ``load_newest_checkpoint`` of the folder.
+    A failed write removes its temporary file and raises the OSError that failed it (ENOSPC
+    on a full disk, EDQUOT, EIO ...); one left by a killed process is removed by the next
+    ``load_newest_checkpoint`` of the folder.
     """
     tmp = f"{path}.tmp.{os.getpid()}"
+    writer = None
     try:
         with open(tmp, "wb") as f:
-            write(f)
+            writer = _KeepOSError(f)
+            write(writer)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.remove(tmp)
+        if writer is not None and writer.error is not None:
+            raise writer.error from None
         raise
 
 

@@ -77,7 +77,7 @@ def test_our_checkpoints_load_as_they_are(tmp_path, optimizer, schedule):
     scaler.step(opt)
     scaler.update()
     sched.step_update(1)
-    path = main_pretrain.save_checkpoint(config, 0, model, opt, sched, scaler, LOGGER)
+    path = main_pretrain.save_checkpoint(config, 0, model, opt, sched, scaler, None, LOGGER)
     ckpt = read_checkpoint(path)
     assert ckpt["config"] == config.dump() and ckpt["lr_scheduler"] == sched.state_dict()
     assert ckpt["scaler"] == scaler.state_dict() and ckpt["epoch"] == 0
