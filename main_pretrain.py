@@ -368,6 +368,8 @@ def resume_point(config, env, logger):
     """
     if config.MODEL.RESUME and not os.path.isfile(config.MODEL.RESUME):
         raise ConfigError(f"--resume {config.MODEL.RESUME}: no such file")
+    # read first: the repair below may replace the file when it is the folder's checkpoint.pth
+    resumed = read_checkpoint(config.MODEL.RESUME, config.TRUST_CHECKPOINT) if config.MODEL.RESUME else None
     newest_path, newest = None, None
     if env.is_main:  # the only writer here: no other rank may delete its temporary files
         remove_stale_tmp(config.OUTPUT, logger)
@@ -387,7 +389,7 @@ def resume_point(config, env, logger):
             newest_path, newest = newest_checkpoint(config.OUTPUT, logger, config.TRUST_CHECKPOINT)
 
     if config.MODEL.RESUME:
-        path, ckpt = config.MODEL.RESUME, read_checkpoint(config.MODEL.RESUME, config.TRUST_CHECKPOINT)
+        path, ckpt = config.MODEL.RESUME, resumed
     elif config.TRAIN.AUTO_RESUME:
         path, ckpt = newest_path, newest
         if ckpt is None:

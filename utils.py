@@ -2,6 +2,7 @@
 
 import contextlib
 import glob
+import hashlib
 import os
 import pickle
 import random
@@ -167,8 +168,41 @@ def _write_atomic(path, write):
         raise
 
 
+# A checkpoint's key holding the SHA-256 of the rest of its content (``content_digest``)
+DIGEST_KEY = "sha256"
+
+
+def content_digest(obj):
+    """SHA-256 of a checkpoint's content: each tensor's dtype, shape and bytes and every value
+    around them, in order. Equal before saving and after loading unless a byte changed."""
+    digest = hashlib.sha256()
+    _feed(digest, obj)
+    return digest.hexdigest()
+
+
+def _feed(digest, obj):
+    if isinstance(obj, torch.Tensor):
+        tensor = obj.detach().cpu().contiguous()
+        digest.update(f"tensor {tensor.dtype} {tuple(tensor.shape)};".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    elif isinstance(obj, dict):
+        digest.update(f"dict {len(obj)};".encode())
+        for key, value in obj.items():
+            _feed(digest, key)
+            _feed(digest, value)
+    elif isinstance(obj, (list, tuple)):
+        digest.update(f"{type(obj).__name__} {len(obj)};".encode())
+        for value in obj:
+            _feed(digest, value)
+    else:
+        digest.update(f"{type(obj).__name__} {obj!r};".encode())
+
+
 def save_atomic(obj, path):
-    """torch.save ``obj`` to ``path`` through a temporary file and a rename (``_write_atomic``)."""
+    """torch.save ``obj`` to ``path`` through a temporary file and a rename (``_write_atomic``);
+    a dict gets its ``content_digest`` under DIGEST_KEY, which read_checkpoint verifies."""
+    if isinstance(obj, dict):
+        obj = {**obj, DIGEST_KEY: content_digest(obj)}
     _write_atomic(path, lambda f: torch.save(obj, f))
 
 
@@ -198,8 +232,22 @@ def read_checkpoint(path, trust=False):
 
     A file that needs any other class or function raises UnsafeCheckpointError naming it
     (nothing of it is run); ``trust=True`` (``--trust-checkpoint``) unpickles it in full.
-    A truncated or corrupt file raises ConfigError naming it.
+    A truncated or corrupt file, or one whose content no longer matches the digest it was
+    saved with (files without one, like the original code's, are not checked), raises
+    ConfigError naming it.
     """
+    ckpt = _unpickle_checkpoint(path, trust)
+    if isinstance(ckpt, dict) and DIGEST_KEY in ckpt:
+        content = {key: value for key, value in ckpt.items() if key != DIGEST_KEY}
+        if content_digest(content) != ckpt[DIGEST_KEY]:
+            raise ConfigError(
+                f"corrupt checkpoint {path}: its content does not match the SHA-256 digest it was saved with "
+                "(changed on disk or in a copy since)"
+            )
+    return ckpt
+
+
+def _unpickle_checkpoint(path, trust):
     try:
         if trust:
             return torch.load(path, map_location="cpu", weights_only=False)
