@@ -25,6 +25,7 @@ from timm.utils import AverageMeter, accuracy
 from config import ConfigError, check_config, get_config
 from data import DeviceAugment, DeviceViews, build_loader, set_loader_epoch, skipped_samples
 from data.augment import build_recipes, sample_view
+from data.build import dist_rank_world
 from logger import create_logger
 from lr_scheduler import build_scheduler
 from metrics import NULL_WRITER, DeviceMeters, MetricWriter
@@ -178,6 +179,58 @@ def check_finite(first_bad, num_steps, epoch):
         raise NonFiniteLossError(f"non-finite gradient norm at epoch {epoch} step {bad_grad}")
 
 
+class ProcessFaultError(RuntimeError):
+    """This process cannot go on: another one stalled or died, or a data loader worker died."""
+
+
+def process_fault(error, config, epoch, step):
+    """A one-line ProcessFaultError for ``error``, raised at ``step`` of ``epoch``, when it is a fault
+    of the processes (rather than of the code), else None."""
+    text = " ".join(str(error).split())
+    if "DataLoader worker" in text:
+        cause = f"a data loader worker died ({text[:160]}): out of host memory? Lower DATA.NUM_WORKERS"
+    elif "timed out" in text.lower() or "timeout" in text.lower():
+        cause = (
+            f"waited more than DIST_TIMEOUT {config.DIST_TIMEOUT} s for the other processes in a collective: "
+            "one of them stalled (a hung file system, a stuck worker) or died"
+        )
+    elif isinstance(error, torch.distributed.DistError) or "Connection closed" in text or "Connection reset" in text:
+        cause = f"lost the connection to another process ({text[:160]}): it died or its node failed"
+    else:
+        return None
+    return ProcessFaultError(f"rank {dist_rank_world()[0]} at epoch {epoch} step {step}: {cause}")
+
+
+def log_progress(config, epoch, idx, num_steps, meters, batch_time, optimizer, model, logger, writer):
+    """Log step ``idx`` of ``epoch``: its values and the epoch's means so far (reads the device)."""
+    read = meters.read()
+    nan = (float("nan"), float("nan"))
+    (loss_val, loss_avg), (norm_val, norm_avg) = read["loss"], read.get("grad_norm", nan)
+    (acc1_val, acc1_avg), (acc5_val, acc5_avg) = read.get("contrast_acc1", nan), read.get("contrast_acc5", nan)
+    lr = optimizer.param_groups[0]["lr"]
+    steps_left = num_steps - idx - 1
+    eta = datetime.timedelta(seconds=int(batch_time.avg * steps_left))
+    eta_run = datetime.timedelta(
+        seconds=int(batch_time.avg * (steps_left + (config.TRAIN.EPOCHS - epoch - 1) * num_steps))
+    )
+    logger.info(
+        f"Train: [{epoch}/{config.TRAIN.EPOCHS}][{idx}/{num_steps}]\t"
+        f"eta {eta} (run {eta_run}) lr {lr:.4e}\t"
+        f"time {batch_time.val:.4f} ({batch_time.avg:.4f})\t"
+        f"loss {loss_val:.4f} ({loss_avg:.4f})\t"
+        f"grad_norm {norm_val:.4f} ({norm_avg:.4f})\t"
+        f"mem {memory_mb(next(model.parameters()).device):.0f}MB\t"
+        f"contrast_acc1 {acc1_val:.3f} ({acc1_avg:.3f})\t"
+        f"contrast_acc5 {acc5_val:.3f} ({acc5_avg:.3f})"
+    )
+    values = {"loss": loss_val, "lr": lr, "grad_norm": norm_val}
+    if "contrast_acc1" in read:
+        values.update(contrast_acc1=acc1_val, contrast_acc5=acc5_val)
+    if hasattr(unwrap(model), "momentum"):
+        values["momentum"] = unwrap(model).momentum
+    writer.scalars(values, epoch * num_steps + idx, prefix="train/")
+
+
 def train_one_epoch(
     config, model, batches, optimizer, lr_scheduler, scaler, autocast, epoch, device, logger, writer=NULL_WRITER
 ):
@@ -196,60 +249,43 @@ def train_one_epoch(
 
     optimizer.zero_grad(set_to_none=True)
     start = end = time.time()
-    for idx, (x1, x2) in enumerate(batches):  # [B, 3, H, W] each
-        lr_scheduler.step_update(epoch * num_steps + idx)
-        update = (idx + 1) % accumulation == 0 or idx + 1 == num_steps
-        no_sync = getattr(model, "no_sync", None)
-        with no_sync() if (no_sync is not None and not update) else nullcontext():
-            with autocast():
-                out = model(x1, x2)
-            loss = out["loss"]
-            scaler.scale(loss / accumulation).backward()
-        first_bad[0] = torch.where(torch.isfinite(loss.detach()), first_bad[0], first_bad[0].clamp(max=idx))
-        if update:
-            scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, config.TRAIN.CLIP_GRAD or float("inf"))
-            if not scaler.is_enabled():
-                first_bad[1] = torch.where(torch.isfinite(grad_norm), first_bad[1], first_bad[1].clamp(max=idx))
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            meters.update(grad_norm=grad_norm)
-        meters.update(loss=loss)
-        if "logits" in out:
-            acc1, acc5 = accuracy(out["logits"], out["labels"], topk=(1, 5))
-            meters.update(contrast_acc1=acc1, contrast_acc5=acc5)
-        batch_time.update(time.time() - end)
-        end = time.time()
+    step = 0  # the step being loaded or run
+    try:
+        for idx, (x1, x2) in enumerate(batches):  # [B, 3, H, W] each
+            lr_scheduler.step_update(epoch * num_steps + idx)
+            update = (idx + 1) % accumulation == 0 or idx + 1 == num_steps
+            no_sync = getattr(model, "no_sync", None)
+            with no_sync() if (no_sync is not None and not update) else nullcontext():
+                with autocast():
+                    out = model(x1, x2)
+                loss = out["loss"]
+                scaler.scale(loss / accumulation).backward()
+            first_bad[0] = torch.where(torch.isfinite(loss.detach()), first_bad[0], first_bad[0].clamp(max=idx))
+            if update:
+                scaler.unscale_(optimizer)
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, config.TRAIN.CLIP_GRAD or float("inf"))
+                if not scaler.is_enabled():
+                    first_bad[1] = torch.where(torch.isfinite(grad_norm), first_bad[1], first_bad[1].clamp(max=idx))
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                meters.update(grad_norm=grad_norm)
+            meters.update(loss=loss)
+            if "logits" in out:
+                acc1, acc5 = accuracy(out["logits"], out["labels"], topk=(1, 5))
+                meters.update(contrast_acc1=acc1, contrast_acc5=acc5)
+            batch_time.update(time.time() - end)
+            end = time.time()
 
-        if idx % config.PRINT_FREQ == 0 or idx + 1 == num_steps:
-            check_finite(first_bad, num_steps, epoch)
-            read = meters.read()
-            nan = (float("nan"), float("nan"))
-            (loss_val, loss_avg), (norm_val, norm_avg) = read["loss"], read.get("grad_norm", nan)
-            (acc1_val, acc1_avg), (acc5_val, acc5_avg) = read.get("contrast_acc1", nan), read.get("contrast_acc5", nan)
-            lr = optimizer.param_groups[0]["lr"]
-            steps_left = num_steps - idx - 1
-            eta = datetime.timedelta(seconds=int(batch_time.avg * steps_left))
-            eta_run = datetime.timedelta(
-                seconds=int(batch_time.avg * (steps_left + (config.TRAIN.EPOCHS - epoch - 1) * num_steps))
-            )
-            logger.info(
-                f"Train: [{epoch}/{config.TRAIN.EPOCHS}][{idx}/{num_steps}]\t"
-                f"eta {eta} (run {eta_run}) lr {lr:.4e}\t"
-                f"time {batch_time.val:.4f} ({batch_time.avg:.4f})\t"
-                f"loss {loss_val:.4f} ({loss_avg:.4f})\t"
-                f"grad_norm {norm_val:.4f} ({norm_avg:.4f})\t"
-                f"mem {memory_mb(device):.0f}MB\t"
-                f"contrast_acc1 {acc1_val:.3f} ({acc1_avg:.3f})\t"
-                f"contrast_acc5 {acc5_val:.3f} ({acc5_avg:.3f})"
-            )
-            values = {"loss": loss_val, "lr": lr, "grad_norm": norm_val}
-            if "contrast_acc1" in read:
-                values.update(contrast_acc1=acc1_val, contrast_acc5=acc5_val)
-            if hasattr(unwrap(model), "momentum"):
-                values["momentum"] = unwrap(model).momentum
-            writer.scalars(values, epoch * num_steps + idx, prefix="train/")
+            if idx % config.PRINT_FREQ == 0 or idx + 1 == num_steps:
+                check_finite(first_bad, num_steps, epoch)
+                log_progress(config, epoch, idx, num_steps, meters, batch_time, optimizer, model, logger, writer)
+            step = idx + 1
+    except RuntimeError as e:  # DistBackendError, and the loader's error for a dead worker
+        fault = process_fault(e, config, epoch, step)
+        if fault is None:
+            raise
+        raise fault from None
     epoch_time = time.time() - start
     read = meters.read()
     mean_loss = all_reduce_mean(torch.tensor(read["loss"][1], device=device)).item()
@@ -527,7 +563,7 @@ def open_output(config, env, folder, name):
 
 def join_processes(config, local_rank):
     """Join the process group; record the local rank in the config."""
-    env = init_distributed(local_rank)
+    env = init_distributed(local_rank, config.DIST_TIMEOUT)
     config.defrost()
     config.LOCAL_RANK = env.local_rank
     config.freeze()
@@ -560,6 +596,9 @@ def run_cli(setup_fn, main_fn, argv=None):
     except (ConfigError, FileNotFoundError, PermissionError, NonFiniteLossError, CheckpointWriteError) as e:
         if rank == 0:
             print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    except ProcessFaultError as e:  # the rank that met it says so
+        print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
     finally:
         if torch.distributed.is_initialized():

@@ -1,6 +1,7 @@
 """Distributed set-up and collectives, seeding, and checkpoints."""
 
 import contextlib
+import datetime
 import glob
 import hashlib
 import os
@@ -49,9 +50,14 @@ def launcher_env(local_rank=None):
     return rank, world, local
 
 
-def init_distributed(local_rank=None):
+def init_distributed(local_rank=None, timeout_s=None):
     """Join the process group (NCCL on CUDA, gloo on the CPU) when launched with
-    several processes, and pick this process's device."""
+    several processes, and pick this process's device.
+
+    ``timeout_s``: how long a collective may wait for the other ranks before it raises
+    (PyTorch's default without it); on NCCL, asynchronous error handling tears the
+    process down when a collective times out, as torchrun sets it by default.
+    """
     rank, world, local = launcher_env(local_rank)
     if torch.cuda.is_available():
         torch.cuda.set_device(local)
@@ -61,8 +67,15 @@ def init_distributed(local_rank=None):
     if world > 1 and not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", "29500")
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, rank=rank, world_size=world, device_id=device if backend == "nccl" else None)
+        dist.init_process_group(
+            backend,
+            rank=rank,
+            world_size=world,
+            device_id=device if backend == "nccl" else None,
+            timeout=datetime.timedelta(seconds=timeout_s) if timeout_s else None,
+        )
     return DistEnv(rank, world, local, device)
 
 

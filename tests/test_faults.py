@@ -3,6 +3,11 @@ a stalled rank, a killed data loader worker, preemption."""
 
 import glob
 import os
+import re
+import signal
+import subprocess
+import sys
+import time
 
 import torch
 from conftest import ROOT, run_script
@@ -77,3 +82,73 @@ def test_checkpoints_with_a_flipped_byte_are_refused_or_skipped(image_folder, tm
         assert f"WARNING skipping corrupt checkpoint {os.path.join(folder, name)}" in log
     assert f"resumed from {os.path.join(folder, 'ckpt_epoch_0.pth')} (epoch 0)" in log
     assert torch.load(os.path.join(folder, "checkpoint.pth"), weights_only=False)["epoch"] == 2
+
+
+def start_rank(rank, args, port, extra_env, log_path):
+    """One process of a 2-process group, started as torchrun starts it."""
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", **extra_env)  # fmt: skip
+    with open(log_path, "w") as log:
+        return subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def test_a_stalled_rank_turns_into_an_error_on_the_other_within_the_timeout(image_folder, tmp_path):
+    args = pretrain_args("moby", image_folder, tmp_path, "DIST_TIMEOUT", "5")
+    # rank 1 hangs for 10 minutes in its third step (epoch 1 step 0)
+    stall = {"PYTHONPATH": os.path.join(SHIMS, "stall"), "STALL_RANK": "1", "STALL_AT": "3", "STALL_SECONDS": "600"}
+    logs = [tmp_path / f"rank{r}.txt" for r in range(2)]
+    procs = [start_rank(r, args, 29631, stall, logs[r]) for r in range(2)]
+    try:
+        assert procs[0].wait(timeout=120) == 2, logs[0].read_text()[-3000:]
+        assert procs[1].poll() is None  # still asleep
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+    out = logs[0].read_text()
+    assert "Traceback" not in out
+    line = error_line(out)
+    assert line.startswith(
+        "error: rank 0 at epoch 1 step "
+    ) and "waited more than DIST_TIMEOUT 5 s for the other processes in a collective" in line, line
+
+
+def wait_for(text, log_path, proc, timeout=120.0):
+    deadline = time.monotonic() + timeout
+    while text not in log_path.read_text():
+        assert proc.poll() is None, f"the run ended before {text!r}:\n{log_path.read_text()[-3000:]}"
+        assert time.monotonic() < deadline, f"timed out waiting for {text!r}"
+        time.sleep(0.01)
+
+
+def step_losses(text, epoch):
+    return re.findall(rf"Train: \[{epoch}/2\]\[(\d+)/\d+\].*?\bloss (\S+)", text)
+
+
+def test_a_killed_loader_worker_ends_the_run_with_one_line_and_the_resume_continues(image_folder, tmp_path):
+    args = pretrain_args("moby", image_folder, tmp_path, "DATA.NUM_WORKERS", "2")
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    log = tmp_path / "killed.txt"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_for("Train: [1/2][0/4]", log, proc)
+        workers = open(f"/proc/{proc.pid}/task/{proc.pid}/children").read().split()
+        os.kill(int(workers[0]), signal.SIGKILL)
+        assert proc.wait(timeout=60) == 2, log.read_text()[-3000:]
+    finally:
+        proc.kill()
+    killed = log.read_text()
+    assert "Traceback" not in killed
+    line = error_line(killed)
+    assert re.fullmatch(
+        rf"error: rank 0 at epoch 1 step \d: a data loader worker died \(DataLoader worker \(pid(?:\(s\))? {workers[0]}\)"
+        r".*\): out of host memory\? Lower DATA.NUM_WORKERS",
+        line,
+    ), line
+
+    resumed = run_script(args)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    log = open(os.path.join(run_folder(tmp_path), "log_rank0.txt")).read().split("resumed from")[-1]
+    done_before = step_losses(killed, 1)
+    assert done_before and step_losses(log, 1)[: len(done_before)] == done_before
