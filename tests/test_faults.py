@@ -108,9 +108,10 @@ def test_a_stalled_rank_turns_into_an_error_on_the_other_within_the_timeout(imag
     out = logs[0].read_text()
     assert "Traceback" not in out
     line = error_line(out)
-    assert line.startswith(
-        "error: rank 0 at epoch 1 step "
-    ) and "waited more than DIST_TIMEOUT 5 s for the other processes in a collective" in line, line
+    assert (
+        line.startswith("error: rank 0 at epoch 1 step ")
+        and "waited more than DIST_TIMEOUT 5 s for the other processes in a collective" in line
+    ), line
 
 
 def wait_for(text, log_path, proc, timeout=120.0):
@@ -142,8 +143,8 @@ def test_a_killed_loader_worker_ends_the_run_with_one_line_and_the_resume_contin
     assert "Traceback" not in killed
     line = error_line(killed)
     assert re.fullmatch(
-        rf"error: rank 0 at epoch 1 step \d: a data loader worker died \(DataLoader worker \(pid(?:\(s\))? {workers[0]}\)"
-        r".*\): out of host memory\? Lower DATA.NUM_WORKERS",
+        rf"error: rank 0 at epoch 1 step \d: a data loader worker died "
+        rf"\(DataLoader worker \(pid(?:\(s\))? {workers[0]}\).*\): out of host memory\? Lower DATA.NUM_WORKERS",
         line,
     ), line
 
