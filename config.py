@@ -137,6 +137,9 @@ _C.TRAIN.MIN_LR = 5e-6
 _C.TRAIN.CLIP_GRAD = 5.0
 # Resume from the newest checkpoint in the output folder
 _C.TRAIN.AUTO_RESUME = True
+# Also save checkpoint.pth every SAVE_EVERY_STEPS steps inside epochs (0: only at their ends);
+# a run resumed from it continues at the next step exactly
+_C.TRAIN.SAVE_EVERY_STEPS = 0
 # Gradient accumulation steps; 0 or 1 means none
 _C.TRAIN.ACCUMULATION_STEPS = 0
 # Gradient checkpointing in the backbones to save memory

@@ -10,8 +10,10 @@
 import argparse
 import datetime
 import json
+import multiprocessing
 import os
 import resource
+import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -25,13 +27,14 @@ from timm.utils import AverageMeter, accuracy
 from config import ConfigError, check_config, get_config
 from data import DeviceAugment, DeviceViews, build_loader, set_loader_epoch, skipped_samples
 from data.augment import build_recipes, sample_view
-from data.build import dist_rank_world
+from data.build import derive_seed, dist_rank_world
 from logger import create_logger
 from lr_scheduler import build_scheduler
 from metrics import NULL_WRITER, DeviceMeters, MetricWriter
 from models import build_model
 from optimizer import build_optimizer
 from utils import (
+    LATEST,
     all_ranks,
     all_reduce_mean,
     init_distributed,
@@ -153,30 +156,53 @@ def seed_epoch(config, epoch, rank):
     seed_everything(int(np.random.SeedSequence([config.SEED, epoch, rank]).generate_state(1)[0]))
 
 
+def seed_step(config, epoch, step, rank):
+    """Every random stream of a step (drop path, SynCo's draws) is a pure function of
+    (SEED, epoch, step, rank), so a run resumed inside an epoch draws what an uninterrupted
+    one would. Host-side: seeding the CUDA generators does not wait for the device."""
+    seed_everything(derive_seed(config.SEED, epoch, step, rank))
+
+
 # -----------------------------------------------------------------------------
 # Training
 # -----------------------------------------------------------------------------
+
+
+class StopSignal:
+    """SIGTERM or SIGUSR1 (a scheduler's notice of preemption) only sets ``requested``: a host
+    flag, read where the ranks meet anyway (``sync_ranks``), so all stop after the same step."""
+
+    def __init__(self):
+        self.requested = False
+        for signum in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(signum, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
 
 
 class NonFiniteLossError(RuntimeError):
     """The loss, gradients or weights stopped being finite."""
 
 
-def check_finite(first_bad, num_steps, epoch):
-    """Stop every rank when any rank saw a non-finite loss or gradient norm this epoch.
+def sync_ranks(first_bad, num_steps, epoch, stop_requested=False):
+    """Where the ranks meet inside an epoch (when logging, and before a periodic save): stop
+    every rank when any rank saw a non-finite loss or gradient norm this epoch, and return
+    whether any rank was asked to stop (StopSignal), so that all stop after the same step.
 
     ``first_bad`` [2]: the first step with a non-finite loss and gradient norm on this rank
     (``num_steps`` when none). One collective and one synchronisation, so the training step
-    itself never waits for the device; called when logging and at the end of the epoch.
+    itself never waits for the device.
     """
-    first_bad = first_bad.clone()
+    state = torch.cat([first_bad, first_bad.new_tensor([0 if stop_requested else 1])])
     if world_size() > 1:
-        torch.distributed.all_reduce(first_bad, op=torch.distributed.ReduceOp.MIN)
-    bad_loss, bad_grad = first_bad.tolist()
+        torch.distributed.all_reduce(state, op=torch.distributed.ReduceOp.MIN)
+    bad_loss, bad_grad, go_on = state.tolist()
     if bad_loss < num_steps:
         raise NonFiniteLossError(f"non-finite loss at epoch {epoch} step {bad_loss}")
     if bad_grad < num_steps:
         raise NonFiniteLossError(f"non-finite gradient norm at epoch {epoch} step {bad_grad}")
+    return not go_on
 
 
 class ProcessFaultError(RuntimeError):
@@ -232,26 +258,34 @@ def log_progress(config, epoch, idx, num_steps, meters, batch_time, optimizer, m
 
 
 def train_one_epoch(
-    config, model, batches, optimizer, lr_scheduler, scaler, autocast, epoch, device, logger, writer=NULL_WRITER
-):
-    """One epoch over ``batches`` (a ``DeviceViews``: pairs of model inputs on ``device``).
+    config, model, batches, optimizer, lr_scheduler, scaler, autocast, epoch, device, logger, writer=NULL_WRITER,
+    start_step=0, meters=None, stop=None, checkpointer=None,
+):  # fmt: skip
+    """One epoch over ``batches`` (a ``DeviceViews``: pairs of model inputs on ``device``), from
+    ``start_step`` on with the epoch's ``meters`` so far (``batches`` then yields the steps left).
 
     The step reads nothing back from the device: losses and accuracies accumulate there
-    and are read when logged (every PRINT_FREQ steps), when non-finite values are checked too.
+    and are read when logged (every PRINT_FREQ steps), when non-finite values are checked too
+    and ``stop`` (a StopSignal) agreed on. Every TRAIN.SAVE_EVERY_STEPS steps, and where the
+    ranks agree to stop, ``checkpointer`` saves the position. Returns (steps of the epoch
+    done, whether the run stops).
     """
     model.train()
-    num_steps = len(batches)
+    num_steps = start_step + len(batches)
+    rank = dist_rank_world()[0]
     accumulation = max(config.TRAIN.ACCUMULATION_STEPS, 1)
     params = [p for p in model.parameters() if p.requires_grad]
-    batch_time, meters = AverageMeter(), DeviceMeters()
+    batch_time, meters = AverageMeter(), meters or DeviceMeters()
     # first step with a non-finite loss, and gradient norm (fp16 overflows are the grad scaler's to skip)
     first_bad = torch.full((2,), num_steps, dtype=torch.long, device=device)
+    save_every = config.TRAIN.SAVE_EVERY_STEPS
 
     optimizer.zero_grad(set_to_none=True)
     start = end = time.time()
-    step = 0  # the step being loaded or run
+    step, stopping = start_step, False  # the step being loaded or run; whether the ranks agreed to stop
     try:
-        for idx, (x1, x2) in enumerate(batches):  # [B, 3, H, W] each
+        for idx, (x1, x2) in enumerate(batches, start=start_step):  # [B, 3, H, W] each
+            seed_step(config, epoch, idx, rank)
             lr_scheduler.step_update(epoch * num_steps + idx)
             update = (idx + 1) % accumulation == 0 or idx + 1 == num_steps
             no_sync = getattr(model, "no_sync", None)
@@ -277,10 +311,19 @@ def train_one_epoch(
             batch_time.update(time.time() - end)
             end = time.time()
 
-            if idx % config.PRINT_FREQ == 0 or idx + 1 == num_steps:
-                check_finite(first_bad, num_steps, epoch)
-                log_progress(config, epoch, idx, num_steps, meters, batch_time, optimizer, model, logger, writer)
+            last = idx + 1 == num_steps
+            save_due = save_every > 0 and (epoch * num_steps + idx + 1) % save_every == 0 and not last
+            if idx % config.PRINT_FREQ == 0 or last or save_due:
+                stopping = sync_ranks(first_bad, num_steps, epoch, stop is not None and stop.requested)
+                if idx % config.PRINT_FREQ == 0 or last:
+                    log_progress(config, epoch, idx, num_steps, meters, batch_time, optimizer, model, logger, writer)
+                if (save_due or stopping) and not last:
+                    checkpointer.save(epoch, idx + 1, meters)
+                if stopping and not last:
+                    return idx + 1, True
             step = idx + 1
+    except (NonFiniteLossError, CheckpointWriteError):
+        raise
     except RuntimeError as e:  # DistBackendError, and the loader's error for a dead worker
         fault = process_fault(e, config, epoch, step)
         if fault is None:
@@ -290,7 +333,7 @@ def train_one_epoch(
     read = meters.read()
     mean_loss = all_reduce_mean(torch.tensor(read["loss"][1], device=device)).item()
     acc1_avg = read.get("contrast_acc1", (0.0, 0.0))[1]
-    images_per_s = num_steps * config.DATA.BATCH_SIZE * world_size() / max(epoch_time, 1e-9)
+    images_per_s = (num_steps - start_step) * config.DATA.BATCH_SIZE * world_size() / max(epoch_time, 1e-9)
     epoch_values = {"loss": mean_loss, "time": epoch_time, "images_per_s": images_per_s}
     writer.scalars(epoch_values, (epoch + 1) * num_steps - 1, prefix="epoch/")  # the epoch's last step
     logger.info(
@@ -298,7 +341,7 @@ def train_one_epoch(
         f"contrast_acc1 {acc1_avg:.3f} "
         f"images/s {images_per_s:.1f} (all processes)"
     )
-    return mean_loss
+    return num_steps, stopping
 
 
 def _synthetic_batch(config):
@@ -358,37 +401,46 @@ def write_checkpoints(state, paths, last_good, logger):
     return last_good
 
 
-def save_checkpoint(config, epoch, model, optimizer, lr_scheduler, scaler, last_good, logger):
-    """Write the state after ``epoch``: ``ckpt_epoch_{epoch}.pth`` when due, then ``checkpoint.pth``.
-    Returns the new last good checkpoint."""
-    state = {
-        "model": unwrap(model).state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "lr_scheduler": lr_scheduler.state_dict(),
-        "scaler": scaler.state_dict(),
-        "epoch": epoch,
-        "framework": {"type": config.MODEL.TYPE, "encoder": config.MODEL.ENCODER},
-        "config": config.dump(),
-    }
-    paths = []
-    if epoch % config.SAVE_FREQ == 0 or epoch == config.TRAIN.EPOCHS - 1:
-        paths.append(os.path.join(config.OUTPUT, f"ckpt_epoch_{epoch}.pth"))
-    paths.append(os.path.join(config.OUTPUT, "checkpoint.pth"))  # last: see newest_checkpoint
-    return write_checkpoints(state, paths, last_good, logger)
+class Checkpointer:
+    """Saves the training state on rank 0 (``save``, called by every rank) and knows the last
+    good checkpoint on every rank."""
 
+    def __init__(self, config, env, model, optimizer, lr_scheduler, scaler, last_good, logger):
+        self.config, self.env, self.logger = config, env, logger
+        self.model, self.optimizer, self.lr_scheduler, self.scaler = model, optimizer, lr_scheduler, scaler
+        self.last_good = last_good
 
-def save_on_rank0(env, device, save, last_good):
-    """``save()`` on rank 0, which returns the new last good checkpoint; every rank raises when it
-    failed, so none trains on past a save rank 0 could not make. One collective."""
-    error = None
-    if env.is_main:
-        try:
-            last_good = save()
-        except CheckpointWriteError as e:
-            error = e
-    if not all_ranks(torch.tensor(error is None, device=device)):
-        raise error or CheckpointWriteError("rank 0 could not write a checkpoint: see its error line")
-    return last_good
+    def save(self, epoch, step=None, meters=None):
+        """Save after ``epoch``, or, with ``step``, after ``step`` steps of it (with the epoch's
+        ``meters``): ``ckpt_epoch_{epoch}.pth`` when due (at ends of epochs), then ``checkpoint.pth``.
+        Every rank raises when the weights are not finite or rank 0 could not write (one collective)."""
+        config, model = self.config, self.model
+        where = f"after epoch {epoch}" if step is None else f"at epoch {epoch} step {step}"
+        if not all(torch.isfinite(p).all() for p in model.parameters()):
+            raise NonFiniteLossError(f"non-finite weights {where}")
+        state = {
+            "model": unwrap(model).state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "lr_scheduler": self.lr_scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "epoch": epoch if step is None else epoch - 1,  # the last epoch done in full
+            "framework": {"type": config.MODEL.TYPE, "encoder": config.MODEL.ENCODER},
+            "config": config.dump(),
+        }
+        paths = [os.path.join(config.OUTPUT, LATEST)]  # last: see newest_checkpoint
+        if step is not None:
+            state.update(epoch_step=step, meters=meters.state_dict())
+        elif epoch % config.SAVE_FREQ == 0 or epoch == config.TRAIN.EPOCHS - 1:
+            paths.insert(0, os.path.join(config.OUTPUT, f"ckpt_epoch_{epoch}.pth"))
+        error = None
+        if self.env.is_main:
+            try:
+                write_checkpoints(state, paths, self.last_good, self.logger)
+            except CheckpointWriteError as e:
+                error = e
+        if not all_ranks(torch.tensor(error is None, device=self.env.device)):
+            raise error or CheckpointWriteError("rank 0 could not write a checkpoint: see its error line")
+        self.last_good = paths[-1]
 
 
 def resume_point(config, env, logger):
@@ -442,7 +494,8 @@ def resume_point(config, env, logger):
                 f"{expected['type']} / {expected['encoder']}: pick the matching --cfg or another --output/--tag"
             )
     start_epoch = ckpt["epoch"] + 1 if ckpt is not None else config.TRAIN.START_EPOCH
-    if newest is not None and newest["epoch"] >= start_epoch:
+    start_step = ckpt.get("epoch_step", 0) if ckpt is not None else 0  # a checkpoint saved inside an epoch
+    if newest is not None and (newest["epoch"] + 1, newest.get("epoch_step", 0)) > (start_epoch, start_step):
         start = f"--resume {path}" if path else "TRAIN.AUTO_RESUME False"
         raise ConfigError(
             f"{newest_path} already holds epoch {newest['epoch']}, and this run would train again from epoch "
@@ -451,7 +504,7 @@ def resume_point(config, env, logger):
             f"--output or --tag, or move checkpoint.pth and ckpt_epoch_E.pth for E >= {start_epoch} out of "
             f"{config.OUTPUT}"
         )
-    return start_epoch, path, ckpt
+    return start_epoch, start_step, path, ckpt
 
 
 def restore(path, ckpt, model, optimizer, scaler, logger):
@@ -474,9 +527,9 @@ def main(config, env, logger):
     augment = DeviceAugment(gpu_aug=config.DATA.GPU_AUG)
 
     # ---------------------------------------------------------------- resume point
-    start_epoch, last_good, ckpt = config.TRAIN.START_EPOCH, None, None
+    start_epoch, start_step, last_good, ckpt = config.TRAIN.START_EPOCH, 0, None, None
     if not config.THROUGHPUT_MODE:
-        start_epoch, last_good, ckpt = resume_point(config, env, logger)
+        start_epoch, start_step, last_good, ckpt = resume_point(config, env, logger)
         if ckpt is not None and start_epoch >= config.TRAIN.EPOCHS:
             logger.info(
                 f"run complete: all {config.TRAIN.EPOCHS} epochs already trained, checkpoint {last_good} "
@@ -516,32 +569,44 @@ def main(config, env, logger):
         throughput(config, model, augment, optimizer, scaler, autocast, device, logger)
         return
 
+    meters = DeviceMeters()  # of the epoch a checkpoint saved inside of
     if ckpt is not None:
         restore(last_good, ckpt, model, optimizer, scaler, logger)
+        if start_step:
+            meters.load_state_dict(ckpt["meters"], device)
         del ckpt  # a second copy of every state, on the CPU
     # a resumed run hides the steps an interrupted one logged after its checkpoint
-    writer = MetricWriter(config.OUTPUT, config.TENSORBOARD and env.is_main, logger, start_epoch * steps_per_epoch)
+    writer = MetricWriter(
+        config.OUTPUT, config.TENSORBOARD and env.is_main, logger, start_epoch * steps_per_epoch + start_step
+    )
+    checkpointer = Checkpointer(config, env, model, optimizer, lr_scheduler, scaler, last_good, logger)
+    stop = StopSignal()
 
     # ---------------------------------------------------------------- loop
-    logger.info("start training")
+    logger.info("start training" + (f" at epoch {start_epoch} step {start_step}" if start_step else ""))
     start = time.time()
     for epoch in range(start_epoch, config.TRAIN.EPOCHS):
-        seed_epoch(config, epoch, env.rank)
-        set_loader_epoch(data_loader, epoch)
+        set_loader_epoch(data_loader, epoch, start_step)
         try:
-            train_one_epoch(
-                config, model, batches, optimizer, lr_scheduler, scaler, autocast, epoch, device, logger, writer
-            )
-            if not all(torch.isfinite(p).all() for p in model.parameters()):
-                raise NonFiniteLossError(f"non-finite weights after epoch {epoch}")
+            steps_done, stopping = train_one_epoch(
+                config, model, batches, optimizer, lr_scheduler, scaler, autocast, epoch, device, logger, writer,
+                start_step, meters, stop, checkpointer,
+            )  # fmt: skip
+            if steps_done == steps_per_epoch:
+                logger.info(f"epoch {epoch}: skipped {skipped_samples(data_loader)} unreadable images")
+                checkpointer.save(epoch)
         except NonFiniteLossError as e:
             raise NonFiniteLossError(
-                f"{e}; nothing was saved, the last good checkpoint is {last_good or 'none'}: "
+                f"{e}; nothing was saved, the last good checkpoint is {checkpointer.last_good or 'none'}: "
                 "lower TRAIN.BASE_LR or set TRAIN.CLIP_GRAD, then resume"
             ) from None
-        logger.info(f"epoch {epoch}: skipped {skipped_samples(data_loader)} unreadable images")
-        save = partial(save_checkpoint, config, epoch, model, optimizer, lr_scheduler, scaler, last_good, logger)
-        last_good = save_on_rank0(env, device, save, last_good)
+        if stopping:
+            logger.info(
+                f"stopped by a signal at epoch {epoch} step {steps_done}: saved {checkpointer.last_good}; "
+                "the same command resumes there"
+            )
+            break
+        start_step, meters = 0, DeviceMeters()
     writer.close()
     logger.info(f"training time {datetime.timedelta(seconds=int(time.time() - start))}")
 
@@ -601,6 +666,9 @@ def run_cli(setup_fn, main_fn, argv=None):
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
     finally:
+        # loader workers ignore SIGTERM (ignore_stop_signals), which the exit would send them
+        for worker in multiprocessing.active_children():
+            worker.kill()
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 

@@ -3,6 +3,7 @@ a stalled rank, a killed data loader worker, preemption."""
 
 import glob
 import os
+import random
 import re
 import signal
 import subprocess
@@ -153,3 +154,50 @@ def test_a_killed_loader_worker_ends_the_run_with_one_line_and_the_resume_contin
     log = open(os.path.join(run_folder(tmp_path), "log_rank0.txt")).read().split("resumed from")[-1]
     done_before = step_losses(killed, 1)
     assert done_before and step_losses(log, 1)[: len(done_before)] == done_before
+
+
+def epoch_losses(log_text, epoch):
+    """The (step, loss) pairs logged for ``epoch``, in the order logged."""
+    return re.findall(rf"Train: \[{epoch}/2\]\[(\d+)/\d+\].*?\bloss (\S+)", log_text)
+
+
+def start_torchrun(args, port, log_path):
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    launcher = ["-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}"]
+    with open(log_path, "w") as log:
+        return subprocess.Popen([sys.executable, *launcher, *args], cwd=ROOT, env=env, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+
+
+def test_preempted_mid_epoch_run_resumes_exactly(image_folder, tmp_path):
+    # 2 processes x batch 2: 4 steps per epoch
+    def args(output, *opts):
+        return [*pretrain_args("synco", image_folder, output, *opts), "--batch-size", "2"]
+
+    straight = start_torchrun(args(tmp_path / "straight"), 29641, tmp_path / "straight.txt")
+    assert straight.wait(timeout=300) == 0, (tmp_path / "straight.txt").read_text()[-3000:]
+
+    log = tmp_path / "preempted.txt"
+    preempted = start_torchrun(args(tmp_path / "preempted"), 29642, log)
+    try:
+        wait_for(f"Train: [1/2][{random.Random(0).randrange(3)}/4]", log, preempted)
+        os.killpg(preempted.pid, signal.SIGTERM)  # as a scheduler signals every process of a job
+        preempted.wait(timeout=120)
+    finally:
+        preempted.kill()
+    folder = run_folder(tmp_path / "preempted")
+    ckpt = torch.load(os.path.join(folder, "checkpoint.pth"), weights_only=False)
+    assert ckpt["epoch"] == 0 and 0 < ckpt["epoch_step"] < 4, log.read_text()[-3000:]
+    assert f"stopped by a signal at epoch 1 step {ckpt['epoch_step']}" in log.read_text()
+
+    resumed = start_torchrun(args(tmp_path / "preempted"), 29643, tmp_path / "resumed.txt")
+    assert resumed.wait(timeout=300) == 0, (tmp_path / "resumed.txt").read_text()[-3000:]
+    expected = open(os.path.join(run_folder(tmp_path / "straight"), "log_rank0.txt")).read()
+    got = open(os.path.join(folder, "log_rank0.txt")).read()
+    assert f"start training at epoch 1 step {ckpt['epoch_step']}" in got
+    assert epoch_losses(got, 1) == epoch_losses(expected, 1) and len(epoch_losses(expected, 1)) == 4
+    a = torch.load(os.path.join(run_folder(tmp_path / "straight"), "checkpoint.pth"), weights_only=False)
+    b = torch.load(os.path.join(folder, "checkpoint.pth"), weights_only=False)
+    assert a["epoch"] == b["epoch"] == 1 and "epoch_step" not in b
+    for key, value in a["model"].items():  # weights, queues, step counter
+        torch.testing.assert_close(b["model"][key], value, rtol=0, atol=1e-6, msg=key)
