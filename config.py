@@ -137,6 +137,9 @@ _C.TRAIN.MIN_LR = 5e-6
 _C.TRAIN.CLIP_GRAD = 5.0
 # Resume from the newest checkpoint in the output folder
 _C.TRAIN.AUTO_RESUME = True
+# Also save checkpoint.pth every SAVE_EVERY_STEPS steps inside epochs (0: only at their ends);
+# a run resumed from it continues at the next step exactly
+_C.TRAIN.SAVE_EVERY_STEPS = 0
 # Gradient accumulation steps; 0 or 1 means none
 _C.TRAIN.ACCUMULATION_STEPS = 0
 # Gradient checkpointing in the backbones to save memory
@@ -206,6 +209,10 @@ _C.TENSORBOARD = True
 # Unpickle checkpoints in full, even those holding objects beyond tensors and plain
 # containers (set by --trust-checkpoint): that can run code, so only for files you trust
 _C.TRUST_CHECKPOINT = False
+# Seconds a process waits in a collective (or for the others to join) before it stops
+# with an error naming its rank and step: a stalled or dead peer then ends the run
+# instead of hanging it. Long enough for the slowest save and evaluation.
+_C.DIST_TIMEOUT = 1800
 # Random seed (offset by the rank)
 _C.SEED = 0
 # Only evaluate (main_linear.py)

@@ -10,8 +10,10 @@
 import argparse
 import datetime
 import json
+import multiprocessing
 import os
 import resource
+import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -25,12 +27,15 @@ from timm.utils import AverageMeter, accuracy
 from config import ConfigError, check_config, get_config
 from data import DeviceAugment, DeviceViews, build_loader, set_loader_epoch, skipped_samples
 from data.augment import build_recipes, sample_view
+from data.build import derive_seed, dist_rank_world
 from logger import create_logger
 from lr_scheduler import build_scheduler
 from metrics import NULL_WRITER, DeviceMeters, MetricWriter
 from models import build_model
 from optimizer import build_optimizer
 from utils import (
+    LATEST,
+    all_ranks,
     all_reduce_mean,
     init_distributed,
     make_latest,
@@ -163,109 +168,184 @@ def seed_epoch(config, epoch, rank):
     seed_everything(int(np.random.SeedSequence([config.SEED, epoch, rank]).generate_state(1)[0]))
 
 
+def seed_step(config, epoch, step, rank):
+    """Every random stream of a step (drop path, SynCo's draws) is a pure function of
+    (SEED, epoch, step, rank), so a run resumed inside an epoch draws what an uninterrupted
+    one would. Host-side: seeding the CUDA generators does not wait for the device."""
+    seed_everything(derive_seed(config.SEED, epoch, step, rank))
+
+
 # -----------------------------------------------------------------------------
 # Training
 # -----------------------------------------------------------------------------
+
+
+class StopSignal:
+    """SIGTERM or SIGUSR1 (a scheduler's notice of preemption) only sets ``requested``: a host
+    flag, read where the ranks meet anyway (``sync_ranks``), so all stop after the same step."""
+
+    def __init__(self):
+        self.requested = False
+        for signum in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(signum, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
 
 
 class NonFiniteLossError(RuntimeError):
     """The loss, gradients or weights stopped being finite."""
 
 
-def check_finite(first_bad, num_steps, epoch):
-    """Stop every rank when any rank saw a non-finite loss or gradient norm this epoch.
+def sync_ranks(first_bad, num_steps, epoch, stop_requested=False):
+    """Where the ranks meet inside an epoch (when logging, and before a periodic save): stop
+    every rank when any rank saw a non-finite loss or gradient norm this epoch, and return
+    whether any rank was asked to stop (StopSignal), so that all stop after the same step.
 
     ``first_bad`` [2]: the first step with a non-finite loss and gradient norm on this rank
     (``num_steps`` when none). One collective and one synchronisation, so the training step
-    itself never waits for the device; called when logging and at the end of the epoch.
+    itself never waits for the device.
     """
-    first_bad = first_bad.clone()
+    state = torch.cat([first_bad, first_bad.new_tensor([0 if stop_requested else 1])])
     if world_size() > 1:
-        torch.distributed.all_reduce(first_bad, op=torch.distributed.ReduceOp.MIN)
-    bad_loss, bad_grad = first_bad.tolist()
+        torch.distributed.all_reduce(state, op=torch.distributed.ReduceOp.MIN)
+    bad_loss, bad_grad, go_on = state.tolist()
     if bad_loss < num_steps:
         raise NonFiniteLossError(f"non-finite loss at epoch {epoch} step {bad_loss}")
     if bad_grad < num_steps:
         raise NonFiniteLossError(f"non-finite gradient norm at epoch {epoch} step {bad_grad}")
+    return not go_on
+
+
+class ProcessFaultError(RuntimeError):
+    """This process cannot go on: another one stalled or died, or a data loader worker died."""
+
+
+def process_fault(error, config, epoch, step):
+    """A one-line ProcessFaultError for ``error``, raised at ``step`` of ``epoch``, when it is a fault
+    of the processes (rather than of the code), else None."""
+    text = " ".join(str(error).split())
+    if "DataLoader worker" in text:
+        cause = f"a data loader worker died ({text[:160]}): out of host memory? Lower DATA.NUM_WORKERS"
+    elif "timed out" in text.lower() or "timeout" in text.lower():
+        cause = (
+            f"waited more than DIST_TIMEOUT {config.DIST_TIMEOUT} s for the other processes in a collective: "
+            "one of them stalled (a hung file system, a stuck worker) or died"
+        )
+    elif isinstance(error, torch.distributed.DistError) or "Connection closed" in text or "Connection reset" in text:
+        cause = f"lost the connection to another process ({text[:160]}): it died or its node failed"
+    else:
+        return None
+    return ProcessFaultError(f"rank {dist_rank_world()[0]} at epoch {epoch} step {step}: {cause}")
+
+
+def log_progress(config, epoch, idx, num_steps, meters, batch_time, optimizer, model, logger, writer):
+    """Log step ``idx`` of ``epoch``: its values and the epoch's means so far (reads the device)."""
+    read = meters.read()
+    nan = (float("nan"), float("nan"))
+    (loss_val, loss_avg), (norm_val, norm_avg) = read["loss"], read.get("grad_norm", nan)
+    (acc1_val, acc1_avg), (acc5_val, acc5_avg) = read.get("contrast_acc1", nan), read.get("contrast_acc5", nan)
+    lr = optimizer.param_groups[0]["lr"]
+    steps_left = num_steps - idx - 1
+    eta = datetime.timedelta(seconds=int(batch_time.avg * steps_left))
+    eta_run = datetime.timedelta(
+        seconds=int(batch_time.avg * (steps_left + (config.TRAIN.EPOCHS - epoch - 1) * num_steps))
+    )
+    logger.info(
+        f"Train: [{epoch}/{config.TRAIN.EPOCHS}][{idx}/{num_steps}]\t"
+        f"eta {eta} (run {eta_run}) lr {lr:.4e}\t"
+        f"time {batch_time.val:.4f} ({batch_time.avg:.4f})\t"
+        f"loss {loss_val:.4f} ({loss_avg:.4f})\t"
+        f"grad_norm {norm_val:.4f} ({norm_avg:.4f})\t"
+        f"mem {memory_mb(next(model.parameters()).device):.0f}MB\t"
+        f"contrast_acc1 {acc1_val:.3f} ({acc1_avg:.3f})\t"
+        f"contrast_acc5 {acc5_val:.3f} ({acc5_avg:.3f})"
+    )
+    values = {"loss": loss_val, "lr": lr, "grad_norm": norm_val}
+    if "contrast_acc1" in read:
+        values.update(contrast_acc1=acc1_val, contrast_acc5=acc5_val)
+    if hasattr(unwrap(model), "momentum"):
+        values["momentum"] = unwrap(model).momentum
+    writer.scalars(values, epoch * num_steps + idx, prefix="train/")
 
 
 def train_one_epoch(
-    config, model, batches, optimizer, lr_scheduler, scaler, autocast, epoch, device, logger, writer=NULL_WRITER
-):
-    """One epoch over ``batches`` (a ``DeviceViews``: pairs of model inputs on ``device``).
+    config, model, batches, optimizer, lr_scheduler, scaler, autocast, epoch, device, logger, writer=NULL_WRITER,
+    start_step=0, meters=None, stop=None, checkpointer=None,
+):  # fmt: skip
+    """One epoch over ``batches`` (a ``DeviceViews``: pairs of model inputs on ``device``), from
+    ``start_step`` on with the epoch's ``meters`` so far (``batches`` then yields the steps left).
 
     The step reads nothing back from the device: losses and accuracies accumulate there
-    and are read when logged (every PRINT_FREQ steps), when non-finite values are checked too.
+    and are read when logged (every PRINT_FREQ steps), when non-finite values are checked too
+    and ``stop`` (a StopSignal) agreed on. Every TRAIN.SAVE_EVERY_STEPS steps, and where the
+    ranks agree to stop, ``checkpointer`` saves the position. Returns (steps of the epoch
+    done, whether the run stops).
     """
     model.train()
-    num_steps = len(batches)
+    num_steps = start_step + len(batches)
+    rank = dist_rank_world()[0]
     accumulation = max(config.TRAIN.ACCUMULATION_STEPS, 1)
     params = [p for p in model.parameters() if p.requires_grad]
-    batch_time, meters = AverageMeter(), DeviceMeters()
+    batch_time, meters = AverageMeter(), meters or DeviceMeters()
     # first step with a non-finite loss, and gradient norm (fp16 overflows are the grad scaler's to skip)
     first_bad = torch.full((2,), num_steps, dtype=torch.long, device=device)
+    save_every = config.TRAIN.SAVE_EVERY_STEPS
 
     optimizer.zero_grad(set_to_none=True)
     start = end = time.time()
-    for idx, (x1, x2) in enumerate(batches):  # [B, 3, H, W] each
-        lr_scheduler.step_update(epoch * num_steps + idx)
-        update = (idx + 1) % accumulation == 0 or idx + 1 == num_steps
-        no_sync = getattr(model, "no_sync", None)
-        with no_sync() if (no_sync is not None and not update) else nullcontext():
-            with autocast():
-                out = model(x1, x2)
-            loss = out["loss"]
-            scaler.scale(loss / accumulation).backward()
-        first_bad[0] = torch.where(torch.isfinite(loss.detach()), first_bad[0], first_bad[0].clamp(max=idx))
-        if update:
-            scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, config.TRAIN.CLIP_GRAD or float("inf"))
-            if not scaler.is_enabled():
-                first_bad[1] = torch.where(torch.isfinite(grad_norm), first_bad[1], first_bad[1].clamp(max=idx))
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            meters.update(grad_norm=grad_norm)
-        meters.update(loss=loss)
-        if "logits" in out:
-            acc1, acc5 = accuracy(out["logits"], out["labels"], topk=(1, 5))
-            meters.update(contrast_acc1=acc1, contrast_acc5=acc5)
-        batch_time.update(time.time() - end)
-        end = time.time()
+    step, stopping = start_step, False  # the step being loaded or run; whether the ranks agreed to stop
+    try:
+        for idx, (x1, x2) in enumerate(batches, start=start_step):  # [B, 3, H, W] each
+            seed_step(config, epoch, idx, rank)
+            lr_scheduler.step_update(epoch * num_steps + idx)
+            update = (idx + 1) % accumulation == 0 or idx + 1 == num_steps
+            no_sync = getattr(model, "no_sync", None)
+            with no_sync() if (no_sync is not None and not update) else nullcontext():
+                with autocast():
+                    out = model(x1, x2)
+                loss = out["loss"]
+                scaler.scale(loss / accumulation).backward()
+            first_bad[0] = torch.where(torch.isfinite(loss.detach()), first_bad[0], first_bad[0].clamp(max=idx))
+            if update:
+                scaler.unscale_(optimizer)
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, config.TRAIN.CLIP_GRAD or float("inf"))
+                if not scaler.is_enabled():
+                    first_bad[1] = torch.where(torch.isfinite(grad_norm), first_bad[1], first_bad[1].clamp(max=idx))
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                meters.update(grad_norm=grad_norm)
+            meters.update(loss=loss)
+            if "logits" in out:
+                acc1, acc5 = accuracy(out["logits"], out["labels"], topk=(1, 5))
+                meters.update(contrast_acc1=acc1, contrast_acc5=acc5)
+            batch_time.update(time.time() - end)
+            end = time.time()
 
-        if idx % config.PRINT_FREQ == 0 or idx + 1 == num_steps:
-            check_finite(first_bad, num_steps, epoch)
-            read = meters.read()
-            nan = (float("nan"), float("nan"))
-            (loss_val, loss_avg), (norm_val, norm_avg) = read["loss"], read.get("grad_norm", nan)
-            (acc1_val, acc1_avg), (acc5_val, acc5_avg) = read.get("contrast_acc1", nan), read.get("contrast_acc5", nan)
-            lr = optimizer.param_groups[0]["lr"]
-            steps_left = num_steps - idx - 1
-            eta = datetime.timedelta(seconds=int(batch_time.avg * steps_left))
-            eta_run = datetime.timedelta(
-                seconds=int(batch_time.avg * (steps_left + (config.TRAIN.EPOCHS - epoch - 1) * num_steps))
-            )
-            logger.info(
-                f"Train: [{epoch}/{config.TRAIN.EPOCHS}][{idx}/{num_steps}]\t"
-                f"eta {eta} (run {eta_run}) lr {lr:.4e}\t"
-                f"time {batch_time.val:.4f} ({batch_time.avg:.4f})\t"
-                f"loss {loss_val:.4f} ({loss_avg:.4f})\t"
-                f"grad_norm {norm_val:.4f} ({norm_avg:.4f})\t"
-                f"mem {memory_mb(device):.0f}MB\t"
-                f"contrast_acc1 {acc1_val:.3f} ({acc1_avg:.3f})\t"
-                f"contrast_acc5 {acc5_val:.3f} ({acc5_avg:.3f})"
-            )
-            values = {"loss": loss_val, "lr": lr, "grad_norm": norm_val}
-            if "contrast_acc1" in read:
-                values.update(contrast_acc1=acc1_val, contrast_acc5=acc5_val)
-            if hasattr(unwrap(model), "momentum"):
-                values["momentum"] = unwrap(model).momentum
-            writer.scalars(values, epoch * num_steps + idx, prefix="train/")
+            last = idx + 1 == num_steps
+            save_due = save_every > 0 and (epoch * num_steps + idx + 1) % save_every == 0 and not last
+            if idx % config.PRINT_FREQ == 0 or last or save_due:
+                stopping = sync_ranks(first_bad, num_steps, epoch, stop is not None and stop.requested)
+                if idx % config.PRINT_FREQ == 0 or last:
+                    log_progress(config, epoch, idx, num_steps, meters, batch_time, optimizer, model, logger, writer)
+                if (save_due or stopping) and not last:
+                    checkpointer.save(epoch, idx + 1, meters)
+                if stopping and not last:
+                    return idx + 1, True
+            step = idx + 1
+    except (NonFiniteLossError, CheckpointWriteError):
+        raise
+    except RuntimeError as e:  # DistBackendError, and the loader's error for a dead worker
+        fault = process_fault(e, config, epoch, step)
+        if fault is None:
+            raise
+        raise fault from None
     epoch_time = time.time() - start
     read = meters.read()
     mean_loss = all_reduce_mean(torch.tensor(read["loss"][1], device=device)).item()
     acc1_avg = read.get("contrast_acc1", (0.0, 0.0))[1]
-    images_per_s = num_steps * config.DATA.BATCH_SIZE * world_size() / max(epoch_time, 1e-9)
+    images_per_s = (num_steps - start_step) * config.DATA.BATCH_SIZE * world_size() / max(epoch_time, 1e-9)
     epoch_values = {"loss": mean_loss, "time": epoch_time, "images_per_s": images_per_s}
     writer.scalars(epoch_values, (epoch + 1) * num_steps - 1, prefix="epoch/")  # the epoch's last step
     logger.info(
@@ -273,7 +353,7 @@ def train_one_epoch(
         f"contrast_acc1 {acc1_avg:.3f} "
         f"images/s {images_per_s:.1f} (all processes)"
     )
-    return mean_loss
+    return num_steps, stopping
 
 
 def _synthetic_batch(config):
@@ -310,24 +390,69 @@ def throughput(config, model, augment, optimizer, scaler, autocast, device, logg
 # -----------------------------------------------------------------------------
 
 
-def save_checkpoint(config, epoch, model, optimizer, lr_scheduler, scaler, logger):
-    state = {
-        "model": unwrap(model).state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "lr_scheduler": lr_scheduler.state_dict(),
-        "scaler": scaler.state_dict(),
-        "epoch": epoch,
-        "framework": {"type": config.MODEL.TYPE, "encoder": config.MODEL.ENCODER},
-        "config": config.dump(),
-    }
-    saved = []
-    if epoch % config.SAVE_FREQ == 0 or epoch == config.TRAIN.EPOCHS - 1:
-        saved.append(os.path.join(config.OUTPUT, f"ckpt_epoch_{epoch}.pth"))
-    saved.append(os.path.join(config.OUTPUT, "checkpoint.pth"))  # last: see load_newest_checkpoint
-    for path in saved:
-        save_atomic(state, path)
-    logger.info(f"saved {', '.join(saved)}")
-    return saved[-1]
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (a full disk, a quota, a lost mount)."""
+
+
+def write_checkpoints(state, paths, last_good, logger):
+    """Write ``state`` to each of ``paths`` in turn (``save_atomic``); returns the last path.
+
+    A write that fails leaves no file behind and raises CheckpointWriteError naming it, the OS's
+    reason and the newest good checkpoint, the one auto-resume then picks.
+    """
+    for path in paths:
+        try:
+            save_atomic(state, path)
+        except OSError as e:
+            raise CheckpointWriteError(
+                f"could not write {path} ({e.strerror or e}); the last good checkpoint is {last_good or 'none'}: "
+                f"free space in {os.path.dirname(path) or '.'} (or fix it), then resume"
+            ) from None
+        last_good = path
+    logger.info(f"saved {', '.join(paths)}")
+    return last_good
+
+
+class Checkpointer:
+    """Saves the training state on rank 0 (``save``, called by every rank) and knows the last
+    good checkpoint on every rank."""
+
+    def __init__(self, config, env, model, optimizer, lr_scheduler, scaler, last_good, logger):
+        self.config, self.env, self.logger = config, env, logger
+        self.model, self.optimizer, self.lr_scheduler, self.scaler = model, optimizer, lr_scheduler, scaler
+        self.last_good = last_good
+
+    def save(self, epoch, step=None, meters=None):
+        """Save after ``epoch``, or, with ``step``, after ``step`` steps of it (with the epoch's
+        ``meters``): ``ckpt_epoch_{epoch}.pth`` when due (at ends of epochs), then ``checkpoint.pth``.
+        Every rank raises when the weights are not finite or rank 0 could not write (one collective)."""
+        config, model = self.config, self.model
+        where = f"after epoch {epoch}" if step is None else f"at epoch {epoch} step {step}"
+        if not all(torch.isfinite(p).all() for p in model.parameters()):
+            raise NonFiniteLossError(f"non-finite weights {where}")
+        state = {
+            "model": unwrap(model).state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "lr_scheduler": self.lr_scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "epoch": epoch if step is None else epoch - 1,  # the last epoch done in full
+            "framework": {"type": config.MODEL.TYPE, "encoder": config.MODEL.ENCODER},
+            "config": config.dump(),
+        }
+        paths = [os.path.join(config.OUTPUT, LATEST)]  # last: see newest_checkpoint
+        if step is not None:
+            state.update(epoch_step=step, meters=meters.state_dict())
+        elif epoch % config.SAVE_FREQ == 0 or epoch == config.TRAIN.EPOCHS - 1:
+            paths.insert(0, os.path.join(config.OUTPUT, f"ckpt_epoch_{epoch}.pth"))
+        error = None
+        if self.env.is_main:
+            try:
+                write_checkpoints(state, paths, self.last_good, self.logger)
+            except CheckpointWriteError as e:
+                error = e
+        if not all_ranks(torch.tensor(error is None, device=self.env.device)):
+            raise error or CheckpointWriteError("rank 0 could not write a checkpoint: see its error line")
+        self.last_good = paths[-1]
 
 
 def resume_point(config, env, logger):
@@ -343,19 +468,28 @@ def resume_point(config, env, logger):
     """
     if config.MODEL.RESUME and not os.path.isfile(config.MODEL.RESUME):
         raise ConfigError(f"--resume {config.MODEL.RESUME}: no such file")
+    # read first: the repair below may replace the file when it is the folder's checkpoint.pth
+    resumed = read_checkpoint(config.MODEL.RESUME, config.TRUST_CHECKPOINT) if config.MODEL.RESUME else None
     newest_path, newest = None, None
     if env.is_main:  # the only writer here: no other rank may delete its temporary files
         remove_stale_tmp(config.OUTPUT, logger)
         newest_path, newest = newest_checkpoint(config.OUTPUT, logger, config.TRUST_CHECKPOINT)
         if newest is not None:
-            make_latest(newest_path, newest["epoch"], config.OUTPUT, logger)
+            try:
+                make_latest(newest_path, newest["epoch"], config.OUTPUT, logger)
+            except OSError as e:
+                raise CheckpointWriteError(
+                    f"could not write {os.path.join(config.OUTPUT, 'checkpoint.pth')} ({e.strerror or e}); "
+                    f"the last good checkpoint is {newest_path}: free space in {config.OUTPUT} (or fix it), "
+                    "then resume"
+                ) from None
     if env.world_size > 1:
         torch.distributed.barrier()  # the other ranks read the folder as rank 0 left it
         if not env.is_main:
             newest_path, newest = newest_checkpoint(config.OUTPUT, logger, config.TRUST_CHECKPOINT)
 
     if config.MODEL.RESUME:
-        path, ckpt = config.MODEL.RESUME, read_checkpoint(config.MODEL.RESUME, config.TRUST_CHECKPOINT)
+        path, ckpt = config.MODEL.RESUME, resumed
     elif config.TRAIN.AUTO_RESUME:
         path, ckpt = newest_path, newest
         if ckpt is None:
@@ -372,7 +506,8 @@ def resume_point(config, env, logger):
                 f"{expected['type']} / {expected['encoder']}: pick the matching --cfg or another --output/--tag"
             )
     start_epoch = ckpt["epoch"] + 1 if ckpt is not None else config.TRAIN.START_EPOCH
-    if newest is not None and newest["epoch"] >= start_epoch:
+    start_step = ckpt.get("epoch_step", 0) if ckpt is not None else 0  # a checkpoint saved inside an epoch
+    if newest is not None and (newest["epoch"] + 1, newest.get("epoch_step", 0)) > (start_epoch, start_step):
         start = f"--resume {path}" if path else "TRAIN.AUTO_RESUME False"
         raise ConfigError(
             f"{newest_path} already holds epoch {newest['epoch']}, and this run would train again from epoch "
@@ -381,7 +516,7 @@ def resume_point(config, env, logger):
             f"--output or --tag, or move checkpoint.pth and ckpt_epoch_E.pth for E >= {start_epoch} out of "
             f"{config.OUTPUT}"
         )
-    return start_epoch, path, ckpt
+    return start_epoch, start_step, path, ckpt
 
 
 def restore(path, ckpt, model, optimizer, scaler, logger):
@@ -404,9 +539,9 @@ def main(config, env, logger):
     augment = DeviceAugment(gpu_aug=config.DATA.GPU_AUG)
 
     # ---------------------------------------------------------------- resume point
-    start_epoch, last_good, ckpt = config.TRAIN.START_EPOCH, None, None
+    start_epoch, start_step, last_good, ckpt = config.TRAIN.START_EPOCH, 0, None, None
     if not config.THROUGHPUT_MODE:
-        start_epoch, last_good, ckpt = resume_point(config, env, logger)
+        start_epoch, start_step, last_good, ckpt = resume_point(config, env, logger)
         if ckpt is not None and start_epoch >= config.TRAIN.EPOCHS:
             logger.info(
                 f"run complete: all {config.TRAIN.EPOCHS} epochs already trained, checkpoint {last_good} "
@@ -441,32 +576,44 @@ def main(config, env, logger):
         throughput(config, model, augment, optimizer, scaler, autocast, device, logger)
         return
 
+    meters = DeviceMeters()  # of the epoch a checkpoint saved inside of
     if ckpt is not None:
         restore(last_good, ckpt, model, optimizer, scaler, logger)
+        if start_step:
+            meters.load_state_dict(ckpt["meters"], device)
         del ckpt  # a second copy of every state, on the CPU
     # a resumed run hides the steps an interrupted one logged after its checkpoint
-    writer = MetricWriter(config.OUTPUT, config.TENSORBOARD and env.is_main, logger, start_epoch * steps_per_epoch)
+    writer = MetricWriter(
+        config.OUTPUT, config.TENSORBOARD and env.is_main, logger, start_epoch * steps_per_epoch + start_step
+    )
+    checkpointer = Checkpointer(config, env, model, optimizer, lr_scheduler, scaler, last_good, logger)
+    stop = StopSignal()
 
     # ---------------------------------------------------------------- loop
-    logger.info("start training")
+    logger.info("start training" + (f" at epoch {start_epoch} step {start_step}" if start_step else ""))
     start = time.time()
     for epoch in range(start_epoch, config.TRAIN.EPOCHS):
-        seed_epoch(config, epoch, env.rank)
-        set_loader_epoch(data_loader, epoch)
+        set_loader_epoch(data_loader, epoch, start_step)
         try:
-            train_one_epoch(
-                config, model, batches, optimizer, lr_scheduler, scaler, autocast, epoch, device, logger, writer
-            )
-            if not all(torch.isfinite(p).all() for p in model.parameters()):
-                raise NonFiniteLossError(f"non-finite weights after epoch {epoch}")
+            steps_done, stopping = train_one_epoch(
+                config, model, batches, optimizer, lr_scheduler, scaler, autocast, epoch, device, logger, writer,
+                start_step, meters, stop, checkpointer,
+            )  # fmt: skip
+            if steps_done == steps_per_epoch:
+                logger.info(f"epoch {epoch}: skipped {skipped_samples(data_loader)} unreadable images")
+                checkpointer.save(epoch)
         except NonFiniteLossError as e:
             raise NonFiniteLossError(
-                f"{e}; nothing was saved, the last good checkpoint is {last_good or 'none'}: "
+                f"{e}; nothing was saved, the last good checkpoint is {checkpointer.last_good or 'none'}: "
                 "lower TRAIN.BASE_LR or set TRAIN.CLIP_GRAD, then resume"
             ) from None
-        logger.info(f"epoch {epoch}: skipped {skipped_samples(data_loader)} unreadable images")
-        if env.is_main:
-            last_good = save_checkpoint(config, epoch, model, optimizer, lr_scheduler, scaler, logger)
+        if stopping:
+            logger.info(
+                f"stopped by a signal at epoch {epoch} step {steps_done}: saved {checkpointer.last_good}; "
+                "the same command resumes there"
+            )
+            break
+        start_step, meters = 0, DeviceMeters()
     writer.close()
     logger.info(f"training time {datetime.timedelta(seconds=int(time.time() - start))}")
 
@@ -488,7 +635,7 @@ def open_output(config, env, folder, name):
 
 def join_processes(config, local_rank):
     """Join the process group; record the local rank in the config."""
-    env = init_distributed(local_rank)
+    env = init_distributed(local_rank, config.DIST_TIMEOUT)
     config.defrost()
     config.LOCAL_RANK = env.local_rank
     config.freeze()
@@ -518,11 +665,17 @@ def run_cli(setup_fn, main_fn, argv=None):
     rank = int(os.environ.get("RANK", 0))
     try:
         main_fn(*setup_fn(argv))
-    except (ConfigError, FileNotFoundError, PermissionError, NonFiniteLossError) as e:
+    except (ConfigError, FileNotFoundError, PermissionError, NonFiniteLossError, CheckpointWriteError) as e:
         if rank == 0:
             print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
+    except ProcessFaultError as e:  # the rank that met it says so
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
     finally:
+        # loader workers ignore SIGTERM (ignore_stop_signals), which the exit would send them
+        for worker in multiprocessing.active_children():
+            worker.kill()
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 

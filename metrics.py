@@ -99,3 +99,13 @@ class DeviceMeters:
             return {}
         values = torch.stack([self._last[n] for n in names] + [self._sum[n] for n in names]).tolist()
         return {n: (values[i], values[len(names) + i] / self._count[n]) for i, n in enumerate(names)}
+
+    def state_dict(self) -> dict:
+        """The meters as they stand (tensors on their device), for a checkpoint inside an epoch."""
+        return {"last": dict(self._last), "sum": dict(self._sum), "count": dict(self._count)}
+
+    def load_state_dict(self, state: dict, device: torch.device) -> None:
+        """Continue from ``state_dict()``'s values, moved to ``device``."""
+        self._last = {name: value.to(device) for name, value in state["last"].items()}
+        self._sum = {name: value.to(device) for name, value in state["sum"].items()}
+        self._count = dict(state["count"])

@@ -1,7 +1,9 @@
 """Distributed set-up and collectives, seeding, and checkpoints."""
 
 import contextlib
+import datetime
 import glob
+import hashlib
 import os
 import pickle
 import random
@@ -48,9 +50,14 @@ def launcher_env(local_rank=None):
     return rank, world, local
 
 
-def init_distributed(local_rank=None):
+def init_distributed(local_rank=None, timeout_s=None):
     """Join the process group (NCCL on CUDA, gloo on the CPU) when launched with
-    several processes, and pick this process's device."""
+    several processes, and pick this process's device.
+
+    ``timeout_s``: how long a collective may wait for the other ranks before it raises
+    (PyTorch's default without it); on NCCL, asynchronous error handling tears the
+    process down when a collective times out, as torchrun sets it by default.
+    """
     rank, world, local = launcher_env(local_rank)
     if torch.cuda.is_available():
         torch.cuda.set_device(local)
@@ -60,8 +67,15 @@ def init_distributed(local_rank=None):
     if world > 1 and not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", "29500")
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, rank=rank, world_size=world, device_id=device if backend == "nccl" else None)
+        dist.init_process_group(
+            backend,
+            rank=rank,
+            world_size=world,
+            device_id=device if backend == "nccl" else None,
+            timeout=datetime.timedelta(seconds=timeout_s) if timeout_s else None,
+        )
     return DistEnv(rank, world, local, device)
 
 
@@ -123,28 +137,85 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+class _KeepOSError:
+    """A binary file's ``write`` that keeps the OSError it raised: torch.save turns a failed
+    write into a RuntimeError without the OS's reason ("unexpected pos ...")."""
+
+    def __init__(self, file):
+        self.file = file
+        self.error = None
+
+    def write(self, data):
+        try:
+            return self.file.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self):
+        self.file.flush()
+
+
 def _write_atomic(path, write):
     """Call ``write(f)`` on a temporary file, fsync it, then rename it to ``path``: a crash
     never leaves a torn ``path``.
 
-    A failed write removes its temporary file; one left by a killed process is removed
-    by the next ``load_newest_checkpoint`` of the folder.
+    A failed write removes its temporary file and raises the OSError that failed it (ENOSPC
+    on a full disk, EDQUOT, EIO ...); one left by a killed process is removed by the next
+    ``load_newest_checkpoint`` of the folder.
     """
     tmp = f"{path}.tmp.{os.getpid()}"
+    writer = None
     try:
         with open(tmp, "wb") as f:
-            write(f)
+            writer = _KeepOSError(f)
+            write(writer)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.remove(tmp)
+        if writer is not None and writer.error is not None:
+            raise writer.error from None
         raise
 
 
+# A checkpoint's key holding the SHA-256 of the rest of its content (``content_digest``)
+DIGEST_KEY = "sha256"
+
+
+def content_digest(obj):
+    """SHA-256 of a checkpoint's content: each tensor's dtype, shape and bytes and every value
+    around them, in order. Equal before saving and after loading unless a byte changed."""
+    digest = hashlib.sha256()
+    _feed(digest, obj)
+    return digest.hexdigest()
+
+
+def _feed(digest, obj):
+    if isinstance(obj, torch.Tensor):
+        tensor = obj.detach().cpu().contiguous()
+        digest.update(f"tensor {tensor.dtype} {tuple(tensor.shape)};".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    elif isinstance(obj, dict):
+        digest.update(f"dict {len(obj)};".encode())
+        for key, value in obj.items():
+            _feed(digest, key)
+            _feed(digest, value)
+    elif isinstance(obj, (list, tuple)):
+        digest.update(f"{type(obj).__name__} {len(obj)};".encode())
+        for value in obj:
+            _feed(digest, value)
+    else:
+        digest.update(f"{type(obj).__name__} {obj!r};".encode())
+
+
 def save_atomic(obj, path):
-    """torch.save ``obj`` to ``path`` through a temporary file and a rename (``_write_atomic``)."""
+    """torch.save ``obj`` to ``path`` through a temporary file and a rename (``_write_atomic``);
+    a dict gets its ``content_digest`` under DIGEST_KEY, which read_checkpoint verifies."""
+    if isinstance(obj, dict):
+        obj = {**obj, DIGEST_KEY: content_digest(obj)}
     _write_atomic(path, lambda f: torch.save(obj, f))
 
 
@@ -174,8 +245,22 @@ def read_checkpoint(path, trust=False):
 
     A file that needs any other class or function raises UnsafeCheckpointError naming it
     (nothing of it is run); ``trust=True`` (``--trust-checkpoint``) unpickles it in full.
-    A truncated or corrupt file raises ConfigError naming it.
+    A truncated or corrupt file, or one whose content no longer matches the digest it was
+    saved with (files without one, like the original code's, are not checked), raises
+    ConfigError naming it.
     """
+    ckpt = _unpickle_checkpoint(path, trust)
+    if isinstance(ckpt, dict) and DIGEST_KEY in ckpt:
+        content = {key: value for key, value in ckpt.items() if key != DIGEST_KEY}
+        if content_digest(content) != ckpt[DIGEST_KEY]:
+            raise ConfigError(
+                f"corrupt checkpoint {path}: its content does not match the SHA-256 digest it was saved with "
+                "(changed on disk or in a copy since)"
+            )
+    return ckpt
+
+
+def _unpickle_checkpoint(path, trust):
     try:
         if trust:
             return torch.load(path, map_location="cpu", weights_only=False)

@@ -29,9 +29,11 @@ is logged once per process (logger ``data.build``), and ``skipped_samples(loader
 counts the replaced samples since ``set_loader_epoch``, over all worker processes.
 """
 
+import itertools
 import logging
 import multiprocessing
 import os
+import signal
 from collections.abc import Iterator, Sized
 
 import torch
@@ -104,24 +106,26 @@ class ShardSampler(Sampler[int]):
 
 
 class SeededSampler(Sampler[tuple[int, int]]):
-    """Wrap an index sampler to yield ``(index, derive_seed(seed, epoch, rank, index))``."""
+    """Wrap an index sampler to yield ``(index, derive_seed(seed, epoch, rank, index))``,
+    from the ``start``-th of the epoch on (a run resumed inside an epoch)."""
 
     def __init__(self, sampler: DistributedSampler | ShardSampler, seed: int, rank: int):
         self.sampler = sampler
         self.seed = seed
         self.rank = rank
         self.epoch = 0
+        self.start = 0
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
         self.sampler.set_epoch(epoch)
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        for index in self.sampler:
+        for index in itertools.islice(self.sampler, self.start, None):
             yield index, derive_seed(self.seed, self.epoch, self.rank, index)
 
     def __len__(self) -> int:
-        return len(self.sampler)
+        return len(self.sampler) - self.start
 
 
 def replacement_index(seed: int, attempt: int, num_samples: int) -> int:
@@ -238,6 +242,13 @@ def resolve_num_workers(requested: int) -> int:
     return requested
 
 
+def ignore_stop_signals(worker_id: int) -> None:
+    """Leave SIGTERM / SIGUSR1, which a scheduler sends to every process of a job, to the
+    training process: it stops the workers itself once it has saved."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+
+
 def build_loader(config, rank: int | None = None, world_size: int | None = None) -> tuple[Dataset, DataLoader]:
     """The pretraining set ``DATA_PATH/train`` and its loader of ``((view1, view2), (params1, params2)), target``
     (see the module docstring). ``rank`` and ``world_size`` default to those of
@@ -265,14 +276,16 @@ def build_loader(config, rank: int | None = None, world_size: int | None = None)
         drop_last=True,
         persistent_workers=num_workers > 0,
         generator=generator,
+        worker_init_fn=ignore_stop_signals,
     )
     return dataset, data_loader
 
 
-def set_loader_epoch(data_loader: DataLoader, epoch: int) -> None:
-    """Make the next pass over ``data_loader`` the data of ``epoch`` (order and augmentation)."""
+def set_loader_epoch(data_loader: DataLoader, epoch: int, start_step: int = 0) -> None:
+    """Make the next pass over ``data_loader`` the data of ``epoch`` (order and augmentation),
+    from its step ``start_step`` on."""
     sampler = data_loader.sampler
-    sampler.set_epoch(epoch)
+    sampler.set_epoch(epoch, start_step * data_loader.batch_size)
     data_loader.generator.manual_seed(derive_seed(sampler.seed, epoch, sampler.rank))
     data_loader.dataset.skipped.value = 0
 

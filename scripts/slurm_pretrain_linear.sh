@@ -12,6 +12,11 @@
 #SBATCH --cpus-per-task=10
 #SBATCH --time=72:00:00
 #SBATCH --output=%x-%j.out
+# Preemption and the time limit: 3 minutes before the end SLURM sends USR1 to this script,
+# which passes it to the training processes (they finish their step, save it and exit 0)
+# and puts the job back in the queue; the requeued job resumes at the next step.
+#SBATCH --signal=B:USR1@180
+#SBATCH --requeue
 set -euo pipefail
 
 CFG=${1:?usage: sbatch $0 CONFIG IMAGENET_FOLDER [OUTPUT] [TAG]}
@@ -24,7 +29,20 @@ export MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 export MASTER_PORT=${MASTER_PORT:-29500}
 export OMP_NUM_THREADS=${SLURM_CPUS_PER_TASK:-8}
 
+requeue=0
+trap 'requeue=1; kill -USR1 "$pretrain" 2>/dev/null || true' USR1  # srun passes it to every task
 srun python main_pretrain.py --cfg "$CFG" --data-path "$DATA" --batch-size "$BATCH_PER_GPU" \
-    --output "$OUT" --tag "$TAG" --opts DATA.NUM_WORKERS "$OMP_NUM_THREADS"
+    --output "$OUT" --tag "$TAG" --opts DATA.NUM_WORKERS "$OMP_NUM_THREADS" &
+pretrain=$!
+while true; do  # a trap interrupts wait: wait again until srun has ended
+    status=0
+    wait "$pretrain" || status=$?
+    kill -0 "$pretrain" 2>/dev/null || break
+done
+if [ "$requeue" = 1 ]; then
+    scontrol requeue "$SLURM_JOB_ID"
+    exit 0
+fi
+[ "$status" = 0 ] || exit "$status"
 srun python main_linear.py --cfg "$CFG" --data-path "$DATA" \
     --output "$OUT" --tag "$TAG" --opts DATA.NUM_WORKERS "$OMP_NUM_THREADS"

@@ -23,7 +23,7 @@ from models.swin_transformer import swin_tiny
 from models.vision_transformer import vit_tiny
 from optimizer import build_optimizer
 from tools import export_backbone
-from utils import UnsafeCheckpointError, load_newest_checkpoint, read_checkpoint
+from utils import DistEnv, UnsafeCheckpointError, load_newest_checkpoint, read_checkpoint
 
 LOGGER = logging.getLogger("test_checkpoint_safety")
 
@@ -65,7 +65,7 @@ def test_every_reader_refuses_it(tmp_path):
 
 @pytest.mark.parametrize("optimizer, schedule", [("adamw", "cosine"), ("lars", "step")])
 def test_our_checkpoints_load_as_they_are(tmp_path, optimizer, schedule):
-    """What main_pretrain.save_checkpoint writes, after a real step with a grad scaler."""
+    """What main_pretrain.Checkpointer writes, after a real step with a grad scaler."""
     config = small_config("synco", OUTPUT=str(tmp_path), TRAIN__OPTIMIZER__NAME=optimizer,
                           TRAIN__LR_SCHEDULER__NAME=schedule)  # fmt: skip
     model = build_model(config, steps_per_epoch=4)
@@ -77,7 +77,9 @@ def test_our_checkpoints_load_as_they_are(tmp_path, optimizer, schedule):
     scaler.step(opt)
     scaler.update()
     sched.step_update(1)
-    path = main_pretrain.save_checkpoint(config, 0, model, opt, sched, scaler, LOGGER)
+    checkpointer = main_pretrain.Checkpointer(config, DistEnv(), model, opt, sched, scaler, None, LOGGER)
+    checkpointer.save(0)
+    path = checkpointer.last_good
     ckpt = read_checkpoint(path)
     assert ckpt["config"] == config.dump() and ckpt["lr_scheduler"] == sched.state_dict()
     assert ckpt["scaler"] == scaler.state_dict() and ckpt["epoch"] == 0
