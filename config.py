@@ -189,14 +189,15 @@ _C.TEST.CROP = True
 # -----------------------------------------------------------------------------
 # Misc
 # -----------------------------------------------------------------------------
-# Mixed precision: "" or O0 fp32, O1 fp16 autocast with a grad scaler, O2 bf16 autocast
-_C.AMP_OPT_LEVEL = "O1"
+# Mixed precision: "" or O0 fp32 (the original's default), O1 fp16 autocast with a grad scaler,
+# O2 bf16 autocast (the fast choice on GPUs)
+_C.AMP_OPT_LEVEL = "O0"
 # Root of the output folders
 _C.OUTPUT = "output"
 # Run tag; the output folder is OUTPUT/MODEL.NAME/TAG
 _C.TAG = "default"
-# Save a numbered checkpoint every SAVE_FREQ epochs (checkpoint.pth is written every epoch)
-_C.SAVE_FREQ = 1
+# Save a numbered checkpoint every SAVE_FREQ epochs and at the last (checkpoint.pth is written every epoch)
+_C.SAVE_FREQ = 100
 # Log every PRINT_FREQ steps
 _C.PRINT_FREQ = 10
 # Write TensorBoard scalars into the output folder (rank 0; skipped with one log line without tensorboard)
