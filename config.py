@@ -29,7 +29,8 @@ _C.DATA.DATASET = "imagenet"
 _C.DATA.TRANSFER_ROOT = "./data"
 # Input image size (square)
 _C.DATA.IMG_SIZE = 224
-# Interpolation of resizes: bicubic, bilinear or nearest
+# Interpolation of the evaluation resizes with timm's supervised recipe (AUG.SSL_LINEAR_AUG False):
+# bicubic, bilinear or nearest
 _C.DATA.INTERPOLATION = "bicubic"
 # Read train.zip + train_map.txt instead of folders
 _C.DATA.ZIP_MODE = False
@@ -174,16 +175,18 @@ _C.AUG.SSL_AUG = True
 _C.AUG.SSL_AUG_TYPE = "byol"
 # byol: lower bound of the random-resized-crop scale (simclr crops with (0.2, 1), as the original)
 _C.AUG.SSL_AUG_CROP = 0.08
-# Resampling of the pretraining crops: bilinear (the original's), bicubic or nearest
+# Resampling of the self-supervised recipes: the pretraining crops and, with SSL_LINEAR_AUG,
+# the evaluation crops and resizes; bilinear (the original's), bicubic or nearest
 _C.AUG.SSL_AUG_INTERPOLATION = "bilinear"
-# Linear evaluation: random-resized-crop + flip (True) or timm's supervised recipe (False)
+# Evaluation transforms: the original's (random-resized crop + flip; test resize to IMG_SIZE + 32
+# and centre crop) (True), or timm's supervised recipe (test resize to IMG_SIZE / 0.875) (False)
 _C.AUG.SSL_LINEAR_AUG = True
 
 # -----------------------------------------------------------------------------
 # Testing
 # -----------------------------------------------------------------------------
 _C.TEST = CN()
-# Resize to IMG_SIZE/0.875 and center-crop (True), or resize straight to IMG_SIZE
+# Test images: resize (see AUG.SSL_LINEAR_AUG) and centre-crop (True), or resize straight to IMG_SIZE
 _C.TEST.CROP = True
 
 # -----------------------------------------------------------------------------
