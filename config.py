@@ -59,8 +59,11 @@ _C.MODEL.NAME = "moby__swin_tiny__odpr02_tdpr0_cm099_ct02_queue4096_proj2_pred2"
 _C.MODEL.RESUME = ""
 # Classes of the linear-evaluation head (main_linear.py takes it from the dataset)
 _C.MODEL.NUM_CLASSES = 1000
-# Drop path rate of the backbone in linear evaluation / fine-tuning
-_C.MODEL.DROP_PATH_RATE = 0.1
+# Drop path rate of the backbone in linear evaluation (active while the probe trains when
+# LINEAR_EVAL.BACKBONE_TRAIN_MODE) and fine-tuning; set by --drop-path-rate
+_C.MODEL.DROP_PATH_RATE = 0.2
+# Label smoothing of the linear-evaluation / fine-tuning loss (0 is plain cross-entropy)
+_C.MODEL.LABEL_SMOOTHING = 0.1
 # Drop path rate of the online encoder
 _C.MODEL.ONLINE_DROP_PATH_RATE = 0.1
 # Drop path rate of the momentum (target) encoder
@@ -115,6 +118,10 @@ _C.LINEAR_EVAL = CN()
 _C.LINEAR_EVAL.PRETRAINED = ""
 # "freeze" trains the head on frozen features, "finetune" trains everything
 _C.LINEAR_EVAL.WEIGHTS = "freeze"
+# Probing: the frozen backbone runs in train mode while the head trains, so its drop path
+# perturbs the features (the original's protocol); False: in eval mode (MoCo v3's, DINO's).
+# BatchNorm layers of a frozen backbone stay in eval mode either way. Fine-tuning: train mode.
+_C.LINEAR_EVAL.BACKBONE_TRAIN_MODE = True
 
 # -----------------------------------------------------------------------------
 # Training
