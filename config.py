@@ -51,7 +51,7 @@ _C.DATA.GPU_AUG = False
 _C.MODEL = CN()
 # Self-supervised framework: moby, byol or synco
 _C.MODEL.TYPE = "moby"
-# Backbone: swin_tiny, swin_small, swin_base, vit_tiny, vit_small, vit_base
+# Backbone: swin_tiny, swin_small, swin_base, vit_tiny, vit_small, vit_base, resnet50, resnet101, resnet152, resnet200
 _C.MODEL.ENCODER = "swin_tiny"
 # Run name; the output folder is OUTPUT/NAME/TAG
 _C.MODEL.NAME = "moby__swin_tiny__odpr02_tdpr0_cm099_ct02_queue4096_proj2_pred2"
@@ -171,6 +171,8 @@ _C.TRAIN.OPTIMIZER.EPS = 1e-8
 _C.TRAIN.OPTIMIZER.BETAS = (0.9, 0.999)
 # sgd and lars: momentum
 _C.TRAIN.OPTIMIZER.MOMENTUM = 0.9
+# lars: trust coefficient eta of the layer-wise rate eta * |w| / |g + wd * w|
+_C.TRAIN.OPTIMIZER.TRUST_COEFFICIENT = 0.001
 
 # -----------------------------------------------------------------------------
 # Augmentation
@@ -225,7 +227,10 @@ _C.THROUGHPUT_MODE = False
 _C.LOCAL_RANK = 0
 
 FRAMEWORKS = ("moby", "byol", "synco")
-ENCODERS = ("swin_tiny", "swin_small", "swin_base", "vit_tiny", "vit_small", "vit_base")
+ENCODERS = (
+    "swin_tiny", "swin_small", "swin_base", "vit_tiny", "vit_small", "vit_base",
+    "resnet50", "resnet101", "resnet152", "resnet200",
+)  # fmt: skip
 AMP_LEVELS = ("", "O0", "O1", "O2")
 SSL_AUG_TYPES = ("byol", "simclr")
 RESAMPLINGS = ("bilinear", "bicubic", "nearest")

@@ -25,6 +25,7 @@ from main_pretrain import (
     NonFiniteLossError,
     amp_autocast,
     build_parser,
+    distribute,
     join_processes,
     memory_mb,
     open_output,
@@ -293,10 +294,7 @@ def main(config, env, logger, output_dir):
         throughput(config, model, device, autocast, logger)
         return
     optimizer = build_optimizer(config, model)
-    if env.world_size > 1:
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[env.local_rank] if device.type == "cuda" else None
-        )
+    model = distribute(model, env)  # fine-tuned BatchNorms (ResNets) normalise over the global batch
     lr_scheduler = build_scheduler(config, optimizer, len(train_loader))
     scaler = torch.amp.GradScaler(device.type, enabled=config.AMP_OPT_LEVEL == "O1")
 

@@ -117,6 +117,18 @@ def unwrap(model):
     return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 
 
+def distribute(model, env, **ddp_kwargs):
+    """``model`` in DistributedDataParallel when there are several processes. On CUDA every
+    BatchNorm (the heads', a ResNet's) first becomes a SyncBatchNorm, normalising over the
+    global batch; the parameters stay the same objects, so an optimizer built before keeps them."""
+    if env.world_size == 1:
+        return model
+    cuda = env.device.type == "cuda"
+    if cuda:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=[env.local_rank] if cuda else None, **ddp_kwargs)
+
+
 def scale_learning_rates(config, world_size):
     """Linear scaling rule: the configured rates are for a global batch of 512."""
     scale = config.DATA.BATCH_SIZE * world_size / 512.0 * max(config.TRAIN.ACCUMULATION_STEPS, 1)
@@ -421,12 +433,7 @@ def main(config, env, logger):
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     logger.info(f"{config.MODEL.TYPE} with {config.MODEL.ENCODER}: {n_params / 1e6:.2f}M trainable parameters")
     optimizer = build_optimizer(config, model)
-    if env.world_size > 1:
-        if device.type == "cuda":
-            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[env.local_rank] if device.type == "cuda" else None, broadcast_buffers=False
-        )
+    model = distribute(model, env, broadcast_buffers=False)
     lr_scheduler = build_scheduler(config, optimizer, steps_per_epoch)
     scaler = torch.amp.GradScaler(device.type, enabled=config.AMP_OPT_LEVEL == "O1")
 

@@ -1,7 +1,6 @@
 """Optimizers with no weight decay on norms, biases and tokens."""
 
 import torch
-from timm.optim import Lars
 
 # parameters whose name contains one of these are never decayed
 NO_DECAY_KEYWORDS = ("cls_token", "pos_embed", "absolute_pos_embed", "relative_position_bias_table")
@@ -31,6 +30,46 @@ def build_optimizer(config, model):
     if name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=opt.MOMENTUM, nesterov=True)
     if name == "lars":
-        # trust-ratio scaling only where weight decay applies, as in BYOL / SimCLR
-        return Lars(groups, lr=lr, momentum=opt.MOMENTUM)
+        return Lars(groups, lr=lr, momentum=opt.MOMENTUM, trust_coefficient=opt.TRUST_COEFFICIENT)
     raise ValueError(f"unknown TRAIN.OPTIMIZER.NAME {opt.NAME!r}; valid: adamw, sgd, lars")
+
+
+class Lars(torch.optim.Optimizer):
+    """SGD with momentum and a layer-wise rate (You et al., 2017) as the original code ran it.
+
+    For each parameter w with more than one dimension (weights of convolutions and
+    linear layers), with its group's weight decay wd:
+
+        u = g + wd * w;   u <- eta * |w| / |u| * u   (u unchanged where |w| or |u| is 0)
+
+    1-d parameters (norms, biases) take their plain gradient, u = g. Then
+    ``m <- momentum * m + u`` and ``w <- w - lr * m``.
+    """
+
+    def __init__(self, params, lr, momentum=0.9, weight_decay=0.0, trust_coefficient=0.001):
+        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, trust_coefficient=trust_coefficient)
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                update = p.grad
+                if p.ndim > 1:
+                    update = update.add(p, alpha=group["weight_decay"])
+                    w_norm, u_norm = p.norm(), update.norm()
+                    trust = group["trust_coefficient"] * w_norm / u_norm
+                    update = update * torch.where((w_norm > 0) & (u_norm > 0), trust, torch.ones_like(trust))
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p)
+                buf = state["momentum_buffer"]
+                buf.mul_(group["momentum"]).add_(update)
+                p.add_(buf, alpha=-group["lr"])
+        return loss

@@ -38,7 +38,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torchvision.transforms.v2.functional as TF
 from PIL import Image
+from torchvision.transforms import InterpolationMode
 
 from config import SSL_AUG_TYPES
 from data.cached_image_folder import _to_rgb
@@ -56,7 +58,11 @@ from data.photometric import (
     to_uint8,
 )
 
-RESAMPLE = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST}
+RESAMPLE = {
+    "bicubic": InterpolationMode.BICUBIC,
+    "bilinear": InterpolationMode.BILINEAR,
+    "nearest": InterpolationMode.NEAREST,
+}
 
 
 @dataclass(frozen=True)
@@ -165,17 +171,23 @@ def draft_for_crops(img: Image.Image, crops: list[tuple[int, int, int, int]], si
     return full_w / drafted[1][2] if drafted is not None else 1.0
 
 
-def decode_crops(img: Image.Image, crops: list[tuple[int, int, int, int]], size: int, resample: int) -> torch.Tensor:
+def decode_crops(
+    img: Image.Image, crops: list[tuple[int, int, int, int]], size: int, resample: InterpolationMode
+) -> torch.Tensor:
     """Decode ``img`` (opened, not yet loaded; see ``draft_for_crops``) and resize each crop
-    box ``(top, left, height, width)`` to ``size x size``: [len(crops), 3, size, size] uint8."""
+    box ``(top, left, height, width)`` to ``size x size``: [len(crops), 3, size, size] uint8.
+
+    The resize is torchvision's antialiased one on uint8 channels-last tensors (the same
+    filters as PIL's, about 3x faster). On a reduced decoding the box edges are rounded
+    to its pixels."""
     scale = draft_for_crops(img, crops, size)
     img.load()
-    img = _to_rgb(img)
-    out = torch.empty(len(crops), size, size, 3, dtype=torch.uint8)
-    for k, (top, left, h, w) in enumerate(crops):
-        box = (left / scale, top / scale, (left + w) / scale, (top + h) / scale)
-        out[k] = torch.from_numpy(np.array(img.resize((size, size), resample, box=box)))
-    return out.permute(0, 3, 1, 2).contiguous()
+    pixels = torch.from_numpy(np.array(_to_rgb(img))).permute(2, 0, 1).unsqueeze(0)  # [1, 3, H, W], channels last
+    views = []
+    for top, left, h, w in crops:
+        y0, x0, y1, x1 = (round(v / scale) for v in (top, left, top + h, left + w))
+        views.append(TF.resize(pixels[:, :, y0:y1, x0:x1], [size, size], interpolation=resample, antialias=True))
+    return torch.cat(views).contiguous()
 
 
 class TwoViewAugment:
@@ -186,7 +198,9 @@ class TwoViewAugment:
     still to be applied (``DeviceAugment``).
     """
 
-    def __init__(self, recipes: tuple[ViewRecipe, ViewRecipe], img_size: int, resample: int, gpu_aug: bool):
+    def __init__(
+        self, recipes: tuple[ViewRecipe, ViewRecipe], img_size: int, resample: InterpolationMode, gpu_aug: bool
+    ):
         self.recipes = recipes
         self.img_size = img_size
         self.resample = resample

@@ -4,6 +4,7 @@ from functools import partial
 
 from .byol import BYOL
 from .moby import MoBY
+from .resnet import resnet50, resnet101, resnet152, resnet200
 from .swin_transformer import swin_base, swin_small, swin_tiny
 from .synco import SynCo
 from .synthetic_negatives import SyntheticNegativeConfig
@@ -16,6 +17,10 @@ ENCODERS = {
     "vit_tiny": vit_tiny,
     "vit_small": vit_small,
     "vit_base": vit_base,
+    "resnet50": resnet50,
+    "resnet101": resnet101,
+    "resnet152": resnet152,
+    "resnet200": resnet200,
 }
 
 FRAMEWORKS = {"moby": MoBY, "byol": BYOL, "synco": SynCo}

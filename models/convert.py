@@ -28,6 +28,8 @@ ViT (MoCo v3's ``VisionTransformerMoCo`` on an older timm ``VisionTransformer``)
   ``cls_token``, ``pos_embed`` (the fixed sin-cos table, saved as a parameter),
   ``patch_embed.proj``, ``blocks.{i}.{norm1,attn.qkv,attn.proj,norm2,mlp.fc1,mlp.fc2}``
   and ``norm`` are exactly timm 1.x's keys, so ViT weights need no conversion.
+
+ResNet (timm's ``resnet50`` ... ``resnet200`` in both): the same keys, no conversion.
 """
 
 import re

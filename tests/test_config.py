@@ -94,6 +94,23 @@ AUGMENTATION = {  # BYOL's asymmetric views (tests/data/test_pretrain_data.py ch
     "AUG.SSL_AUG_INTERPOLATION": "bilinear",
 }
 
+RESNET_DROP_PATH = {  # the original built its ResNets without drop path, fine-tuning included
+    "MODEL.ONLINE_DROP_PATH_RATE": 0.0,
+    "MODEL.TARGET_DROP_PATH_RATE": 0.0,
+    "MODEL.DROP_PATH_RATE": 0.0,
+    "MODEL.STOP_GRAD_CONV1": False,
+}
+RESNET_CONTRASTIVE = {  # the original's {moby,synco}_resnet50.yaml
+    "TRAIN.OPTIMIZER.NAME": "sgd", "TRAIN.OPTIMIZER.MOMENTUM": 0.9, "TRAIN.BASE_LR": 1e-3, "TRAIN.WEIGHT_DECAY": 0.05,
+    "TRAIN.EPOCHS": 300, "TRAIN.WARMUP_EPOCHS": 5,
+    "MODEL.CONTRAST_MOMENTUM": 0.99, "MODEL.CONTRAST_TEMPERATURE": 0.2, "MODEL.CONTRAST_NUM_NEGATIVE": 4096,
+}  # fmt: skip
+RESNET_BYOL = {  # the original's byol_resnet50.yaml
+    "TRAIN.OPTIMIZER.NAME": "lars", "TRAIN.OPTIMIZER.TRUST_COEFFICIENT": 1e-3, "TRAIN.OPTIMIZER.MOMENTUM": 0.9,
+    "TRAIN.BASE_LR": 0.4, "TRAIN.WEIGHT_DECAY": 1e-6, "TRAIN.EPOCHS": 300, "TRAIN.WARMUP_EPOCHS": 10,
+    "MODEL.CONTRAST_MOMENTUM": 0.996,
+}  # fmt: skip
+
 EXPECTED = {
     "moby_swin_tiny": {**DROP_PATH_AND_STOP_GRAD, **AUGMENTATION},
     "moby_swin_small": {**DROP_PATH_AND_STOP_GRAD, **AUGMENTATION},
@@ -113,6 +130,9 @@ EXPECTED = {
     "synco_vit_tiny": {**DROP_PATH_AND_STOP_GRAD, **AUGMENTATION, **SYNCO_COUNTS},
     "synco_vit_small": {**DROP_PATH_AND_STOP_GRAD, **AUGMENTATION, **SYNCO_COUNTS},
     "synco_vit_base": {**DROP_PATH_AND_STOP_GRAD, **AUGMENTATION, **SYNCO_COUNTS},
+    "moby_resnet50": {**RESNET_DROP_PATH, **AUGMENTATION, **RESNET_CONTRASTIVE},
+    "byol_resnet50": {**RESNET_DROP_PATH, **AUGMENTATION, **RESNET_BYOL},
+    "synco_resnet50": {**RESNET_DROP_PATH, **AUGMENTATION, **RESNET_CONTRASTIVE, **SYNCO_COUNTS},
 }
 
 CONFIG_FILES = sorted(glob.glob("configs/*.yaml"))

@@ -30,6 +30,9 @@ def write_pretrain_checkpoint(path, encoder):
     torch.manual_seed(0)
     model = build_model(config)
     perturbed(model.encoder)
+    for name, buffer in model.encoder.named_buffers():  # BatchNorm statistics, as after training
+        if name.endswith(("running_mean", "running_var")):
+            buffer.uniform_(0.5, 1.5)
     state = {
         "model": model.state_dict(),
         "optimizer": {},
@@ -56,9 +59,10 @@ def offline_timm(monkeypatch):
         monkeypatch.setattr(timm.models._builder, fn, no_download)
 
 
-# max |timm's features - the encoder's|: the same computation for a ViT; for a Swin, timm's
-# LayerNorm eps (1e-5 everywhere) against the original's (1e-6 but in norm2) moves them by ~1e-5
-FEATURE_ATOL = {"vit": 1e-5, "swin": 1e-4}
+# max |timm's features - the encoder's|: the same computation for a ViT (and the same module for a
+# ResNet); for a Swin, timm's LayerNorm eps (1e-5 everywhere) against the original's (1e-6 but in
+# norm2) moves them by ~1e-5
+FEATURE_ATOL = {"vit": 1e-5, "swin": 1e-4, "resnet": 0.0}
 
 
 def assert_same_backbone(model, encoder, stem, img_size):
@@ -67,13 +71,15 @@ def assert_same_backbone(model, encoder, stem, img_size):
     assert pth.keys() == exported.keys() and all(torch.equal(pth[k], v) for k, v in exported.items())
     model.eval().load_state_dict(exported)  # strict: no missing or unexpected keys
     x = torch.randn(2, 3, img_size, img_size)
-    atol = FEATURE_ATOL["swin" if "layers.0.blocks.0.norm1.weight" in exported else "vit"]
+    family = "swin" if "layers.0.blocks.0.norm1.weight" in exported else "vit" if "cls_token" in exported else "resnet"
+    atol = FEATURE_ATOL[family]
     with torch.no_grad():
         torch.testing.assert_close(model(x), encoder.eval()(x), rtol=0, atol=atol)
 
 
 @pytest.mark.parametrize("encoder, timm_name", [("vit_tiny", "vit_tiny_patch16_224"),
-                                               ("swin_tiny", "swin_tiny_patch4_window7_224")])  # fmt: skip
+                                               ("swin_tiny", "swin_tiny_patch4_window7_224"),
+                                               ("resnet50", "resnet50")])  # fmt: skip
 def test_exported_backbone_gives_encoder_features(tmp_path, offline_timm, encoder, timm_name):
     checkpoint = tmp_path / "checkpoint.pth"
     online = write_pretrain_checkpoint(checkpoint, encoder)
@@ -137,10 +143,19 @@ def test_timm_call_fits_every_encoder(name, img_size):
         assert "custom_load=False" in call or name == "vit_base", call
         assert "mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)" in call, call
     if img_size == 64:
-        assert "img_size=64" in call and "input_size=(3, 64, 64)" in call, call
+        assert ("img_size=64" in call) != name.startswith("resnet"), call  # a ResNet takes any size
+        assert "input_size=(3, 64, 64)" in call, call
         assert ("window_size=((4, 4), (4, 4), (4, 4), (2, 2))" in call) == name.startswith("swin"), call
     else:
         assert "img_size" not in call and "window_size" not in call, call
+
+
+@pytest.mark.parametrize("name", ["resnet50", "resnet101", "resnet152", "resnet200"])
+def test_resnet_depth_inferred_without_framework_entry(name):
+    """The original's checkpoints name no encoder: the blocks per stage tell the depth."""
+    with torch.device("meta"):
+        state = ENCODERS[name]().state_dict()
+    assert export_backbone.infer_encoder_name(state) == name
 
 
 def test_errors_are_one_line(tmp_path, capsys):

@@ -209,6 +209,9 @@ def test_recipe_resolves_to_the_originals_rates():
     assert config.TRAIN.WARMUP_LR == pytest.approx(2.5e-7) and config.TRAIN.MIN_LR == pytest.approx(2.5e-6)
     assert (config.MODEL.LABEL_SMOOTHING, config.MODEL.DROP_PATH_RATE) == (0.1, 0.2)
     assert config.TRAIN.EPOCHS == 100 and config.TRAIN.WARMUP_EPOCHS == 5  # over the YAML's 300 and 5
+    # a config's own drop path wins: the ResNet ones set 0, as the original ran its ResNets
+    resnet = get_config(parse_option(["--cfg", "configs/byol_resnet50.yaml"]), recipe=LINEAR_RECIPE)
+    assert resnet.MODEL.DROP_PATH_RATE == 0.0 and resnet.TRAIN.WARMUP_EPOCHS == 5  # the YAML says 10
     # flags over --opts over the recipe
     config = linear_config("--batch-size", "32", "--lr", "0.4", "--drop-path-rate", "0.1",
                            "--opts", "TRAIN.MIN_LR", "0.0", "TRAIN.BASE_LR", "3.0")  # fmt: skip

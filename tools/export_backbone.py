@@ -29,6 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from config import ConfigError  # noqa: E402
 from models.convert import convert_original_encoder  # noqa: E402
+from models.resnet import DEPTHS as RESNET_DEPTHS  # noqa: E402
 from models.swin_transformer import WINDOW_SIZE, stage_window_sizes  # noqa: E402
 from utils import read_run_checkpoint  # noqa: E402
 
@@ -40,16 +41,19 @@ TIMM_MODELS = {
     "vit_tiny": ("vit_tiny_patch16_224", {}),
     "vit_small": ("vit_small_patch16_224", {"num_heads": 12}),  # MoCo v3's ViT-S; timm's has 6 heads
     "vit_base": ("vit_base_patch16_224", {}),
+    **{name: (name, {}) for name in RESNET_DEPTHS},  # timm's own ResNets, same names
 }
 # How close timm's model comes to the encoder: timm builds every Swin LayerNorm with eps
 # 1e-5, the encoders have the original's (1e-6 but in each block's norm2)
 FEATURE_MATCH = {
     "swin": "features equal to the encoder's within 1e-4, not exactly: timm's Swin LayerNorms have eps 1e-5",
     "vit": "the encoder's features",
+    "resnet": "the encoder's features",
 }
 # (embed dim, blocks in stage 3) of each Swin; embed dim of each ViT
 SWIN_SHAPES = {(96, 6): "swin_tiny", (96, 18): "swin_small", (128, 18): "swin_base"}
 VIT_DIMS = {192: "vit_tiny", 384: "vit_small", 768: "vit_base"}
+RESNET_NAMES = {depths: name for name, depths in RESNET_DEPTHS.items()}
 
 
 class ExportError(Exception):
@@ -63,6 +67,9 @@ def infer_encoder_name(state):
     elif "patch_embed.proj.weight" in state:
         blocks = {k.split(".")[3] for k in state if k.startswith("layers.2.blocks.")}
         name = SWIN_SHAPES.get((state["patch_embed.proj.weight"].shape[0], len(blocks)))
+    elif "layer1.0.conv1.weight" in state:
+        depths = tuple(len({k.split(".")[1] for k in state if k.startswith(f"layer{i}.")}) for i in range(1, 5))
+        name = RESNET_NAMES.get(depths)
     else:
         name = None
     if name is None:
@@ -83,7 +90,7 @@ def timm_call(name, img_size, file):
     """(timm model name, create_model keyword arguments) that rebuild encoder ``name`` at ``img_size``."""
     model_name, kwargs = TIMM_MODELS[name]
     kwargs = dict(num_classes=0, **kwargs)
-    if img_size != 224:
+    if img_size != 224 and name not in RESNET_DEPTHS:  # a ResNet takes any image size
         kwargs["img_size"] = img_size
         windows = stage_window_sizes(img_size) if name.startswith("swin") else ()
         if any(w != (WINDOW_SIZE, WINDOW_SIZE) for w in windows):
@@ -195,7 +202,7 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     stem = os.path.splitext(primary)[0]
-    match = FEATURE_MATCH[name.split("_")[0]]
+    match = next(text for family, text in FEATURE_MATCH.items() if name.startswith(family))
     print(f"wrote the {name} backbone to {stem}.safetensors and {stem}.pth; load it ({match}) with")
     print(call)
 

@@ -19,6 +19,7 @@ import torch
 from PIL import Image, ImageFilter, ImageOps
 from scipy import stats
 from torchvision import transforms as T
+from torchvision.transforms import InterpolationMode
 
 from data.augment import TwoViewAugment, build_recipes, sample_crop, sample_view
 from data.photometric import (
@@ -114,7 +115,7 @@ def run_project(jpegs, recipes, seed, gpu_aug=False):
     """Views of the project's pipeline in [0, 1]; with ``gpu_aug`` the photometric half runs
     batched over all samples afterwards, as on the training device."""
     torch.manual_seed(seed)
-    transform = TwoViewAugment(recipes, SIZE, Image.BILINEAR, gpu_aug=gpu_aug)
+    transform = TwoViewAugment(recipes, SIZE, InterpolationMode.BILINEAR, gpu_aug=gpu_aug)
     views, params = ([], []), ([], [])
     for data in jpegs:
         for _ in range(DRAWS):

@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 from torchvision import transforms as T
+from torchvision.transforms import InterpolationMode
 from yacs.config import CfgNode as CN
 
 from data import build_loader, set_loader_epoch, zipreader
@@ -136,7 +137,7 @@ def test_transform_follows_the_config():
     transform = build_ssl_transform(cfg)
     assert isinstance(transform, TwoViewAugment) and isinstance(transform.recipes[0], ViewRecipe)
     assert transform.recipes == build_recipes("simclr", 0.08)
-    assert transform.img_size == 32 and transform.gpu_aug and transform.resample == Image.BILINEAR
+    assert transform.img_size == 32 and transform.gpu_aug and transform.resample == InterpolationMode.BILINEAR
 
 
 def _photo_jpeg(width: int, height: int) -> bytes:
@@ -165,11 +166,13 @@ def test_jpeg_is_decoded_only_as_large_as_the_crops_need():
 
 def test_reduced_decoding_gives_the_full_decodings_crops():
     data = _photo_jpeg(512, 384)
-    crops = [(0, 0, 384, 512), (100, 150, 260, 300)]
-    reduced = decode_crops(Image.open(io.BytesIO(data)), crops, 64, Image.BILINEAR).float()
+    crops = [(0, 0, 384, 512), (100, 150, 260, 300)]  # decoded at 1/4 for 64 px views
+    reduced = decode_crops(Image.open(io.BytesIO(data)), crops, 64, InterpolationMode.BILINEAR).float()
     img = Image.open(io.BytesIO(data)).convert("RGB")  # decoded in full
-    for k, (top, left, h, w) in enumerate(crops):
-        full = np.asarray(img.crop((left, top, left + w, top + h)).resize((64, 64), Image.BILINEAR), dtype=np.float32)
+    for k, crop in enumerate(crops):
+        top, left, bottom, right = (round(v / 4) * 4 for v in (crop[0], crop[1], crop[0] + crop[2], crop[1] + crop[3]))
+        # the box edges fall on the reduced decoding's pixels: 150 and 450 (37.5 and 112.5 of them) move by 2
+        full = np.asarray(img.crop((left, top, right, bottom)).resize((64, 64), Image.BILINEAR), dtype=np.float32)
         difference = reduced[k].permute(1, 2, 0).numpy() - full
         assert np.abs(difference).mean() < 2.0  # of 255: the same picture, as sharp
 

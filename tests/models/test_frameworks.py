@@ -251,7 +251,10 @@ def test_every_config_loads_and_builds(cfg_file):
     # the drop path of the deepest block, and the ViT patch projection, as configured
     for net, rate in ((model.encoder, config.MODEL.ONLINE_DROP_PATH_RATE),
                       (model.encoder_k, config.MODEL.TARGET_DROP_PATH_RATE)):  # fmt: skip
-        last = net.blocks[-1] if encoder.startswith("vit") else net.layers[-1].blocks[-1]
-        assert getattr(last.drop_path1, "drop_prob", 0.0) == pytest.approx(rate)
+        if encoder.startswith("resnet"):
+            drop_path = net.layer4[-1].drop_path  # None at rate 0
+        else:
+            drop_path = (net.blocks[-1] if encoder.startswith("vit") else net.layers[-1].blocks[-1]).drop_path1
+        assert getattr(drop_path, "drop_prob", 0.0) == pytest.approx(rate)
     if encoder.startswith("vit"):
         assert model.encoder.patch_embed.proj.weight.requires_grad != config.MODEL.STOP_GRAD_CONV1
