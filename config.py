@@ -29,7 +29,8 @@ _C.DATA.DATASET = "imagenet"
 _C.DATA.TRANSFER_ROOT = "./data"
 # Input image size (square)
 _C.DATA.IMG_SIZE = 224
-# Interpolation of resizes: bicubic, bilinear or nearest
+# Interpolation of the evaluation resizes with timm's supervised recipe (AUG.SSL_LINEAR_AUG False):
+# bicubic, bilinear or nearest
 _C.DATA.INTERPOLATION = "bicubic"
 # Read train.zip + train_map.txt instead of folders
 _C.DATA.ZIP_MODE = False
@@ -58,8 +59,11 @@ _C.MODEL.NAME = "moby__swin_tiny__odpr02_tdpr0_cm099_ct02_queue4096_proj2_pred2"
 _C.MODEL.RESUME = ""
 # Classes of the linear-evaluation head (main_linear.py takes it from the dataset)
 _C.MODEL.NUM_CLASSES = 1000
-# Drop path rate of the backbone in linear evaluation / fine-tuning
-_C.MODEL.DROP_PATH_RATE = 0.1
+# Drop path rate of the backbone in linear evaluation (active while the probe trains when
+# LINEAR_EVAL.BACKBONE_TRAIN_MODE) and fine-tuning; set by --drop-path-rate
+_C.MODEL.DROP_PATH_RATE = 0.2
+# Label smoothing of the linear-evaluation / fine-tuning loss (0 is plain cross-entropy)
+_C.MODEL.LABEL_SMOOTHING = 0.1
 # Drop path rate of the online encoder
 _C.MODEL.ONLINE_DROP_PATH_RATE = 0.1
 # Drop path rate of the momentum (target) encoder
@@ -114,6 +118,10 @@ _C.LINEAR_EVAL = CN()
 _C.LINEAR_EVAL.PRETRAINED = ""
 # "freeze" trains the head on frozen features, "finetune" trains everything
 _C.LINEAR_EVAL.WEIGHTS = "freeze"
+# Probing: the frozen backbone runs in train mode while the head trains, so its drop path
+# perturbs the features (the original's protocol); False: in eval mode (MoCo v3's, DINO's).
+# BatchNorm layers of a frozen backbone stay in eval mode either way. Fine-tuning: train mode.
+_C.LINEAR_EVAL.BACKBONE_TRAIN_MODE = True
 
 # -----------------------------------------------------------------------------
 # Training
@@ -179,29 +187,32 @@ _C.AUG.SSL_AUG = True
 _C.AUG.SSL_AUG_TYPE = "byol"
 # byol: lower bound of the random-resized-crop scale (simclr crops with (0.2, 1), as the original)
 _C.AUG.SSL_AUG_CROP = 0.08
-# Resampling of the pretraining crops: bilinear (the original's), bicubic or nearest
+# Resampling of the self-supervised recipes: the pretraining crops and, with SSL_LINEAR_AUG,
+# the evaluation crops and resizes; bilinear (the original's), bicubic or nearest
 _C.AUG.SSL_AUG_INTERPOLATION = "bilinear"
-# Linear evaluation: random-resized-crop + flip (True) or timm's supervised recipe (False)
+# Evaluation transforms: the original's (random-resized crop + flip; test resize to IMG_SIZE + 32
+# and centre crop) (True), or timm's supervised recipe (test resize to IMG_SIZE / 0.875) (False)
 _C.AUG.SSL_LINEAR_AUG = True
 
 # -----------------------------------------------------------------------------
 # Testing
 # -----------------------------------------------------------------------------
 _C.TEST = CN()
-# Resize to IMG_SIZE/0.875 and center-crop (True), or resize straight to IMG_SIZE
+# Test images: resize (see AUG.SSL_LINEAR_AUG) and centre-crop (True), or resize straight to IMG_SIZE
 _C.TEST.CROP = True
 
 # -----------------------------------------------------------------------------
 # Misc
 # -----------------------------------------------------------------------------
-# Mixed precision: "" or O0 fp32, O1 fp16 autocast with a grad scaler, O2 bf16 autocast
-_C.AMP_OPT_LEVEL = "O1"
+# Mixed precision: "" or O0 fp32 (the original's default), O1 fp16 autocast with a grad scaler,
+# O2 bf16 autocast (the fast choice on GPUs)
+_C.AMP_OPT_LEVEL = "O0"
 # Root of the output folders
 _C.OUTPUT = "output"
 # Run tag; the output folder is OUTPUT/MODEL.NAME/TAG
 _C.TAG = "default"
-# Save a numbered checkpoint every SAVE_FREQ epochs (checkpoint.pth is written every epoch)
-_C.SAVE_FREQ = 1
+# Save a numbered checkpoint every SAVE_FREQ epochs and at the last (checkpoint.pth is written every epoch)
+_C.SAVE_FREQ = 100
 # Log every PRINT_FREQ steps
 _C.PRINT_FREQ = 10
 # Write TensorBoard scalars into the output folder (rank 0; skipped with one log line without tensorboard)

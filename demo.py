@@ -76,10 +76,7 @@ def make_dataset(root, per_class_train=160, per_class_val=40, seed=0):
 
 
 def common_args(data, out, tag):
-    args = ["--cfg", "configs/synco_vit_tiny.yaml", "--data-path", data, "--output", out, "--tag", tag]
-    if not torch.cuda.is_available():
-        args += ["--amp-opt-level", "O0"]
-    return args
+    return ["--cfg", "configs/synco_vit_tiny.yaml", "--data-path", data, "--output", out, "--tag", tag]
 
 
 def evaluate(data, out, tag, pretrained, epochs):

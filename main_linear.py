@@ -15,6 +15,7 @@ import time
 import torch
 import torch.nn as nn
 from timm.utils import AverageMeter
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from config import ConfigError, check_config, get_config
 from data import build_linear_loaders
@@ -48,15 +49,18 @@ from utils import (
     world_size,
 )
 
-# The linear-evaluation recipe: defaults over the pretraining YAML, under --opts.
+# The linear-evaluation recipe the original ran: defaults over the pretraining YAML, under --opts.
+# The keys only evaluation reads keep their defaults in config.py: MODEL.DROP_PATH_RATE 0.2,
+# MODEL.LABEL_SMOOTHING 0.1, LINEAR_EVAL.BACKBONE_TRAIN_MODE True.
 LINEAR_RECIPE = [
+    "DATA.BATCH_SIZE", 64,  # per process (the original's default; its scripts ran 4 GPUs)
     "TRAIN.EPOCHS", 100,
     "TRAIN.WARMUP_EPOCHS", 5,
-    "TRAIN.BASE_LR", 0.2,  # per 512 images: MoCo v3's 0.1 per 256
-    "TRAIN.WARMUP_LR", 0.0,
-    "TRAIN.MIN_LR", 0.0,
+    "TRAIN.BASE_LR", 1.0,  # per 512 images, like the two below (scaled by the global batch)
+    "TRAIN.WARMUP_LR", 5e-7,
+    "TRAIN.MIN_LR", 5e-6,
     "TRAIN.WEIGHT_DECAY", 0.0,
-    "TRAIN.CLIP_GRAD", 0.0,
+    "TRAIN.CLIP_GRAD", 5.0,
     "TRAIN.OPTIMIZER.NAME", "sgd",
     "TRAIN.OPTIMIZER.MOMENTUM", 0.9,
     "TRAIN.LR_SCHEDULER.NAME", "cosine",
@@ -66,8 +70,10 @@ LINEAR_RECIPE = [
 
 def parse_option(argv=None):
     parser = build_parser("Linear probing / fine-tuning of a pretrained backbone")
-    parser.add_argument("--lr", type=float, help="base learning rate (per 512 images)")
-    parser.add_argument("--drop-path-rate", type=float, help="drop path rate of the backbone when fine-tuning")
+    parser.add_argument("--lr", type=float, help="base learning rate per 512 images (TRAIN.BASE_LR, default 1.0)")
+    parser.add_argument(
+        "--drop-path-rate", type=float, help="drop path rate of the backbone (MODEL.DROP_PATH_RATE, default 0.2)"
+    )
     return parser.parse_args(argv)
 
 
@@ -132,17 +138,46 @@ def load_run_encoder(model, config, logger):
 
 
 def build_classifier(config, num_classes, freeze):
-    model = build_encoder(config, drop_path_rate=0.0 if freeze else config.MODEL.DROP_PATH_RATE,
-                          num_classes=num_classes)  # fmt: skip
+    """The backbone with a fresh linear head (N(0, 0.01) weights, zero bias); with ``freeze``
+    only the head is trainable."""
+    model = build_encoder(config, drop_path_rate=config.MODEL.DROP_PATH_RATE, num_classes=num_classes)
     head = model.get_classifier()
     nn.init.normal_(head.weight, std=0.01)
     nn.init.zeros_(head.bias)
     if freeze:
-        for p in model.parameters():
-            p.requires_grad = False
-        for p in head.parameters():
-            p.requires_grad = True
+        freeze_backbone(model)
     return model
+
+
+def freeze_backbone(model):
+    """Make only the head (``model.get_classifier()``) of ``model`` trainable."""
+    for p in model.parameters():
+        p.requires_grad = False
+    for p in model.get_classifier().parameters():
+        p.requires_grad = True
+
+
+def set_training_mode(model, freeze, backbone_train_mode):
+    """The modes of ``model``'s modules while it trains.
+
+    Fine-tuning: everything in train mode. Probing (``freeze``): the backbone in train mode
+    when ``backbone_train_mode`` (its drop path then perturbs the frozen features, as in the
+    original), else in eval mode; BatchNorm layers of the frozen backbone in eval mode either
+    way, so their running statistics stay those of pretraining; the head in train mode.
+    """
+    model.train(not freeze or backbone_train_mode)
+    if freeze:
+        for module in model.modules():
+            if isinstance(module, _BatchNorm):
+                module.eval()
+        unwrap(model).get_classifier().train()
+
+
+def classification_loss(logits, targets, smoothing):
+    """Cross-entropy with label smoothing ``s``, in fp32: per sample
+    ``(1 - s) * -log p[target] + s * mean_k(-log p[k])`` (timm's LabelSmoothingCrossEntropy,
+    the original's loss), averaged over the batch. [B, C], [B] -> scalar."""
+    return nn.functional.cross_entropy(logits.float(), targets, label_smoothing=smoothing)
 
 
 # -----------------------------------------------------------------------------
@@ -181,7 +216,7 @@ def validate(model, data_loader, device, autocast):
 
 def train_one_epoch(config, model, data_loader, optimizer, lr_scheduler, scaler, autocast, epoch, device, logger,
                     freeze, writer=NULL_WRITER):  # fmt: skip
-    model.eval() if freeze else model.train()  # a probe keeps drop path and norms frozen
+    set_training_mode(model, freeze, config.LINEAR_EVAL.BACKBONE_TRAIN_MODE)
     num_steps = len(data_loader)
     params = [p for p in model.parameters() if p.requires_grad]
     batch_time, loss_meter = AverageMeter(), AverageMeter()
@@ -191,7 +226,7 @@ def train_one_epoch(config, model, data_loader, optimizer, lr_scheduler, scaler,
         images = images.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
         with autocast():
-            loss = nn.functional.cross_entropy(model(images).float(), targets)
+            loss = classification_loss(model(images), targets, config.MODEL.LABEL_SMOOTHING)
         if not all_ranks(torch.isfinite(loss)):
             raise NonFiniteLossError(f"non-finite loss at epoch {epoch} step {idx}")
         optimizer.zero_grad(set_to_none=True)

@@ -32,24 +32,36 @@ class ToRGB:
         return f"{self.__class__.__name__}()"
 
 
+def _interpolation(config, key: str) -> InterpolationMode:
+    """The resampling named by the config key ``key`` ("SECTION.NAME"); ValueError naming the valid ones."""
+    section, name = key.split(".")
+    value = config[section][name]
+    if value not in INTERPOLATIONS:
+        raise ValueError(f"unknown {key} {value!r}; valid: {', '.join(INTERPOLATIONS)}")
+    return INTERPOLATIONS[value]
+
+
 def build_linear_transform(config, is_train: bool) -> T.Compose:
     """The single-view transform of linear evaluation / fine-tuning; PIL image -> ``[3, IMG_SIZE, IMG_SIZE]``.
 
-    Training: with ``AUG.SSL_LINEAR_AUG`` a random-resized crop and a horizontal flip
-    (the protocol of MoCo/BYOL linear evaluation), otherwise timm's supervised recipe
-    ``create_transform(IMG_SIZE, is_training=True)`` with timm's default arguments
-    (colour jitter 0.4, no auto-augment, no random erasing) except the interpolation,
-    which follows ``DATA.INTERPOLATION`` like every other resize here.
-    Test: with ``TEST.CROP`` resize the short side to ``int(IMG_SIZE / 0.875)`` and
-    centre-crop (256 -> 224), otherwise resize straight to ``IMG_SIZE x IMG_SIZE``.
+    With ``AUG.SSL_LINEAR_AUG`` (the default) the original's, resampled as ``AUG.SSL_AUG_INTERPOLATION``
+    (bilinear, torchvision's default, which the original used):
+    training a random-resized crop and a horizontal flip; test a resize of the short side to
+    ``IMG_SIZE + 32`` and a centre crop (256 -> 224).
+    Otherwise timm's supervised recipe, resampled as ``DATA.INTERPOLATION``: training
+    ``create_transform(IMG_SIZE, is_training=True)`` with timm's default arguments (colour
+    jitter 0.4, no auto-augment, no random erasing); test a resize to ``int(IMG_SIZE / 0.875)``
+    and a centre crop (256 -> 224).
+    ``TEST.CROP`` False resizes test images straight to ``IMG_SIZE x IMG_SIZE`` instead.
     Every image is first converted to RGB. Normalised with the ImageNet mean and std.
     """
     img_size = config.DATA.IMG_SIZE
-    if config.DATA.INTERPOLATION not in INTERPOLATIONS:
-        raise ValueError(
-            f"unknown DATA.INTERPOLATION {config.DATA.INTERPOLATION!r}; valid: {', '.join(INTERPOLATIONS)}"
-        )
-    interpolation = INTERPOLATIONS[config.DATA.INTERPOLATION]
+    if config.AUG.SSL_LINEAR_AUG:
+        interpolation = _interpolation(config, "AUG.SSL_AUG_INTERPOLATION")
+        test_resize = img_size + 32
+    else:
+        interpolation = _interpolation(config, "DATA.INTERPOLATION")
+        test_resize = int(img_size / 0.875)
     normalize = [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
     if is_train:
         if not config.AUG.SSL_LINEAR_AUG:
@@ -70,7 +82,7 @@ def build_linear_transform(config, is_train: bool) -> T.Compose:
             ]
         )
     if config.TEST.CROP:
-        resize = [T.Resize(int(img_size / 0.875), interpolation=interpolation), T.CenterCrop(img_size)]
+        resize = [T.Resize(test_resize, interpolation=interpolation), T.CenterCrop(img_size)]
     else:
         resize = [T.Resize((img_size, img_size), interpolation=interpolation)]
     return T.Compose([ToRGB(), *resize, *normalize])

@@ -23,8 +23,9 @@ CFG = "configs/moby_vit_tiny.yaml"
 
 
 def pretrain(image_folder, output, *opts):
+    """A run of EPOCHS epochs with a numbered checkpoint after each (SAVE_FREQ 1)."""
     result = run_script(["main_pretrain.py", "--cfg", CFG, "--data-path", image_folder, "--output", str(output),
-                         "--tag", "t", *TINY, "TRAIN.EPOCHS", str(EPOCHS), *opts])  # fmt: skip
+                         "--tag", "t", *TINY, "TRAIN.EPOCHS", str(EPOCHS), "SAVE_FREQ", "1", *opts])  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result.stdout
 

@@ -1,10 +1,14 @@
 """main_linear.py and eval_knn.py: real runs on a checkpoint of a tiny pretraining run."""
 
 import glob
+import json
+import logging
+import math
 import os
 import socket
 
 import pytest
+import timm
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -14,10 +18,23 @@ from test_pretrain_e2e import TINY
 
 from config import ConfigError, get_config
 from eval_knn import knn_correct
-from main_linear import build_classifier, count_correct, load_pretrained_encoder, validate
+from lr_scheduler import build_scheduler
+from main_linear import (
+    LINEAR_RECIPE,
+    build_classifier,
+    classification_loss,
+    count_correct,
+    freeze_backbone,
+    load_pretrained_encoder,
+    parse_option,
+    train_one_epoch,
+    validate,
+)
+from main_pretrain import amp_autocast, scale_learning_rates
+from optimizer import build_optimizer
 
-SMALL = ["--batch-size", "4", "--amp-opt-level", "O0", "--opts", "DATA.IMG_SIZE", "32", "DATA.NUM_WORKERS", "0",
-         "PRINT_FREQ", "1"]  # fmt: skip
+# no --amp-opt-level: the runs below use the default, fp32
+SMALL = ["--batch-size", "4", "--opts", "DATA.IMG_SIZE", "32", "DATA.NUM_WORKERS", "0", "PRINT_FREQ", "1"]
 
 
 @pytest.fixture(scope="module")
@@ -85,6 +102,17 @@ def test_linear_eval_two_processes(pretrained, image_folder, weights, port):
     folder = os.path.join(os.path.dirname(ckpt), f"linear_imagenet_{kind}")
     log = open(os.path.join(folder, "log_rank0.txt")).read()
     assert "EPOCH 1 imagenet val (16 images): top-1" in log and "best top-1" in log
+    # the original's recipe at 4 images x 2 processes: the rates per 512 images times 8 / 512
+    config = json.load(open(os.path.join(folder, "config.json")))
+    train = config["TRAIN"]
+    assert config["DATA"]["BATCH_SIZE"] == 4 and config["AMP_OPT_LEVEL"] == "O0"
+    assert train["BASE_LR"] == pytest.approx(1.0 * 8 / 512) and train["WARMUP_LR"] == pytest.approx(5e-7 * 8 / 512)
+    assert train["MIN_LR"] == pytest.approx(5e-6 * 8 / 512)
+    assert (train["EPOCHS"], train["WARMUP_EPOCHS"], train["WEIGHT_DECAY"], train["CLIP_GRAD"]) == (2, 5, 0.0, 5.0)
+    assert (train["OPTIMIZER"]["NAME"], train["OPTIMIZER"]["MOMENTUM"], train["LR_SCHEDULER"]["NAME"]) == (
+        "sgd", 0.9, "cosine")  # fmt: skip
+    assert (config["MODEL"]["LABEL_SMOOTHING"], config["MODEL"]["DROP_PATH_RATE"]) == (0.1, 0.2)
+    assert config["LINEAR_EVAL"]["BACKBONE_TRAIN_MODE"] is True and config["AUG"]["SSL_LINEAR_AUG"] is True
     trained = torch.load(os.path.join(folder, "checkpoint.pth"), weights_only=False)
     assert trained["epoch"] == 1 and 0 <= trained["max_accuracy"] <= 100
     backbone = encoder_state(ckpt)
@@ -161,3 +189,103 @@ def test_knn_weighted_votes():
     assert (c1, c5) == (2, 2)
     c1, _ = knn_correct(train, labels, test, torch.tensor([1, 0]), k=1, num_classes=2)
     assert c1 == 0
+
+
+# -----------------------------------------------------------------------------
+# The recipe: resolved learning rates, the probe's modes, the loss
+# -----------------------------------------------------------------------------
+
+
+def linear_config(*argv):
+    """main_linear.py's config for these command-line arguments (the recipe under them), before scaling."""
+    return get_config(parse_option(["--cfg", "configs/moby_vit_tiny.yaml", *argv]), recipe=LINEAR_RECIPE)
+
+
+def test_recipe_resolves_to_the_originals_rates():
+    config = linear_config()
+    assert config.DATA.BATCH_SIZE == 64
+    scale_learning_rates(config, world_size=4)  # the original's launch: 4 GPUs x 64 = 256 images a step
+    assert config.TRAIN.BASE_LR == pytest.approx(0.5)
+    assert config.TRAIN.WARMUP_LR == pytest.approx(2.5e-7) and config.TRAIN.MIN_LR == pytest.approx(2.5e-6)
+    assert (config.MODEL.LABEL_SMOOTHING, config.MODEL.DROP_PATH_RATE) == (0.1, 0.2)
+    assert config.TRAIN.EPOCHS == 100 and config.TRAIN.WARMUP_EPOCHS == 5  # over the YAML's 300 and 5
+    # a config's own drop path wins: the ResNet ones set 0, as the original ran its ResNets
+    resnet = get_config(parse_option(["--cfg", "configs/byol_resnet50.yaml"]), recipe=LINEAR_RECIPE)
+    assert resnet.MODEL.DROP_PATH_RATE == 0.0 and resnet.TRAIN.WARMUP_EPOCHS == 5  # the YAML says 10
+    # flags over --opts over the recipe
+    config = linear_config("--batch-size", "32", "--lr", "0.4", "--drop-path-rate", "0.1",
+                           "--opts", "TRAIN.MIN_LR", "0.0", "TRAIN.BASE_LR", "3.0")  # fmt: skip
+    scale_learning_rates(config, world_size=2)
+    assert config.TRAIN.BASE_LR == pytest.approx(0.4 * 64 / 512) and config.TRAIN.MIN_LR == 0.0
+    assert config.TRAIN.WARMUP_LR == pytest.approx(5e-7 * 64 / 512) and config.MODEL.DROP_PATH_RATE == 0.1
+
+
+def probe_one_epoch(model, config, batches, freeze=True):
+    """Run main_linear's training loop over ``batches`` (one epoch); returns the features that
+    reached the head at each step. [B, num_features] each."""
+    features = []
+    hook = model.get_classifier().register_forward_pre_hook(lambda _, inputs: features.append(inputs[0].clone()))
+    optimizer = build_optimizer(config, model)
+    scheduler = build_scheduler(config, optimizer, len(batches))
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    cpu = torch.device("cpu")
+    train_one_epoch(config, model, batches, optimizer, scheduler, scaler, amp_autocast(config, cpu), 0, cpu,
+                    logging.getLogger("probe"), freeze)  # fmt: skip
+    hook.remove()
+    return features
+
+
+def probe_config(**opts):
+    """The recipe for a tiny probe: ViT-Tiny at 32 px, learning rate without warm-up."""
+    return small_config(TRAIN__BASE_LR=0.5, TRAIN__WARMUP_EPOCHS=0, TRAIN__OPTIMIZER__NAME="sgd", **opts)
+
+
+def same_batch_twice(seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    images, targets = torch.randn(4, 3, 32, 32, generator=generator), torch.tensor([0, 1, 2, 0])
+    return [(images, targets), (images, targets)]
+
+
+@pytest.mark.parametrize("train_mode", [True, False])
+def test_probe_backbone_drop_path_follows_its_mode(train_mode):
+    torch.manual_seed(0)
+    config = probe_config(LINEAR_EVAL__BACKBONE_TRAIN_MODE=train_mode)
+    model = build_classifier(config, num_classes=3, freeze=True)
+    backbone = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith("head.")}
+    head = model.get_classifier().weight.clone()
+    first, second = probe_one_epoch(model, config, same_batch_twice())
+    # train mode: drop path makes the frozen features of one batch differ between passes
+    assert torch.equal(first, second) == (not train_mode)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in backbone.items())
+    assert not torch.equal(model.get_classifier().weight, head)
+
+
+def test_probe_keeps_batchnorm_statistics_of_a_frozen_backbone():
+    config = probe_config()
+    assert config.LINEAR_EVAL.BACKBONE_TRAIN_MODE
+    torch.manual_seed(0)
+    model = timm.create_model("resnet18", pretrained=False, num_classes=3)  # BatchNorm in every block
+    with torch.no_grad():
+        model.train()(torch.randn(8, 3, 32, 32))  # statistics of "pretraining", away from their init
+    freeze_backbone(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    probe_one_epoch(model, config, same_batch_twice())
+    after = model.state_dict()
+    assert [k for k in before if not torch.equal(after[k], before[k])] == ["fc.weight", "fc.bias"]
+    # fine-tuning trains the BatchNorms, statistics included
+    probe_one_epoch(model, config, same_batch_twice(), freeze=False)
+    assert not torch.equal(model.state_dict()["bn1.running_mean"], before["bn1.running_mean"])
+
+
+def test_label_smoothed_loss_closed_form():
+    logits = torch.tensor([[2.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    targets = torch.tensor([0, 2])
+    # per sample: (1 - s) (logsumexp - z_y) + s (logsumexp - mean z), s = 0.1
+    first = math.log(math.exp(2) + 2) - 0.9 * 2 - 0.1 * 2 / 3
+    second = math.log(math.exp(1) + 2) - 0.1 * 1 / 3
+    assert classification_loss(logits, targets, 0.1).item() == pytest.approx((first + second) / 2, rel=1e-6)
+    assert classification_loss(logits, targets, 0.0).item() == pytest.approx(
+        (math.log(math.exp(2) + 2) - 2 + math.log(math.exp(1) + 2)) / 2, rel=1e-6
+    )
+    uniform = torch.zeros(3, 5)  # -log(1/5) whatever the smoothing
+    assert classification_loss(uniform, torch.tensor([0, 3, 4]), 0.3).item() == pytest.approx(math.log(5), rel=1e-6)

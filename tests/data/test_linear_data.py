@@ -524,13 +524,23 @@ def test_downloads_only_missing_sets(tmp_path, monkeypatch):
 # Transforms and loaders
 # -----------------------------------------------------------------------------
 def test_linear_transforms(tmp_path):
-    config = make_config("imagenet", tmp_path, DATA__IMG_SIZE=224, DATA__INTERPOLATION="bilinear")
+    # the original's (AUG.SSL_LINEAR_AUG): bilinear; test resize to IMG_SIZE + 32 (96 at 64 px, where 64 / 0.875 is 73)
+    config = make_config("imagenet", tmp_path, DATA__IMG_SIZE=64)
     ssl = build_linear_transform(config, is_train=True).transforms
     assert [type(t) for t in ssl[1:]] == [T.RandomResizedCrop, T.RandomHorizontalFlip, T.ToTensor, T.Normalize]
-    assert ssl[1].size == (224, 224) and ssl[1].interpolation == T.InterpolationMode.BILINEAR
+    assert ssl[1].size == (64, 64) and ssl[1].interpolation == T.InterpolationMode.BILINEAR
     crop = build_linear_transform(config, is_train=False).transforms
     assert [type(t) for t in crop[1:]] == [T.Resize, T.CenterCrop, T.ToTensor, T.Normalize]
-    assert crop[1].size == 256 and crop[2].size == (224, 224)
+    assert crop[1].size == 96 and crop[1].interpolation == T.InterpolationMode.BILINEAR and crop[2].size == (64, 64)
+    # timm's supervised recipe: DATA.INTERPOLATION, test resize to IMG_SIZE / 0.875
+    config = make_config("imagenet", tmp_path, DATA__IMG_SIZE=64, AUG__SSL_LINEAR_AUG=False)
+    crop = build_linear_transform(config, is_train=False).transforms
+    assert crop[1].size == 73 and crop[1].interpolation == T.InterpolationMode.BICUBIC and crop[2].size == (64, 64)
+    for key in ("AUG.SSL_AUG_INTERPOLATION", "DATA.INTERPOLATION"):
+        lanczos = {key.replace(".", "__"): "lanczos"}
+        config = make_config("imagenet", tmp_path, AUG__SSL_LINEAR_AUG=key.startswith("AUG"), **lanczos)
+        with pytest.raises(ValueError, match=f"unknown {key} 'lanczos'; valid: bicubic, bilinear, nearest"):
+            build_linear_transform(config, is_train=False)
     config = make_config("imagenet", tmp_path, TEST__CROP=False, AUG__SSL_LINEAR_AUG=False)
     squash = build_linear_transform(config, is_train=False).transforms
     assert [type(t) for t in squash[1:]] == [T.Resize, T.ToTensor, T.Normalize] and squash[1].size == (16, 16)
