@@ -28,7 +28,7 @@ def error_line(stderr):
 
 
 def test_full_disk_stops_with_one_line_and_auto_resume_takes_the_last_good_file(image_folder, tmp_path):
-    args = pretrain_args("moby", image_folder, tmp_path, "TRAIN.EPOCHS", "3")
+    args = pretrain_args("moby", image_folder, tmp_path, "TRAIN.EPOCHS", "3", "SAVE_FREQ", "1")
     # the disk fills up during the 4th checkpoint file: checkpoint.pth after epoch 1
     full = run_script(args, env={"PYTHONPATH": os.path.join(SHIMS, "full_disk"), "FULL_DISK_AT": "4"})
     assert full.returncode == 2, full.stderr[-3000:]
@@ -123,10 +123,6 @@ def wait_for(text, log_path, proc, timeout=120.0):
         time.sleep(0.01)
 
 
-def step_losses(text, epoch):
-    return re.findall(rf"Train: \[{epoch}/2\]\[(\d+)/\d+\].*?\bloss (\S+)", text)
-
-
 def test_a_killed_loader_worker_ends_the_run_with_one_line_and_the_resume_continues(image_folder, tmp_path):
     args = pretrain_args("moby", image_folder, tmp_path, "DATA.NUM_WORKERS", "2")
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
@@ -152,8 +148,8 @@ def test_a_killed_loader_worker_ends_the_run_with_one_line_and_the_resume_contin
     resumed = run_script(args)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     log = open(os.path.join(run_folder(tmp_path), "log_rank0.txt")).read().split("resumed from")[-1]
-    done_before = step_losses(killed, 1)
-    assert done_before and step_losses(log, 1)[: len(done_before)] == done_before
+    done_before = epoch_losses(killed, 1)
+    assert done_before and epoch_losses(log, 1)[: len(done_before)] == done_before
 
 
 def epoch_losses(log_text, epoch):
@@ -200,4 +196,46 @@ def test_preempted_mid_epoch_run_resumes_exactly(image_folder, tmp_path):
     b = torch.load(os.path.join(folder, "checkpoint.pth"), weights_only=False)
     assert a["epoch"] == b["epoch"] == 1 and "epoch_step" not in b
     for key, value in a["model"].items():  # weights, queues, step counter
+        torch.testing.assert_close(b["model"][key], value, rtol=0, atol=1e-6, msg=key)
+
+
+def test_killed_right_after_a_periodic_save_resumes_exactly(image_folder, tmp_path):
+    """TRAIN.SAVE_EVERY_STEPS 2 (4 steps per epoch): SIGKILL as soon as the save after epoch 1's
+    step 1 is logged; the restart goes on from step 2 and ends as an uninterrupted run."""
+
+    def args(output):
+        return pretrain_args("synco", image_folder, output, "TRAIN.SAVE_EVERY_STEPS", "2")
+
+    straight = run_script(args(tmp_path / "straight"))
+    assert straight.returncode == 0, straight.stderr[-3000:]
+
+    log_path = tmp_path / "killed.txt"
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    with open(log_path, "w") as log:
+        killed = subprocess.Popen([sys.executable, *args(tmp_path / "killed")], cwd=ROOT, env=env, stdout=log,
+                                  stderr=subprocess.STDOUT)  # fmt: skip
+    try:
+        wait_for("Train: [1/2][1/4]", log_path, killed)
+        deadline = time.monotonic() + 120
+        while "saved " not in log_path.read_text().split("Train: [1/2][1/4]")[-1]:
+            assert killed.poll() is None and time.monotonic() < deadline, log_path.read_text()[-3000:]
+            time.sleep(0.005)
+        killed.send_signal(signal.SIGKILL)
+        killed.wait(timeout=60)
+    finally:
+        killed.kill()
+    folder = run_folder(tmp_path / "killed")
+    ckpt = torch.load(os.path.join(folder, "checkpoint.pth"), weights_only=False)
+    assert (ckpt["epoch"], ckpt["epoch_step"]) == (0, 2)  # epoch 0 done, 2 steps of epoch 1
+
+    resumed = run_script(args(tmp_path / "killed"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    got = open(os.path.join(folder, "log_rank0.txt")).read()
+    expected = open(os.path.join(run_folder(tmp_path / "straight"), "log_rank0.txt")).read()
+    assert "start training at epoch 1 step 2" in got
+    assert epoch_losses(got.split("start training at epoch 1 step 2")[-1], 1) == epoch_losses(expected, 1)[2:]
+    a = torch.load(os.path.join(run_folder(tmp_path / "straight"), "checkpoint.pth"), weights_only=False)
+    b = torch.load(os.path.join(folder, "checkpoint.pth"), weights_only=False)
+    assert a["epoch"] == b["epoch"] == 1
+    for key, value in a["model"].items():
         torch.testing.assert_close(b["model"][key], value, rtol=0, atol=1e-6, msg=key)
