@@ -6,12 +6,13 @@ For Swin-T and ViT-S at 224 px, batch 128, and MoBY, SynCo (synthetic negatives 
 configs' counts) and BYOL: full training steps on synthetic uint8 batches (normalisation
 on the GPU, forward of both views, backward, optimizer step, momentum update, enqueue)
 under bf16 autocast (O2) and fp32 with TF32 matmuls (O0), and SynCo Swin-T bf16 with
-TRAIN.COMPILE. Each row gives images/s, peak GPU memory, the model FLOPs of a step per
-image (torch.utils.flop_counter) and the model-FLOPs utilisation against the GPU's dense
-bf16 peak (PEAK_BF16_TFLOPS; the peak used is printed). Then SynCo's loss (forward +
-backward) next to MoBY's at B = 128 and 256, and the pretraining DataLoader's images/s
-with every CPU core on generated JPEGs, to see whether the loader or the GPU sets the
-pace. The tables are printed and, with --out, written as Markdown.
+TRAIN.COMPILE, and with DATA.GPU_AUG (the photometric augmentation inside the step).
+Each row gives images/s, peak GPU memory, the model FLOPs of a step per image
+(torch.utils.flop_counter) and the model-FLOPs utilisation against the GPU's dense bf16
+peak (PEAK_BF16_TFLOPS; the peak used is printed). Then SynCo's loss (forward + backward)
+next to MoBY's at B = 128 and 256, and the pretraining DataLoader's images/s with every
+CPU core on generated JPEGs, to see whether the loader or the GPU sets the pace. The
+tables are printed and, with --out, written as Markdown.
 
 Without CUDA it says so in one line and exits 0; ``--dry-run`` then runs every row on the
 CPU instead (e.g. ``--dry-run --batch 2 --steps 1 --img-size 64``), to check the script.
@@ -73,7 +74,7 @@ def synthetic_views(config, device):
     return views
 
 
-def measure_training(framework, encoder, amp, batch, steps, device, compile_=False, img_size=224):
+def measure_training(framework, encoder, amp, batch, steps, device, compile_=False, img_size=224, gpu_aug=False):
     """(images/s, peak memory GiB (0 on the CPU), GFLOPs per image) of full training steps."""
     config = pretrain_config(framework, encoder, batch, amp, compile_, img_size)
     torch.manual_seed(0)
@@ -82,7 +83,7 @@ def measure_training(framework, encoder, amp, batch, steps, device, compile_=Fal
         model.encoder.compile()
         model.encoder_k.compile()
     optimizer = build_optimizer(config, model)
-    augment = DeviceAugment(gpu_aug=False)
+    augment = DeviceAugment(gpu_aug=gpu_aug)
     views = synthetic_views(config, device)
     model.train()
 
@@ -157,17 +158,18 @@ def main():
     ]
     print("\n".join(lines), flush=True)
     rows = [
-        (e, f, amp, False)
+        (e, f, amp, False, False)
         for e in ("swin_tiny", "vit_small")
         for f in ("moby", "synco", "byol")
         for amp in ("O2", "O0")
     ]
-    rows.append(("swin_tiny", "synco", "O2", True))
-    for encoder, framework, amp, compile_ in rows:
+    rows += [("swin_tiny", "synco", "O2", True, False), ("swin_tiny", "synco", "O2", False, True)]
+    for encoder, framework, amp, compile_, gpu_aug in rows:
         precision = {"O2": "bf16", "O0": "fp32/TF32"}[amp] + (" + compile" if compile_ else "")
+        precision += " + GPU_AUG" if gpu_aug else ""
         try:
             rate, memory, gflops = measure_training(
-                framework, encoder, amp, args.batch, args.steps, device, compile_, args.img_size
+                framework, encoder, amp, args.batch, args.steps, device, compile_, args.img_size, gpu_aug
             )
             mfu = f"{rate * gflops / 1e3 / peak:.1%}" if peak else "n/a"
             line = f"| {encoder} | {framework} | {precision} | {rate:.1f} | {memory:.1f} | {gflops:.1f} | {mfu} |"
