@@ -73,8 +73,9 @@ def test_runs_killed_at_random_moments_resume_and_finish(image_folder, tmp_path)
 
     outputs = [log.read_text() for log in logs]
     resumed = [re.findall(r"resumed from (\S+) \(epoch \d+\)", out) for out in outputs]
-    assert resumed[0] == [] and all(len(paths) == 1 for paths in resumed[1:]), resumed
-    assert all(CHECKPOINT.fullmatch(os.path.basename(paths[0])) for paths in resumed[1:])
+    # a restart may itself be killed while it makes checkpoint.pth current, before it resumes
+    assert resumed[0] == [] and all(len(paths) <= 1 for paths in resumed[1:]) and len(resumed[-1]) == 1, resumed
+    assert all(CHECKPOINT.fullmatch(os.path.basename(path)) for paths in resumed[1:] for path in paths)
     assert f"Train: [{EPOCHS - 1}/{EPOCHS}]" in outputs[-1]
 
     (run_folder,) = glob.glob(folder)
