@@ -26,7 +26,7 @@ from timm.utils import AverageMeter, accuracy
 
 from config import ConfigError, check_config, get_config
 from data import DeviceAugment, DeviceViews, build_loader, set_loader_epoch, skipped_samples
-from data.augment import build_recipes, sample_view
+from data.augment import synthetic_views
 from data.build import derive_seed, dist_rank_world
 from logger import create_logger
 from lr_scheduler import build_scheduler
@@ -356,22 +356,11 @@ def train_one_epoch(
     return num_steps, stopping
 
 
-def _synthetic_batch(config):
-    """Two views of random uint8 pixels with augmentation parameters drawn from the
-    configured recipes (for 500 x 375 images): ``[(images [B, 3, S, S], params [B, P])] * 2``."""
-    size, batch = config.DATA.IMG_SIZE, config.DATA.BATCH_SIZE
-    views = []
-    for recipe in build_recipes(config.AUG.SSL_AUG_TYPE, config.AUG.SSL_AUG_CROP):
-        images = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8)
-        views.append((images, torch.stack([sample_view(recipe, 500, 375)[1] for _ in range(batch)])))
-    return views
-
-
 def throughput(config, model, augment, optimizer, scaler, autocast, device, logger):
     """Images/s of full training steps (the device's share of the augmentation, forward,
     backward, optimizer step, momentum update) on synthetic batches of the configured size."""
     model.train()
-    views = [(images.to(device), params) for images, params in _synthetic_batch(config)]
+    views = [(images.to(device), params) for images, params in synthetic_views(config)]
 
     def train_step():
         x1, x2 = (augment(images, params) for images, params in views)

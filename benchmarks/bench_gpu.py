@@ -35,7 +35,7 @@ from bench_data import loader_images_per_s, write_jpeg_folder  # noqa: E402
 
 from config import get_config  # noqa: E402
 from data import DeviceAugment  # noqa: E402
-from data.augment import build_recipes, sample_view  # noqa: E402
+from data.augment import synthetic_views  # noqa: E402
 from data.build import resolve_num_workers  # noqa: E402
 from models import build_model  # noqa: E402
 from optimizer import build_optimizer  # noqa: E402
@@ -64,16 +64,6 @@ def pretrain_config(framework: str, encoder: str, batch: int, amp: str, compile_
     return get_config(Namespace(cfg=os.path.join(ROOT, "configs", f"{framework}_{encoder}.yaml"), opts=opts))
 
 
-def synthetic_views(config, device):
-    """Two views of random pixels with parameters drawn from the config's recipes."""
-    views = []
-    for recipe in build_recipes(config.AUG.SSL_AUG_TYPE, config.AUG.SSL_AUG_CROP):
-        size, batch = config.DATA.IMG_SIZE, config.DATA.BATCH_SIZE
-        images = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, device=device)
-        views.append((images, torch.stack([sample_view(recipe, 500, 375)[1] for _ in range(batch)])))
-    return views
-
-
 def measure_training(framework, encoder, amp, batch, steps, device, compile_=False, img_size=224, gpu_aug=False):
     """(images/s, peak memory GiB (0 on the CPU), GFLOPs per image) of full training steps."""
     config = pretrain_config(framework, encoder, batch, amp, compile_, img_size)
@@ -84,7 +74,7 @@ def measure_training(framework, encoder, amp, batch, steps, device, compile_=Fal
         model.encoder_k.compile()
     optimizer = build_optimizer(config, model)
     augment = DeviceAugment(gpu_aug=gpu_aug)
-    views = synthetic_views(config, device)
+    views = [(images.to(device), params) for images, params in synthetic_views(config)]
     model.train()
 
     def step():

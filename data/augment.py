@@ -234,3 +234,14 @@ def build_ssl_transform(config) -> TwoViewAugment:
         RESAMPLE[config.AUG.SSL_AUG_INTERPOLATION],
         config.DATA.GPU_AUG,
     )
+
+
+def synthetic_views(config) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Two views of random uint8 pixels with parameters drawn from the config's recipes (for
+    500 x 375 images), for timing steps without data: ``[(images [B, 3, S, S], params [B, P])] * 2``."""
+    size, batch = config.DATA.IMG_SIZE, config.DATA.BATCH_SIZE
+    views = []
+    for recipe in build_recipes(config.AUG.SSL_AUG_TYPE, config.AUG.SSL_AUG_CROP):
+        images = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8)
+        views.append((images, torch.stack([sample_view(recipe, 500, 375)[1] for _ in range(batch)])))
+    return views

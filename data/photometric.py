@@ -152,8 +152,7 @@ def apply_photometric(x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
     factors = _to_device(params[:, JITTER_FACTORS], device)  # [N, 4]
     jittered = params[:, JITTER] > 0
     order = params[:, ORDER].long()
-    blurred = (params[:, BLUR_SIGMA] > 0).nonzero().flatten()
-    sigma = params[blurred, BLUR_SIGMA]
+    sigma = params[params[:, BLUR_SIGMA] > 0, BLUR_SIGMA]  # of the blurred samples, in order
     kernels = _to_device(gaussian_kernels(sigma, blur_radius(float(sigma.max()))), device) if sigma.numel() else None
 
     # (samples, operation) in the order applied; which samples is decided on the host
@@ -186,22 +185,23 @@ class DeviceAugment:
 
     def __init__(self, gpu_aug: bool):
         self.gpu_aug = gpu_aug
-        self._stats: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._stats: dict[torch.device, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
-    def _scale_shift(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """(1 / (255 std), -mean / std): normalised = uint8 value * scale + shift."""
+    def _scale_shift(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(1 / (255 std), 1 / std, -mean / std): normalised = uint8 value * the first + the
+        last = value in [0, 1] * the second + the last."""
         if device not in self._stats:
             std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
             mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
-            self._stats[device] = (1 / (255 * std), -mean / std)
+            self._stats[device] = (1 / (255 * std), 1 / std, -mean / std)
         return self._stats[device]
 
     def __call__(self, images: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
-        scale, shift = self._scale_shift(images.device)
+        per_level, per_unit, shift = self._scale_shift(images.device)
         if self.gpu_aug:
             x = apply_photometric(images.float().div_(255), params)
-            return torch.addcmul(shift, x, scale * 255)
-        return torch.addcmul(shift, images.float(), scale)
+            return torch.addcmul(shift, x, per_unit)
+        return torch.addcmul(shift, images.float(), per_level)
 
 
 class DeviceViews:
