@@ -342,8 +342,12 @@ def check_config(config):
 
 
 def get_config(args=None, recipe=None):
-    """Defaults, merged with ``args`` (an argparse namespace) when given; frozen."""
+    """Defaults under ``recipe`` (a script's own defaults), merged with ``args`` (an argparse
+    namespace) when given; frozen."""
     config = _C.clone()
     if args is not None:
         update_config(config, args, recipe)
+    elif recipe:
+        config.merge_from_list(recipe)
+        config.freeze()
     return config

@@ -14,15 +14,16 @@ import argparse
 import math
 import os
 import random
+import re
+import subprocess
+import sys
 import time
 
 import torch
 from PIL import Image, ImageDraw
 
-import eval_knn
-import main_linear
-import main_pretrain
 from config import get_config
+from engine import build_parser
 from models import build_model
 from tools.plot_log import plot_run
 
@@ -79,30 +80,35 @@ def common_args(data, out, tag):
     return ["--cfg", "configs/synco_vit_tiny.yaml", "--data-path", data, "--output", out, "--tag", tag]
 
 
+def run(script, args, result):
+    """Run ``python script args`` (its output shown as it comes); returns the first group of the
+    last line matching the regular expression ``result`` as a float (None for no pattern)."""
+    proc = subprocess.Popen([sys.executable, script, *args], stdout=subprocess.PIPE, text=True)
+    found = None
+    for line in proc.stdout:
+        print(line, end="", flush=True)
+        match = re.search(result, line) if result else None
+        found = float(match.group(1)) if match else found
+    if proc.wait():
+        sys.exit(f"{script} failed (exit code {proc.returncode})")
+    return found
+
+
 def evaluate(data, out, tag, pretrained, epochs):
     """(linear-probe top-1, 20-NN top-1) of the encoder in ``pretrained``."""
-    opts = [
-        "DATA.IMG_SIZE",
-        str(IMG_SIZE),
-        "DATA.NUM_WORKERS",
-        "2",
-        "LINEAR_EVAL.PRETRAINED",
-        pretrained,
-        "PRINT_FREQ",
-        "1000",
-    ]
-    linear = main_linear.setup(common_args(data, out, tag) + ["--batch-size", "64", "--lr", "2.0", "--opts",
-                               *opts, "TRAIN.EPOCHS", str(epochs), "TRAIN.WARMUP_EPOCHS", "1"])  # fmt: skip
-    probe = main_linear.main(*linear)
-    knn = eval_knn.main(*eval_knn.setup(common_args(data, out, tag) + ["--batch-size", "64", "--opts", *opts]))
-    return probe, knn[20][0]
+    opts = ["DATA.IMG_SIZE", str(IMG_SIZE), "DATA.NUM_WORKERS", "2", "LINEAR_EVAL.PRETRAINED", pretrained,
+            "PRINT_FREQ", "1000"]  # fmt: skip
+    probe = run("main_linear.py", common_args(data, out, tag) + ["--batch-size", "64", "--lr", "2.0", "--opts",
+                *opts, "TRAIN.EPOCHS", str(epochs), "TRAIN.WARMUP_EPOCHS", "1"], r"best top-1 ([0-9.]+)%")  # fmt: skip
+    knn = run("eval_knn.py", common_args(data, out, tag) + ["--batch-size", "64", "--opts", *opts],
+              r"20-NN \(T=[0-9.]+\): top-1 ([0-9.]+)%")  # fmt: skip
+    return probe, knn
 
 
 def save_random_encoder(out, tag):
     """A checkpoint holding a randomly initialised encoder, for the baseline."""
-    config = get_config(
-        main_pretrain.parse_option(common_args("x", out, tag) + ["--opts", "DATA.IMG_SIZE", str(IMG_SIZE)])
-    )
+    parser = build_parser("demo.py", "", "")
+    config = get_config(parser.parse_args(common_args("x", out, tag) + ["--opts", "DATA.IMG_SIZE", str(IMG_SIZE)]))
     torch.manual_seed(0)
     model = build_model(config)
     os.makedirs(config.OUTPUT, exist_ok=True)
@@ -131,10 +137,10 @@ def main():
     ]  # fmt: skip
     for n in range(1, 7):
         pretrain_args += [f"MODEL.N{n}", "8"]
-    config, env, logger = main_pretrain.setup(pretrain_args)
-    main_pretrain.main(config, env, logger)
-    pretrained = os.path.join(config.OUTPUT, "checkpoint.pth")
-    curves = plot_run(config.OUTPUT)
+    run("main_pretrain.py", pretrain_args, None)
+    run_folder = get_config(build_parser("demo.py", "", "").parse_args(pretrain_args)).OUTPUT
+    pretrained = os.path.join(run_folder, "checkpoint.pth")
+    curves = plot_run(run_folder)
 
     synco = evaluate(data, args.out, "demo", pretrained, args.probe_epochs)
     random_init = evaluate(data, args.out, "random", save_random_encoder(args.out, "random"), args.probe_epochs)

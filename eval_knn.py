@@ -12,41 +12,21 @@ features, each weighted by exp(cosine / T), T = 0.07; top-1 / top-5 for k in
 import os
 
 import torch
-import torch.nn.functional as F
 
 from config import ConfigError, check_config, get_config
 from data import build_linear_loaders
 from data.linear import canonical_dataset_name
-from main_linear import count_correct, load_run_encoder
-from main_pretrain import amp_autocast, build_parser, join_processes, open_output, run_cli
+from engine import amp_autocast, build_parser, extract_features, join_processes, load_run_encoder, open_output, run_cli
+from metrics import count_correct
 from models import build_encoder
 from utils import world_size
 
+EXAMPLE = (
+    "torchrun --nproc_per_node=4 eval_knn.py --cfg configs/synco_vit_small.yaml "
+    "--data-path /path/to/imagenet --output output --tag run1"
+)
 KS = (10, 20, 100, 200)
 TEMPERATURE = 0.07
-
-
-@torch.no_grad()
-def extract_features(model, data_loader, num_samples, rank, device, autocast):
-    """Normalised features [num_samples, D] and labels [num_samples] of the whole dataset on
-    every rank, from a loader over this rank's samples ``rank, rank + world, ...`` in order."""
-    model.eval()
-    feats, labels = [], []
-    for images, targets in data_loader:
-        with autocast():
-            out = model(images.to(device, non_blocking=True))
-        feats.append(F.normalize(out.float(), dim=1))
-        labels.append(targets.to(device))
-    feats, labels = torch.cat(feats), torch.cat(labels)
-    if world_size() == 1:
-        return feats, labels
-    index = torch.arange(rank, num_samples, world_size(), device=device)
-    all_feats = feats.new_zeros(num_samples, feats.shape[1])
-    all_labels = labels.new_zeros(num_samples)
-    all_feats[index], all_labels[index] = feats, labels
-    torch.distributed.all_reduce(all_feats)
-    torch.distributed.all_reduce(all_labels)
-    return all_feats, all_labels
 
 
 @torch.no_grad()
@@ -95,8 +75,16 @@ def main(config, env, logger):
     return results
 
 
+def parse_option(argv=None):
+    parser = build_parser(
+        "eval_knn.py", "Weighted k-NN classification on the frozen features of a pretrained encoder.", EXAMPLE,
+        throughput=False,
+    )  # fmt: skip
+    return parser.parse_args(argv)
+
+
 def setup(argv=None):
-    args = build_parser("Weighted k-NN evaluation of a pretrained encoder").parse_args(argv)
+    args = parse_option(argv)
     config = get_config(args)
     check_config(config)
     env = join_processes(config, args.local_rank)

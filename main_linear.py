@@ -20,13 +20,13 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from config import ConfigError, check_config, get_config
 from data import build_linear_loaders
 from data.linear import canonical_dataset_name
-from lr_scheduler import build_scheduler
-from main_pretrain import (
+from engine import (
     NonFiniteLossError,
     amp_autocast,
     build_parser,
     distribute,
     join_processes,
+    load_run_encoder,
     memory_mb,
     open_output,
     report_throughput,
@@ -35,19 +35,11 @@ from main_pretrain import (
     seed_epoch,
     unwrap,
 )
-from metrics import NULL_WRITER, MetricWriter
+from lr_scheduler import build_scheduler
+from metrics import NULL_WRITER, MetricWriter, count_correct
 from models import build_encoder
-from models.convert import convert_original_encoder
 from optimizer import build_optimizer
-from utils import (
-    all_ranks,
-    load_newest_checkpoint,
-    read_checkpoint,
-    read_run_checkpoint,
-    save_atomic,
-    seed_everything,
-    world_size,
-)
+from utils import all_ranks, load_newest_checkpoint, read_checkpoint, save_atomic, seed_everything, world_size
 
 # The linear-evaluation recipe the original ran: defaults over the pretraining YAML, under --opts.
 # The keys only evaluation reads keep their defaults in config.py: MODEL.DROP_PATH_RATE 0.2,
@@ -68,11 +60,23 @@ LINEAR_RECIPE = [
 ]  # fmt: skip
 
 
+EXAMPLE = (
+    "torchrun --nproc_per_node=4 main_linear.py --cfg configs/synco_swin_tiny.yaml "
+    "--data-path /path/to/imagenet --output output --tag run1"
+)
+
+
 def parse_option(argv=None):
-    parser = build_parser("Linear probing / fine-tuning of a pretrained backbone")
-    parser.add_argument("--lr", type=float, help="base learning rate per 512 images (TRAIN.BASE_LR, default 1.0)")
+    parser = build_parser(
+        "main_linear.py",
+        "Linear probing (or fine-tuning) of the encoder of a pretraining run, on ImageNet or a transfer dataset.",
+        EXAMPLE,
+        defaults=get_config(recipe=LINEAR_RECIPE),
+    )
+    parser.add_argument("--eval", action="store_true", help="only evaluate the trained classifier of the run folder")
+    parser.add_argument("--lr", type=float, help="base learning rate per 512 images (TRAIN.BASE_LR; default 1.0)")
     parser.add_argument(
-        "--drop-path-rate", type=float, help="drop path rate of the backbone (MODEL.DROP_PATH_RATE, default 0.2)"
+        "--drop-path-rate", type=float, help="drop path rate of the backbone (MODEL.DROP_PATH_RATE; default 0.2)"
     )
     return parser.parse_args(argv)
 
@@ -80,61 +84,6 @@ def parse_option(argv=None):
 # -----------------------------------------------------------------------------
 # Pretrained weights
 # -----------------------------------------------------------------------------
-
-
-def load_pretrained_encoder(model, path, encoder_name, ckpt=None, trust=False):
-    """Copy the online encoder of a pretraining checkpoint into ``model`` (all but its head);
-    returns its pretraining epoch. ``ckpt``: the checkpoint, when already read from ``path``.
-
-    Checkpoints of the original MoBY / SynCo-v2 code are converted (``models/convert.py``).
-    Raises ConfigError naming the path and the keys when the checkpoint is missing,
-    unreadable, refused (``trust``: see utils.read_checkpoint), from another backbone,
-    or has no ``encoder.*`` weights.
-    """
-    if ckpt is None:
-        if not os.path.isfile(path):
-            raise ConfigError(
-                f"no pretrained checkpoint at {path}: pretrain with the same --cfg, --output and --tag "
-                "first, or set LINEAR_EVAL.PRETRAINED"
-            )
-        ckpt = read_checkpoint(path, trust)
-    found = ckpt.get("framework", {}).get("encoder", encoder_name)
-    if found != encoder_name:
-        raise ConfigError(f"{path} holds a {found} encoder, but MODEL.ENCODER is {encoder_name}")
-    state = ckpt.get("model", ckpt)
-    encoder = {k[len("encoder.") :]: v for k, v in state.items() if k.startswith("encoder.")}
-    if not encoder:
-        raise ConfigError(f"{path} has no encoder.* weights (keys: {', '.join(list(state)[:5])}, ...)")
-    encoder = convert_original_encoder(encoder, encoder_name)
-    head_params = {id(p) for p in model.get_classifier().parameters()}
-    head = {n for n, p in model.named_parameters() if id(p) in head_params}
-    encoder = {k: v for k, v in encoder.items() if k not in head}  # a pretraining head is never reused
-    own = model.state_dict()
-    mismatched = [k for k, v in encoder.items() if k in own and own[k].shape != v.shape]
-    missing = sorted(set(own) - set(encoder) - head)
-    unexpected = sorted(set(encoder) - set(own))
-    if mismatched or missing or unexpected:
-        raise ConfigError(
-            f"{path} does not match {encoder_name}: mismatched shapes {mismatched[:5]}, "
-            f"missing {missing[:5]}, unexpected {unexpected[:5]}"
-        )
-    model.load_state_dict(encoder, strict=False)
-    return ckpt.get("epoch")
-
-
-def load_run_encoder(model, config, logger):
-    """Load into ``model`` the online encoder of LINEAR_EVAL.PRETRAINED (a checkpoint file, or a
-    run folder) or else of the run folder OUTPUT: a folder's newest readable checkpoint, as
-    auto-resume picks it. Logs the file and epoch."""
-    source = config.LINEAR_EVAL.PRETRAINED or config.OUTPUT
-    path, ckpt = read_run_checkpoint(source, logger, config.TRUST_CHECKPOINT)
-    if ckpt is None:
-        raise ConfigError(
-            f"no pretrained checkpoint at {source} (a file, or a run folder with checkpoint.pth or "
-            "ckpt_epoch_E.pth): pretrain with the same --cfg, --output and --tag first, or set LINEAR_EVAL.PRETRAINED"
-        )
-    epoch = load_pretrained_encoder(model, path, config.MODEL.ENCODER, ckpt)
-    logger.info(f"loaded the encoder of {path} (pretraining epoch {epoch})")
 
 
 def build_classifier(config, num_classes, freeze):
@@ -183,14 +132,6 @@ def classification_loss(logits, targets, smoothing):
 # -----------------------------------------------------------------------------
 # Training and exact validation
 # -----------------------------------------------------------------------------
-
-
-def count_correct(logits, targets, topk=(1, 5)):
-    """Number of samples whose target is among the top-k logits, for each k. [B, C], [B] -> list of ints."""
-    maxk = min(max(topk), logits.shape[1])
-    pred = logits.topk(maxk, dim=1).indices  # [B, maxk]
-    hit = pred == targets[:, None]
-    return [int(hit[:, : min(k, maxk)].any(dim=1).sum()) for k in topk]
 
 
 @torch.no_grad()

@@ -7,28 +7,36 @@
 (one process) work the same way.
 """
 
-import argparse
 import datetime
-import json
-import multiprocessing
 import os
-import resource
-import signal
-import sys
 import time
 from contextlib import nullcontext
-from functools import partial
 
-import numpy as np
 import torch
-import yaml
 from timm.utils import AverageMeter, accuracy
 
 from config import ConfigError, check_config, get_config
 from data import DeviceAugment, DeviceViews, build_loader, set_loader_epoch, skipped_samples
 from data.augment import synthetic_views
-from data.build import derive_seed, dist_rank_world
-from logger import create_logger
+from data.build import dist_rank_world
+from engine import (
+    CheckpointWriteError,
+    NonFiniteLossError,
+    StopSignal,
+    amp_autocast,
+    build_parser,
+    distribute,
+    join_processes,
+    memory_mb,
+    open_output,
+    process_fault,
+    report_throughput,
+    run_cli,
+    scale_learning_rates,
+    seed_step,
+    unwrap,
+    write_checkpoints,
+)
 from lr_scheduler import build_scheduler
 from metrics import NULL_WRITER, DeviceMeters, MetricWriter
 from models import build_model
@@ -37,111 +45,25 @@ from utils import (
     LATEST,
     all_ranks,
     all_reduce_mean,
-    init_distributed,
     make_latest,
     newest_checkpoint,
     read_checkpoint,
     remove_stale_tmp,
-    save_atomic,
     seed_everything,
     world_size,
 )
 
-AMP_DTYPES = {"O1": torch.float16, "O2": torch.bfloat16}
-
-
-def build_parser(description):
-    """The flags main_pretrain.py and main_linear.py share."""
-    parser = argparse.ArgumentParser(description)
-    parser.add_argument("--cfg", type=str, required=True, metavar="FILE", help="path to the config file")
-    parser.add_argument("--opts", default=None, nargs="+", help="override config options: KEY VALUE pairs")
-    parser.add_argument("--batch-size", type=int, help="batch size per GPU (process)")
-    parser.add_argument("--data-path", type=str, help="ImageNet-style folder with train/ and val/")
-    parser.add_argument("--zip", action="store_true", help="read train.zip + train_map.txt")
-    parser.add_argument("--cache-mode", type=str, choices=["no", "full", "part"], help="zip mode cache")
-    parser.add_argument("--resume", help="resume from this checkpoint")
-    parser.add_argument("--accumulation-steps", type=int, help="gradient accumulation steps")
-    parser.add_argument("--use-checkpoint", action="store_true", help="gradient checkpointing to save memory")
-    parser.add_argument(
-        "--amp-opt-level",
-        type=str,
-        choices=["O0", "O1", "O2"],
-        help="mixed precision: O0 fp32, O1 fp16 with a grad scaler, O2 bf16",
-    )
-    parser.add_argument("--output", type=str, metavar="PATH", help="root of output folder: <output>/<name>/<tag>")
-    parser.add_argument("--tag", help="tag of the experiment")
-    parser.add_argument("--eval", action="store_true", help="evaluation only (main_linear.py)")
-    parser.add_argument("--throughput", action="store_true", help="measure training images/s and exit")
-    parser.add_argument(
-        "--trust-checkpoint",
-        action="store_true",
-        help="unpickle checkpoints in full (can run code): only for files you trust",
-    )
-    # torch.distributed.launch passes --local-rank (or --local_rank); torchrun sets LOCAL_RANK
-    parser.add_argument("--local-rank", "--local_rank", dest="local_rank", type=int, default=None)
-    return parser
+EXAMPLE = (
+    "torchrun --nproc_per_node=8 main_pretrain.py --cfg configs/synco_swin_tiny.yaml "
+    "--data-path /path/to/imagenet --batch-size 64 --output output --tag run1"
+)
 
 
 def parse_option(argv=None):
-    return build_parser("Self-supervised pretraining (MoBY / BYOL / SynCo)").parse_args(argv)
-
-
-def amp_autocast(config, device):
-    """A context factory: autocast to AMP_OPT_LEVEL's dtype (O1 fp16, O2 bf16), or nothing."""
-    return partial(
-        torch.autocast,
-        device_type=device.type,
-        dtype=AMP_DTYPES.get(config.AMP_OPT_LEVEL),
-        enabled=config.AMP_OPT_LEVEL in AMP_DTYPES,
+    parser = build_parser(
+        "main_pretrain.py", "Self-supervised pretraining of a backbone with MoBY, BYOL or SynCo.", EXAMPLE
     )
-
-
-def report_throughput(config, step, batch_size, device, logger, warmup=3, steps=10):
-    """Time ``steps`` calls of ``step()`` after ``warmup`` ones; print ``throughput: <images/s>``."""
-    for _ in range(warmup):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.time()
-    for _ in range(steps):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    images_per_s = steps * batch_size / (time.time() - start)
-    logger.info(f"batch {batch_size} x {config.DATA.IMG_SIZE}px, {steps} steps after {warmup} warm-up steps")
-    print(f"throughput: {images_per_s:.2f}", flush=True)
-
-
-def memory_mb(device):
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # peak RSS, KiB on Linux
-
-
-def unwrap(model):
-    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
-
-
-def distribute(model, env, **ddp_kwargs):
-    """``model`` in DistributedDataParallel when there are several processes. On CUDA every
-    BatchNorm (the heads', a ResNet's) first becomes a SyncBatchNorm, normalising over the
-    global batch; the parameters stay the same objects, so an optimizer built before keeps them."""
-    if env.world_size == 1:
-        return model
-    cuda = env.device.type == "cuda"
-    if cuda:
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    return torch.nn.parallel.DistributedDataParallel(model, device_ids=[env.local_rank] if cuda else None, **ddp_kwargs)
-
-
-def scale_learning_rates(config, world_size):
-    """Linear scaling rule: the configured rates are for a global batch of 512."""
-    scale = config.DATA.BATCH_SIZE * world_size / 512.0 * max(config.TRAIN.ACCUMULATION_STEPS, 1)
-    config.defrost()
-    config.TRAIN.BASE_LR *= scale
-    config.TRAIN.WARMUP_LR *= scale
-    config.TRAIN.MIN_LR *= scale
-    config.freeze()
+    return parser.parse_args(argv)
 
 
 def check_batch(config, world_size, dataset_size=None):
@@ -162,41 +84,6 @@ def check_batch(config, world_size, dataset_size=None):
         )
 
 
-def seed_epoch(config, epoch, rank):
-    """Every random stream of an epoch is a pure function of (SEED, epoch, rank), so a
-    run resumed at an epoch boundary draws exactly what an uninterrupted one would."""
-    seed_everything(int(np.random.SeedSequence([config.SEED, epoch, rank]).generate_state(1)[0]))
-
-
-def seed_step(config, epoch, step, rank):
-    """Every random stream of a step (drop path, SynCo's draws) is a pure function of
-    (SEED, epoch, step, rank), so a run resumed inside an epoch draws what an uninterrupted
-    one would. Host-side: seeding the CUDA generators does not wait for the device."""
-    seed_everything(derive_seed(config.SEED, epoch, step, rank))
-
-
-# -----------------------------------------------------------------------------
-# Training
-# -----------------------------------------------------------------------------
-
-
-class StopSignal:
-    """SIGTERM or SIGUSR1 (a scheduler's notice of preemption) only sets ``requested``: a host
-    flag, read where the ranks meet anyway (``sync_ranks``), so all stop after the same step."""
-
-    def __init__(self):
-        self.requested = False
-        for signum in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(signum, self._handle)
-
-    def _handle(self, signum, frame):
-        self.requested = True
-
-
-class NonFiniteLossError(RuntimeError):
-    """The loss, gradients or weights stopped being finite."""
-
-
 def sync_ranks(first_bad, num_steps, epoch, stop_requested=False):
     """Where the ranks meet inside an epoch (when logging, and before a periodic save): stop
     every rank when any rank saw a non-finite loss or gradient norm this epoch, and return
@@ -215,28 +102,6 @@ def sync_ranks(first_bad, num_steps, epoch, stop_requested=False):
     if bad_grad < num_steps:
         raise NonFiniteLossError(f"non-finite gradient norm at epoch {epoch} step {bad_grad}")
     return not go_on
-
-
-class ProcessFaultError(RuntimeError):
-    """This process cannot go on: another one stalled or died, or a data loader worker died."""
-
-
-def process_fault(error, config, epoch, step):
-    """A one-line ProcessFaultError for ``error``, raised at ``step`` of ``epoch``, when it is a fault
-    of the processes (rather than of the code), else None."""
-    text = " ".join(str(error).split())
-    if "DataLoader worker" in text:
-        cause = f"a data loader worker died ({text[:160]}): out of host memory? Lower DATA.NUM_WORKERS"
-    elif "timed out" in text.lower() or "timeout" in text.lower():
-        cause = (
-            f"waited more than DIST_TIMEOUT {config.DIST_TIMEOUT} s for the other processes in a collective: "
-            "one of them stalled (a hung file system, a stuck worker) or died"
-        )
-    elif isinstance(error, torch.distributed.DistError) or "Connection closed" in text or "Connection reset" in text:
-        cause = f"lost the connection to another process ({text[:160]}): it died or its node failed"
-    else:
-        return None
-    return ProcessFaultError(f"rank {dist_rank_world()[0]} at epoch {epoch} step {step}: {cause}")
 
 
 def log_progress(config, epoch, idx, num_steps, meters, batch_time, optimizer, model, logger, writer):
@@ -377,29 +242,6 @@ def throughput(config, model, augment, optimizer, scaler, autocast, device, logg
 # -----------------------------------------------------------------------------
 # Main
 # -----------------------------------------------------------------------------
-
-
-class CheckpointWriteError(RuntimeError):
-    """A checkpoint could not be written (a full disk, a quota, a lost mount)."""
-
-
-def write_checkpoints(state, paths, last_good, logger):
-    """Write ``state`` to each of ``paths`` in turn (``save_atomic``); returns the last path.
-
-    A write that fails leaves no file behind and raises CheckpointWriteError naming it, the OS's
-    reason and the newest good checkpoint, the one auto-resume then picks.
-    """
-    for path in paths:
-        try:
-            save_atomic(state, path)
-        except OSError as e:
-            raise CheckpointWriteError(
-                f"could not write {path} ({e.strerror or e}); the last good checkpoint is {last_good or 'none'}: "
-                f"free space in {os.path.dirname(path) or '.'} (or fix it), then resume"
-            ) from None
-        last_good = path
-    logger.info(f"saved {', '.join(paths)}")
-    return last_good
 
 
 class Checkpointer:
@@ -607,30 +449,6 @@ def main(config, env, logger):
     logger.info(f"training time {datetime.timedelta(seconds=int(time.time() - start))}")
 
 
-def open_output(config, env, folder, name):
-    """Create ``folder`` with the per-rank logger, and the resolved config.json on rank 0."""
-    try:
-        os.makedirs(folder, exist_ok=True)
-    except OSError as e:
-        raise ConfigError(f"cannot create the output folder {folder}: {e.strerror}") from None
-    logger = create_logger(folder, env.rank, name=name)
-    if env.is_main:
-        with open(os.path.join(folder, "config.json"), "w") as f:
-            json.dump(yaml.safe_load(config.dump()), f, indent=2)
-        logger.info(f"full config saved to {os.path.join(folder, 'config.json')}")
-    logger.info(f"rank {env.rank} of {env.world_size} on {env.device}")
-    return logger
-
-
-def join_processes(config, local_rank):
-    """Join the process group; record the local rank in the config."""
-    env = init_distributed(local_rank, config.DIST_TIMEOUT)
-    config.defrost()
-    config.LOCAL_RANK = env.local_rank
-    config.freeze()
-    return env
-
-
 def setup(argv=None):
     """Parse, configure and validate everything that can fail before training starts."""
     args = parse_option(argv)
@@ -647,26 +465,6 @@ def setup(argv=None):
     scale_learning_rates(config, env.world_size)
     logger = open_output(config, env, config.OUTPUT, config.MODEL.NAME)
     return config, env, logger
-
-
-def run_cli(setup_fn, main_fn, argv=None):
-    """Run ``main_fn(*setup_fn(argv))``; expected failures print one line and exit 2."""
-    rank = int(os.environ.get("RANK", 0))
-    try:
-        main_fn(*setup_fn(argv))
-    except (ConfigError, FileNotFoundError, PermissionError, NonFiniteLossError, CheckpointWriteError) as e:
-        if rank == 0:
-            print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
-    except ProcessFaultError as e:  # the rank that met it says so
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
-    finally:
-        # loader workers ignore SIGTERM (ignore_stop_signals), which the exit would send them
-        for worker in multiprocessing.active_children():
-            worker.kill()
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

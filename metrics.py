@@ -109,3 +109,11 @@ class DeviceMeters:
         self._last = {name: value.to(device) for name, value in state["last"].items()}
         self._sum = {name: value.to(device) for name, value in state["sum"].items()}
         self._count = dict(state["count"])
+
+
+def count_correct(logits, targets, topk=(1, 5)):
+    """Number of samples whose target is among the top-k logits, for each k. [B, C], [B] -> list of ints."""
+    maxk = min(max(topk), logits.shape[1])
+    pred = logits.topk(maxk, dim=1).indices  # [B, maxk]
+    hit = pred == targets[:, None]
+    return [int(hit[:, : min(k, maxk)].any(dim=1).sum()) for k in topk]

@@ -16,8 +16,9 @@ import eval_knn
 import main_linear
 import main_pretrain
 from config import get_config
+from engine import load_pretrained_encoder
 from lr_scheduler import build_scheduler
-from main_linear import build_classifier, load_pretrained_encoder
+from main_linear import build_classifier
 from models import build_model
 from models.swin_transformer import swin_tiny
 from models.vision_transformer import vit_tiny
@@ -140,8 +141,7 @@ def test_trusted_file_loads_with_the_opt_in(tmp_path):
 
 def test_the_opt_in_flag_of_every_script(tmp_path, capsys):
     argv = ["--cfg", "configs/moby_vit_tiny.yaml"]
-    for parse in (main_pretrain.parse_option, main_linear.parse_option,
-                  eval_knn.build_parser("k-NN").parse_args):  # fmt: skip
+    for parse in (main_pretrain.parse_option, main_linear.parse_option, eval_knn.parse_option):
         assert not get_config(parse(argv)).TRUST_CHECKPOINT
         assert get_config(parse([*argv, "--trust-checkpoint"])).TRUST_CHECKPOINT
 

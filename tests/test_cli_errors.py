@@ -12,6 +12,7 @@ import torch
 from conftest import run_script, save_code_running_checkpoint
 
 import main_pretrain
+from engine import run_cli
 
 BASE = ["main_pretrain.py", "--amp-opt-level", "O0"]
 SMALL = ["DATA.IMG_SIZE", "32", "DATA.NUM_WORKERS", "0", "MODEL.PROJ_HIDDEN_DIM", "64"]
@@ -34,7 +35,7 @@ def run(tmp_path, image_folder, capsys):
         data_args = ["--data-path", data] if data else []
         argv = [*BASE[1:], "--cfg", cfg, "--output", str(tmp_path), *data_args, *args]
         with pytest.raises(SystemExit) as exit_info:
-            main_pretrain.run_cli(main_pretrain.setup, main_pretrain.main, argv)
+            run_cli(main_pretrain.setup, main_pretrain.main, argv)
         return subprocess.CompletedProcess(argv, exit_info.value.code, "", capsys.readouterr().err)
 
     return _run

@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from timm.models.swin_transformer import PatchMerging
 
 from config import get_config
-from main_linear import build_classifier, load_pretrained_encoder
+from engine import load_pretrained_encoder
+from main_linear import build_classifier
 from models.convert import convert_original_encoder
 from models.swin_transformer import swin_tiny
 from models.vision_transformer import vit_tiny

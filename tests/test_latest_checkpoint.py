@@ -14,7 +14,8 @@ from conftest import run_script, small_config
 from test_pretrain_e2e import TINY, run_folder
 
 import main_pretrain
-from main_linear import build_classifier, load_run_encoder
+from engine import load_run_encoder, run_cli
+from main_linear import build_classifier
 from tools import export_backbone
 from utils import read_run_checkpoint
 
@@ -162,7 +163,7 @@ def test_a_start_older_than_the_folders_newest_is_refused(finished, image_folder
     argv = ["--cfg", CFG, "--data-path", image_folder, "--output", str(output), "--tag", "t", *flags, *TINY,
             "TRAIN.EPOCHS", str(EPOCHS), *opts]  # fmt: skip
     with pytest.raises(SystemExit) as exit_info:
-        main_pretrain.run_cli(main_pretrain.setup, main_pretrain.main, argv)
+        run_cli(main_pretrain.setup, main_pretrain.main, argv)
     (line,) = capsys.readouterr().err.splitlines()
     assert exit_info.value.code == 2 and line.startswith("error: ")
     first = 1 if resume else 0

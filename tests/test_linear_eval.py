@@ -17,20 +17,19 @@ from conftest import run_script
 from test_pretrain_e2e import TINY
 
 from config import ConfigError, get_config
+from engine import amp_autocast, load_pretrained_encoder, scale_learning_rates
 from eval_knn import knn_correct
 from lr_scheduler import build_scheduler
 from main_linear import (
     LINEAR_RECIPE,
     build_classifier,
     classification_loss,
-    count_correct,
     freeze_backbone,
-    load_pretrained_encoder,
     parse_option,
     train_one_epoch,
     validate,
 )
-from main_pretrain import amp_autocast, scale_learning_rates
+from metrics import count_correct
 from optimizer import build_optimizer
 
 # no --amp-opt-level: the runs below use the default, fp32

@@ -1,0 +1,395 @@
+"""What the entry scripts share: the command line, joining the processes, the output folder,
+precision, seeding, learning-rate scaling, DDP, fault handling, the pretrained encoder of a
+run, and frozen features.
+
+An entry script (``main_pretrain.py``, ``main_linear.py``, ``eval_*.py``) reads::
+
+    def setup(argv):   # parse, configure, validate, join the processes, open the output folder
+        args = build_parser(...).parse_args(argv)
+        ...
+    def main(config, env, logger): ...   # build, loop, save
+    if __name__ == "__main__":
+        run_cli(setup, main)
+"""
+
+import argparse
+import json
+import multiprocessing
+import os
+import resource
+import signal
+import sys
+import time
+from functools import partial
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import yaml
+
+from config import ConfigError, get_config
+from data.build import derive_seed, dist_rank_world
+from logger import create_logger
+from models.convert import convert_original_encoder
+from utils import init_distributed, read_checkpoint, read_run_checkpoint, save_atomic, seed_everything, world_size
+
+# -----------------------------------------------------------------------------
+# Command line
+# -----------------------------------------------------------------------------
+
+
+def build_parser(prog, description, example, defaults=None, throughput=True):
+    """The flags every entry script takes. ``defaults``: the config the flags override before
+    ``--cfg`` (config.py's defaults, under a script's own recipe), shown in ``--help``;
+    ``example``: a command line shown at the end of ``--help``."""
+    defaults = defaults or get_config()
+
+    def default(key):
+        node = defaults
+        for part in key.split("."):
+            node = node[part]
+        return f"{key}; default {node!r} unless --cfg or --opts set it"
+
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description=description,
+        epilog=f"example:\n  {example}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--cfg", type=str, required=True, metavar="FILE", help="YAML config file (configs/*.yaml)")
+    parser.add_argument(
+        "--opts", default=None, nargs="+", metavar="KEY VALUE",
+        help="override config keys, e.g. --opts DATA.IMG_SIZE 128 TRAIN.EPOCHS 100",
+    )  # fmt: skip
+    parser.add_argument(
+        "--batch-size", type=int, metavar="N", help=f"images per process ({default('DATA.BATCH_SIZE')})"
+    )
+    parser.add_argument(
+        "--data-path", type=str, metavar="PATH",
+        help="dataset folder (DATA.DATA_PATH): ImageNet's has train/ and val/",
+    )  # fmt: skip
+    parser.add_argument("--zip", action="store_true", help="read train.zip + train_map.txt (DATA.ZIP_MODE)")
+    parser.add_argument(
+        "--cache-mode", type=str, choices=["no", "full", "part"], help=f"zip cache ({default('DATA.CACHE_MODE')})",
+    )  # fmt: skip
+    parser.add_argument(
+        "--resume", metavar="FILE", help="resume from this checkpoint (default: the run folder's newest)"
+    )
+    parser.add_argument(
+        "--accumulation-steps", type=int, metavar="N",
+        help=f"gradient accumulation steps ({default('TRAIN.ACCUMULATION_STEPS')})",
+    )  # fmt: skip
+    parser.add_argument("--use-checkpoint", action="store_true", help="gradient checkpointing to save memory")
+    parser.add_argument(
+        "--amp-opt-level", type=str, choices=["O0", "O1", "O2"],
+        help="precision: O0 fp32, O1 fp16 autocast with a grad scaler, O2 bf16 autocast (AMP_OPT_LEVEL; "
+        "default O0, fp32 on every device, CPUs included; the level used is logged and saved in config.json)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--output", type=str, metavar="PATH",
+        help=f"root of the output folders <output>/<MODEL.NAME>/<tag> ({default('OUTPUT')})",
+    )  # fmt: skip
+    parser.add_argument("--tag", help=f"name of the run under <output>/<MODEL.NAME> ({default('TAG')})")
+    if throughput:
+        parser.add_argument(
+            "--throughput", action="store_true",
+            help="measure images/s on synthetic batches of the configured size and exit; "
+            "prints the last line 'throughput: <images/s>'",
+        )  # fmt: skip
+    parser.add_argument(
+        "--trust-checkpoint", action="store_true",
+        help="unpickle checkpoints in full (can run code): only for files you trust",
+    )  # fmt: skip
+    # torch.distributed.launch passes --local-rank (or --local_rank); torchrun sets LOCAL_RANK
+    parser.add_argument("--local-rank", "--local_rank", dest="local_rank", type=int, help=argparse.SUPPRESS)
+    return parser
+
+
+# -----------------------------------------------------------------------------
+# Processes, output folder, precision
+# -----------------------------------------------------------------------------
+
+
+def join_processes(config, local_rank):
+    """Join the process group; record the local rank in the config."""
+    env = init_distributed(local_rank, config.DIST_TIMEOUT)
+    config.defrost()
+    config.LOCAL_RANK = env.local_rank
+    config.freeze()
+    return env
+
+
+def open_output(config, env, folder, name):
+    """Create ``folder`` with the per-rank logger, and the resolved config.json on rank 0."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"cannot create the output folder {folder}: {e.strerror}") from None
+    logger = create_logger(folder, env.rank, name=name)
+    if env.is_main:
+        with open(os.path.join(folder, "config.json"), "w") as f:
+            json.dump(yaml.safe_load(config.dump()), f, indent=2)
+        logger.info(f"full config saved to {os.path.join(folder, 'config.json')}")
+    logger.info(f"rank {env.rank} of {env.world_size} on {env.device}")
+    log_precision(config, env, logger)
+    return logger
+
+
+PRECISIONS = {"O0": "fp32", "O1": "fp16 autocast with a grad scaler", "O2": "bf16 autocast"}
+AMP_DTYPES = {"O1": torch.float16, "O2": torch.bfloat16}
+
+
+def amp_autocast(config, device):
+    """A context factory: autocast to AMP_OPT_LEVEL's dtype (O1 fp16, O2 bf16), or nothing."""
+    return partial(
+        torch.autocast,
+        device_type=device.type,
+        dtype=AMP_DTYPES.get(config.AMP_OPT_LEVEL),
+        enabled=config.AMP_OPT_LEVEL in AMP_DTYPES,
+    )
+
+
+def log_precision(config, env, logger):
+    """One line: the precision the run computes in (AMP_OPT_LEVEL, as config.json records it)."""
+    logger.info(f"precision: AMP_OPT_LEVEL {config.AMP_OPT_LEVEL} ({PRECISIONS[config.AMP_OPT_LEVEL]}) on {env.device}")
+
+
+# -----------------------------------------------------------------------------
+# Training helpers
+# -----------------------------------------------------------------------------
+
+
+def scale_learning_rates(config, world_size):
+    """Linear scaling rule: the configured rates are for a global batch of 512."""
+    scale = config.DATA.BATCH_SIZE * world_size / 512.0 * max(config.TRAIN.ACCUMULATION_STEPS, 1)
+    config.defrost()
+    config.TRAIN.BASE_LR *= scale
+    config.TRAIN.WARMUP_LR *= scale
+    config.TRAIN.MIN_LR *= scale
+    config.freeze()
+
+
+def seed_epoch(config, epoch, rank):
+    """Every random stream of an epoch is a pure function of (SEED, epoch, rank), so a
+    run resumed at an epoch boundary draws exactly what an uninterrupted one would."""
+    seed_everything(int(np.random.SeedSequence([config.SEED, epoch, rank]).generate_state(1)[0]))
+
+
+def seed_step(config, epoch, step, rank):
+    """Every random stream of a step (drop path, SynCo's draws) is a pure function of
+    (SEED, epoch, step, rank), so a run resumed inside an epoch draws what an uninterrupted
+    one would. Host-side: seeding the CUDA generators does not wait for the device."""
+    seed_everything(derive_seed(config.SEED, epoch, step, rank))
+
+
+# -----------------------------------------------------------------------------
+# Training
+# -----------------------------------------------------------------------------
+
+
+def unwrap(model):
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+def distribute(model, env, **ddp_kwargs):
+    """``model`` in DistributedDataParallel when there are several processes. On CUDA every
+    BatchNorm (the heads', a ResNet's) first becomes a SyncBatchNorm, normalising over the
+    global batch; the parameters stay the same objects, so an optimizer built before keeps them."""
+    if env.world_size == 1:
+        return model
+    cuda = env.device.type == "cuda"
+    if cuda:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=[env.local_rank] if cuda else None, **ddp_kwargs)
+
+
+def memory_mb(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # peak RSS, KiB on Linux
+
+
+def report_throughput(config, step, batch_size, device, logger, warmup=3, steps=10):
+    """Time ``steps`` calls of ``step()`` after ``warmup`` ones; print ``throughput: <images/s>``."""
+    for _ in range(warmup):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.time()
+    for _ in range(steps):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    images_per_s = steps * batch_size / (time.time() - start)
+    logger.info(f"batch {batch_size} x {config.DATA.IMG_SIZE}px, {steps} steps after {warmup} warm-up steps")
+    print(f"throughput: {images_per_s:.2f}", flush=True)
+
+
+# -----------------------------------------------------------------------------
+# Faults: one line and exit code 2
+# -----------------------------------------------------------------------------
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss, gradients or weights stopped being finite."""
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (a full disk, a quota, a lost mount)."""
+
+
+class ProcessFaultError(RuntimeError):
+    """This process cannot go on: another one stalled or died, or a data loader worker died."""
+
+
+class StopSignal:
+    """SIGTERM or SIGUSR1 (a scheduler's notice of preemption) only sets ``requested``: a host
+    flag, read where the ranks meet anyway (``sync_ranks``), so all stop after the same step."""
+
+    def __init__(self):
+        self.requested = False
+        for signum in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(signum, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+
+def process_fault(error, config, epoch, step):
+    """A one-line ProcessFaultError for ``error``, raised at ``step`` of ``epoch``, when it is a fault
+    of the processes (rather than of the code), else None."""
+    text = " ".join(str(error).split())
+    if "DataLoader worker" in text:
+        cause = f"a data loader worker died ({text[:160]}): out of host memory? Lower DATA.NUM_WORKERS"
+    elif "timed out" in text.lower() or "timeout" in text.lower():
+        cause = (
+            f"waited more than DIST_TIMEOUT {config.DIST_TIMEOUT} s for the other processes in a collective: "
+            "one of them stalled (a hung file system, a stuck worker) or died"
+        )
+    elif isinstance(error, torch.distributed.DistError) or "Connection closed" in text or "Connection reset" in text:
+        cause = f"lost the connection to another process ({text[:160]}): it died or its node failed"
+    else:
+        return None
+    return ProcessFaultError(f"rank {dist_rank_world()[0]} at epoch {epoch} step {step}: {cause}")
+
+
+def write_checkpoints(state, paths, last_good, logger):
+    """Write ``state`` to each of ``paths`` in turn (``save_atomic``); returns the last path.
+
+    A write that fails leaves no file behind and raises CheckpointWriteError naming it, the OS's
+    reason and the newest good checkpoint, the one auto-resume then picks.
+    """
+    for path in paths:
+        try:
+            save_atomic(state, path)
+        except OSError as e:
+            raise CheckpointWriteError(
+                f"could not write {path} ({e.strerror or e}); the last good checkpoint is {last_good or 'none'}: "
+                f"free space in {os.path.dirname(path) or '.'} (or fix it), then resume"
+            ) from None
+        last_good = path
+    logger.info(f"saved {', '.join(paths)}")
+    return last_good
+
+
+def run_cli(setup_fn, main_fn, argv=None):
+    """Run ``main_fn(*setup_fn(argv))``; expected failures print one line and exit 2."""
+    rank = int(os.environ.get("RANK", 0))
+    try:
+        main_fn(*setup_fn(argv))
+    except (ConfigError, FileNotFoundError, PermissionError, NonFiniteLossError, CheckpointWriteError) as e:
+        if rank == 0:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    except ProcessFaultError as e:  # the rank that met it says so
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    finally:
+        # loader workers ignore SIGTERM (ignore_stop_signals), which the exit would send them
+        for worker in multiprocessing.active_children():
+            worker.kill()
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+# -----------------------------------------------------------------------------
+# Evaluation: the pretrained encoder of a run, and its frozen features
+# -----------------------------------------------------------------------------
+
+
+def load_pretrained_encoder(model, path, encoder_name, ckpt=None, trust=False):
+    """Copy the online encoder of a pretraining checkpoint into ``model`` (all but its head);
+    returns its pretraining epoch. ``ckpt``: the checkpoint, when already read from ``path``.
+
+    Checkpoints of the original MoBY / SynCo-v2 code are converted (``models/convert.py``).
+    Raises ConfigError naming the path and the keys when the checkpoint is missing,
+    unreadable, refused (``trust``: see utils.read_checkpoint), from another backbone,
+    or has no ``encoder.*`` weights.
+    """
+    if ckpt is None:
+        if not os.path.isfile(path):
+            raise ConfigError(
+                f"no pretrained checkpoint at {path}: pretrain with the same --cfg, --output and --tag "
+                "first, or set LINEAR_EVAL.PRETRAINED"
+            )
+        ckpt = read_checkpoint(path, trust)
+    found = ckpt.get("framework", {}).get("encoder", encoder_name)
+    if found != encoder_name:
+        raise ConfigError(f"{path} holds a {found} encoder, but MODEL.ENCODER is {encoder_name}")
+    state = ckpt.get("model", ckpt)
+    encoder = {k[len("encoder.") :]: v for k, v in state.items() if k.startswith("encoder.")}
+    if not encoder:
+        raise ConfigError(f"{path} has no encoder.* weights (keys: {', '.join(list(state)[:5])}, ...)")
+    encoder = convert_original_encoder(encoder, encoder_name)
+    head_params = {id(p) for p in model.get_classifier().parameters()}
+    head = {n for n, p in model.named_parameters() if id(p) in head_params}
+    encoder = {k: v for k, v in encoder.items() if k not in head}  # a pretraining head is never reused
+    own = model.state_dict()
+    mismatched = [k for k, v in encoder.items() if k in own and own[k].shape != v.shape]
+    missing = sorted(set(own) - set(encoder) - head)
+    unexpected = sorted(set(encoder) - set(own))
+    if mismatched or missing or unexpected:
+        raise ConfigError(
+            f"{path} does not match {encoder_name}: mismatched shapes {mismatched[:5]}, "
+            f"missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+    model.load_state_dict(encoder, strict=False)
+    return ckpt.get("epoch")
+
+
+def load_run_encoder(model, config, logger):
+    """Load into ``model`` the online encoder of LINEAR_EVAL.PRETRAINED (a checkpoint file, or a
+    run folder) or else of the run folder OUTPUT: a folder's newest readable checkpoint, as
+    auto-resume picks it. Logs the file and epoch."""
+    source = config.LINEAR_EVAL.PRETRAINED or config.OUTPUT
+    path, ckpt = read_run_checkpoint(source, logger, config.TRUST_CHECKPOINT)
+    if ckpt is None:
+        raise ConfigError(
+            f"no pretrained checkpoint at {source} (a file, or a run folder with checkpoint.pth or "
+            "ckpt_epoch_E.pth): pretrain with the same --cfg, --output and --tag first, or set LINEAR_EVAL.PRETRAINED"
+        )
+    epoch = load_pretrained_encoder(model, path, config.MODEL.ENCODER, ckpt)
+    logger.info(f"loaded the encoder of {path} (pretraining epoch {epoch})")
+
+
+@torch.no_grad()
+def extract_features(model, data_loader, num_samples, rank, device, autocast):
+    """Normalised features [num_samples, D] and labels [num_samples] of the whole dataset on
+    every rank, from a loader over this rank's samples ``rank, rank + world, ...`` in order."""
+    model.eval()
+    feats, labels = [], []
+    for images, targets in data_loader:
+        with autocast():
+            out = model(images.to(device, non_blocking=True))
+        feats.append(F.normalize(out.float(), dim=1))
+        labels.append(targets.to(device))
+    feats, labels = torch.cat(feats), torch.cat(labels)
+    if world_size() == 1:
+        return feats, labels
+    index = torch.arange(rank, num_samples, world_size(), device=device)
+    all_feats = feats.new_zeros(num_samples, feats.shape[1])
+    all_labels = labels.new_zeros(num_samples)
+    all_feats[index], all_labels[index] = feats, labels
+    torch.distributed.all_reduce(all_feats)
+    torch.distributed.all_reduce(all_labels)
+    return all_feats, all_labels
