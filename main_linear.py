@@ -261,6 +261,12 @@ def main(config, env, logger, output_dir):
         acc1, acc5, loss = validate(model, val_loader, device, autocast)
         logger.info(f"{config.DATA.DATASET} val ({len(val_set)} images): top-1 {acc1:.2f}% top-5 {acc5:.2f}%")
         return acc1
+    if start_epoch >= config.TRAIN.EPOCHS:
+        logger.info(
+            f"run complete: all {config.TRAIN.EPOCHS} epochs already trained, checkpoint {path} "
+            f"(best top-1 {max_acc1:.2f}%); nothing to do"
+        )
+        return max_acc1
 
     # ---------------------------------------------------------------- loop
     steps = len(train_loader)

@@ -127,6 +127,17 @@ def test_linear_eval_two_processes(pretrained, image_folder, weights, port):
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"top-1 {trained['accuracy']['top1']:.2f}%" in open(os.path.join(folder, "log_rank0.txt")).read()
 
+    # the training command again: the run is complete, nothing is retrained or rewritten
+    before = open(os.path.join(folder, "checkpoint.pth"), "rb").read()
+    result = run_script(["main_linear.py", "--cfg", "configs/moby_vit_tiny.yaml", "--data-path", image_folder,
+                         "--output", out, "--tag", "t", *SMALL, "TRAIN.EPOCHS", "2", "LINEAR_EVAL.WEIGHTS",
+                         weights])  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"run complete: all 2 epochs already trained, checkpoint {folder}" in result.stdout
+    assert f"(best top-1 {trained['max_accuracy']:.2f}%); nothing to do" in result.stdout
+    assert "Train: [" not in result.stdout
+    assert open(os.path.join(folder, "checkpoint.pth"), "rb").read() == before
+
 
 def test_knn_eval_runs(pretrained, image_folder):
     out, ckpt = pretrained
