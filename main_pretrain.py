@@ -13,7 +13,7 @@ import time
 from contextlib import nullcontext
 
 import torch
-from timm.utils import AverageMeter, accuracy
+from timm.utils import AverageMeter
 
 from config import ConfigError, check_config, get_config
 from data import DeviceAugment, DeviceViews, build_loader, set_loader_epoch, skipped_samples
@@ -38,7 +38,7 @@ from engine import (
     write_checkpoints,
 )
 from lr_scheduler import build_scheduler
-from metrics import NULL_WRITER, DeviceMeters, MetricWriter
+from metrics import NULL_WRITER, SYNCO_METRICS, DeviceMeters, MetricWriter, contrastive_metrics
 from models import build_model
 from optimizer import build_optimizer
 from utils import (
@@ -110,6 +110,7 @@ def log_progress(config, epoch, idx, num_steps, meters, batch_time, optimizer, m
     nan = (float("nan"), float("nan"))
     (loss_val, loss_avg), (norm_val, norm_avg) = read["loss"], read.get("grad_norm", nan)
     (acc1_val, acc1_avg), (acc5_val, acc5_avg) = read.get("contrast_acc1", nan), read.get("contrast_acc5", nan)
+    synco = [name for name in SYNCO_METRICS if name in read]  # SynCo's; synthetic_above_positive while on
     lr = optimizer.param_groups[0]["lr"]
     steps_left = num_steps - idx - 1
     eta = datetime.timedelta(seconds=int(batch_time.avg * steps_left))
@@ -125,10 +126,12 @@ def log_progress(config, epoch, idx, num_steps, meters, batch_time, optimizer, m
         f"mem {memory_mb(next(model.parameters()).device):.0f}MB\t"
         f"contrast_acc1 {acc1_val:.3f} ({acc1_avg:.3f})\t"
         f"contrast_acc5 {acc5_val:.3f} ({acc5_avg:.3f})"
+        + "".join(f"\t{name} {read[name][0]:.3f} ({read[name][1]:.3f})" for name in synco)
     )
     values = {"loss": loss_val, "lr": lr, "grad_norm": norm_val}
     if "contrast_acc1" in read:
         values.update(contrast_acc1=acc1_val, contrast_acc5=acc5_val)
+    values.update({name: read[name][0] for name in synco})
     if hasattr(unwrap(model), "momentum"):
         values["momentum"] = unwrap(model).momentum
     writer.scalars(values, epoch * num_steps + idx, prefix="train/")
@@ -183,8 +186,7 @@ def train_one_epoch(
                 meters.update(grad_norm=grad_norm)
             meters.update(loss=loss)
             if "logits" in out:
-                acc1, acc5 = accuracy(out["logits"], out["labels"], topk=(1, 5))
-                meters.update(contrast_acc1=acc1, contrast_acc5=acc5)
+                meters.update(**contrastive_metrics(out["logits"], out["labels"], out.get("real_columns")))
             batch_time.update(time.time() - end)
             end = time.time()
 
@@ -210,12 +212,14 @@ def train_one_epoch(
     read = meters.read()
     mean_loss = all_reduce_mean(torch.tensor(read["loss"][1], device=device)).item()
     acc1_avg = read.get("contrast_acc1", (0.0, 0.0))[1]
+    # SynCo: its top-1 among the queue alone, and its synthetic logits above the positive (while on)
+    synco = "".join(f"{n} {read[n][1]:.3f} " for n in ("contrast_acc1_real", "synthetic_above_positive") if n in read)
     images_per_s = (num_steps - start_step) * config.DATA.BATCH_SIZE * world_size() / max(epoch_time, 1e-9)
     epoch_values = {"loss": mean_loss, "time": epoch_time, "images_per_s": images_per_s}
     writer.scalars(epoch_values, (epoch + 1) * num_steps - 1, prefix="epoch/")  # the epoch's last step
     logger.info(
         f"EPOCH {epoch} done in {datetime.timedelta(seconds=int(epoch_time))}: mean loss {mean_loss:.4f} "
-        f"contrast_acc1 {acc1_avg:.3f} "
+        f"contrast_acc1 {acc1_avg:.3f} {synco}"
         f"images/s {images_per_s:.1f} (all processes)"
     )
     return num_steps, stopping

@@ -11,6 +11,7 @@ import atexit
 import logging
 
 import torch
+from timm.utils import accuracy
 
 
 class MetricWriter:
@@ -109,6 +110,33 @@ class DeviceMeters:
         self._last = {name: value.to(device) for name, value in state["last"].items()}
         self._sum = {name: value.to(device) for name, value in state["sum"].items()}
         self._count = dict(state["count"])
+
+
+# SynCo's metrics beside MoBY's contrast_acc1 / contrast_acc5, in this order in the log lines
+SYNCO_METRICS = ("contrast_acc1_real", "contrast_acc5_real", "synthetic_above_positive")
+
+
+def contrastive_metrics(logits, labels, real_columns=None):
+    """Per-step metrics of InfoNCE logits [N, C] whose positive is column ``labels`` [N], as
+    device tensors (no host synchronisation), in percent.
+
+    contrast_acc1 / contrast_acc5: the positive is among the 1 / 5 largest of all C logits.
+    With ``real_columns`` (SynCo: columns 0 .. real_columns - 1 hold the positive and the
+    queue, the rest synthetic negatives) also contrast_acc1_real / contrast_acc5_real, the
+    same among the positive and the queue only (what MoBY's contrast_acc1 measures), and,
+    when there are synthetic columns, synthetic_above_positive: the share of the synthetic
+    logits larger than their row's positive.
+    """
+    acc1, acc5 = accuracy(logits, labels, topk=(1, 5))
+    values = {"contrast_acc1": acc1, "contrast_acc5": acc5}
+    if real_columns is None:
+        return values
+    values["contrast_acc1_real"], values["contrast_acc5_real"] = accuracy(logits[:, :real_columns], labels, (1, 5))
+    synthetic = logits[:, real_columns:]  # [N, S]
+    if synthetic.shape[1]:
+        positive = logits.gather(1, labels[:, None])  # [N, 1]
+        values["synthetic_above_positive"] = (synthetic > positive).float().mean() * 100
+    return values
 
 
 def count_correct(logits, targets, topk=(1, 5)):

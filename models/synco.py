@@ -10,6 +10,7 @@ class SynCo(MoBY):
     """MoBY whose queue logits are extended, for each query, with synthetic negatives
     made from its ``n_hard`` most similar queue entries (see ``synthetic_negatives``),
     from epoch ``hard_negative_epochs[0]`` to ``hard_negative_epochs[1]``, both included.
+    ``loss`` returns MoBY's dict and ``real_columns``: the logits before the synthetic ones.
 
     Args:
         synthetic: SyntheticNegativeConfig (counts N1..N6 and the constants of the six kinds).
@@ -35,3 +36,9 @@ class SynCo(MoBY):
         choices = draw_choices(sim, q.shape[1], self.synthetic)
         synthetic = synthetic_logits(q, rows, sim, choices, self.synthetic)  # [B, N1 + ... + N6]
         return torch.cat([logits, synthetic], dim=1)
+
+    def loss(self, online, target):
+        out = super().loss(online, target)
+        # the logits' columns [0, real_columns) are the positive and the queue, the rest synthetic
+        out["real_columns"] = 1 + self.num_negative
+        return out

@@ -219,14 +219,29 @@ def test_synco_honours_every_count_and_zero_disables_a_kind():
     assert out["logits"].shape == (8, 1 + 16 + 2 + 3 + 0 + 5 + 1 + 7)
 
 
-def test_synco_loss_exceeds_moby_loss_on_same_inputs():
-    """Hard negatives only add terms to the softmax denominator."""
+def synco_and_moby_losses():
+    """The ``loss`` outputs of SynCo (synthetic negatives on) and MoBY, with the same weights
+    and queues, on the same predictions and keys."""
     torch.manual_seed(0)
     synco = build_model(small_config("synco", MODEL__WARMUP_EPOCHS=0)).eval()
     moby = build_model(small_config("moby")).eval()
     moby.load_state_dict(synco.state_dict())
     p = [torch.randn(4, 16) for _ in range(4)]
-    assert synco.loss(p[:2], p[2:])["loss"] > moby.loss(p[:2], p[2:])["loss"]
+    return synco.loss(p[:2], p[2:]), moby.loss(p[:2], p[2:])
+
+
+def test_synco_loss_exceeds_moby_loss_on_same_inputs():
+    """Hard negatives only add terms to the softmax denominator."""
+    synco, moby = synco_and_moby_losses()
+    assert synco["loss"] > moby["loss"]
+
+
+def test_synco_logits_start_with_mobys():
+    """Columns [0, real_columns) of SynCo's logits are MoBY's (positive and queue); the synthetic ones follow."""
+    out, moby_out = synco_and_moby_losses()
+    assert out["real_columns"] == 1 + 16 and "real_columns" not in moby_out
+    assert out["logits"].shape == (8, 1 + 16 + 2 + 3 + 4 + 5 + 6 + 7)
+    torch.testing.assert_close(out["logits"][:, : out["real_columns"]], moby_out["logits"])
 
 
 # -----------------------------------------------------------------------------
