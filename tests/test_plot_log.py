@@ -1,19 +1,21 @@
 """tools/plot_log.py on logs written in the exact formats of main_pretrain.py and main_linear.py."""
 
 import datetime
+import json
 
 import numpy as np
 import pytest
 from conftest import run_script
 from PIL import Image
 
-from tools.plot_log import main, parse_log
+from tools.plot_log import main, parse_log, synthetic_epochs, synthetic_span
 
 PREFIX = "[2025-01-01 12:00:00 synco__vit_tiny__t] ({} {}): INFO "
 PANEL_WIDTH = 480  # pixels per panel
 
 
-def pretrain_line(epoch, epochs, idx, num_steps, lr, loss, acc1, acc5):
+def pretrain_line(epoch, epochs, idx, num_steps, lr, loss, acc1, acc5, synco=()):
+    """main_pretrain.py's line; ``synco``: SynCo's (name, value) pairs, logged after contrast_acc5."""
     eta = datetime.timedelta(seconds=3 * (num_steps - idx - 1))
     return PREFIX.format("main_pretrain.py", 178) + (
         f"Train: [{epoch}/{epochs}][{idx}/{num_steps}]\t"
@@ -24,7 +26,7 @@ def pretrain_line(epoch, epochs, idx, num_steps, lr, loss, acc1, acc5):
         f"mem 862MB\t"
         f"contrast_acc1 {acc1:.3f} ({acc1:.3f})\t"
         f"contrast_acc5 {acc5:.3f} ({acc5:.3f})"
-    )
+    ) + "".join(f"\t{name} {value:.3f} ({value - 1:.3f})" for name, value in synco)
 
 
 def linear_lines(epoch, epochs, num_steps, top1):
@@ -42,13 +44,21 @@ def linear_lines(epoch, epochs, num_steps, top1):
     return lines
 
 
-def write_pretrain_log(folder, with_acc=True, epochs=3, num_steps=8):
+def write_pretrain_log(folder, with_acc=True, epochs=3, num_steps=8, synthetic_epochs=None, byol_acc=0.0):
+    """A run's log: MoBY's lines, or with ``synthetic_epochs`` (first, last) SynCo's; BYOL's without accuracy."""
     lines = [PREFIX.format("main_pretrain.py", 312) + "start training"]
     for epoch in range(epochs):
         for idx in range(0, num_steps, 2):
             step = epoch * num_steps + idx
-            acc = (min(90.0, 5.0 * step), min(99.0, 8.0 * step)) if with_acc else (0.0, 0.0)
-            lines.append(pretrain_line(epoch, epochs, idx, num_steps, 1e-3 * step / 24, 9.0 - 0.2 * step, *acc))
+            acc = (min(90.0, 5.0 * step), min(99.0, 8.0 * step)) if with_acc else (byol_acc, byol_acc)
+            synco = []
+            if synthetic_epochs is not None:
+                on = synthetic_epochs[0] <= epoch <= synthetic_epochs[1]
+                synco = [("contrast_acc1_real", acc[0]), ("contrast_acc5_real", acc[1])]
+                acc = (acc[0] / 2, acc[1] / 2) if on else acc  # the synthetic logits push the positive down
+                synco += [("synthetic_above_positive", 10.0 - step / 4)] if on else []
+            lr = 1e-3 * step / 24
+            lines.append(pretrain_line(epoch, epochs, idx, num_steps, lr, 9.0 - 0.2 * step, *acc, synco=synco))
         lines.append(
             PREFIX.format("main_pretrain.py", 190) + f"EPOCH {epoch} done in 0:00:01: mean loss 7.9835 "
             "contrast_acc1 0.000 images/s 13.3 (all processes)"
@@ -105,11 +115,84 @@ def test_pretrain_run_cli(tmp_path):
     check_png(png, panels=3)  # loss, contrastive accuracy, lr
 
 
-def test_byol_run_has_no_accuracy_panel(tmp_path):
-    folder = write_pretrain_log(tmp_path / "byol", with_acc=False)
+@pytest.mark.parametrize("logged", [float("nan"), 0.0])  # what main_pretrain.py logs for BYOL, and older runs
+def test_byol_run_has_no_accuracy_panel(tmp_path, logged):
+    folder = write_pretrain_log(tmp_path / "byol", with_acc=False, byol_acc=logged)
     out = tmp_path / "byol.png"
     assert main([str(folder), "--out", str(out)]) == str(out)
     check_png(out, panels=2)  # loss, lr
+
+
+def write_config(folder, model_type="synco", **keys):
+    """A run's config.json with the MODEL keys ``keys``."""
+    (folder / "config.json").write_text(json.dumps({"MODEL": {"TYPE": model_type, **keys}, "TRAIN": {"EPOCHS": 3}}))
+
+
+def test_parse_synco_log(tmp_path):
+    parsed = parse_log(write_pretrain_log(tmp_path / "run", synthetic_epochs=(1, 1)) / "log_rank0.txt")
+    train = parsed["train"]
+    assert parsed["steps_per_epoch"] == 8 and parsed["pretraining"]
+    assert train[10]["contrast_acc1_real"] == (50.0, 49.0) and train[10]["contrast_acc1"] == (25.0, 25.0)
+    assert train[10]["contrast_acc5_real"] == (80.0, 79.0) and train[10]["contrast_acc5"] == (40.0, 40.0)
+    assert train[4]["contrast_acc1_real"][0] == train[4]["contrast_acc1"][0] == 20.0
+    assert train[10]["synthetic_above_positive"] == (7.5, 6.5)
+    assert [s for s, v in train.items() if "synthetic_above_positive" in v] == [8, 10, 12, 14]
+    assert all("contrast_acc1_real" in v for v in train.values())
+
+
+# the window's names in config.json: the current ones, and the original's, which are still accepted
+@pytest.mark.parametrize("first, last", [("SYNTHETIC_START_EPOCH", "SYNTHETIC_END_EPOCH"),
+                                         ("WARMUP_EPOCHS", "COOLDOWN_EPOCHS")])  # fmt: skip
+def test_synthetic_epochs_from_config(tmp_path, first, last):
+    write_config(tmp_path, **{first: 1, last: 7})
+    assert synthetic_epochs(tmp_path) == (1, 7)
+
+
+def test_no_synthetic_epochs_without_synco(tmp_path):
+    assert synthetic_epochs(tmp_path) is None  # no config.json (a run of older code)
+    write_config(tmp_path, model_type="moby", WARMUP_EPOCHS=1, COOLDOWN_EPOCHS=7)
+    assert synthetic_epochs(tmp_path) is None
+
+
+def test_synthetic_span_in_global_steps(tmp_path):
+    parsed = parse_log(write_pretrain_log(tmp_path / "run", synthetic_epochs=(1, 1)) / "log_rank0.txt")
+    # logged steps 0, 2, ..., 22 (3 epochs of 8 steps, every second one)
+    assert synthetic_span(parsed, (1, 1)) == (8, 15)
+    assert synthetic_span(parsed, (2, 100)) == (16, 22)  # clipped to what the log holds
+    assert synthetic_span(parsed, (0, 0)) == (0, 7)
+    assert synthetic_span(parsed, (30, 100)) is None  # not reached yet
+    assert synthetic_span(parsed, None) is None
+    # a linear evaluation's folder keeps the pretraining's config.json, but not its epochs
+    linear = parse_log(write_linear_log(tmp_path / "linear_cifar10_linprob") / "log_rank0.txt")
+    assert not linear["pretraining"] and synthetic_span(linear, (0, 3)) is None
+
+
+def shaded_pixels(path):
+    """Pixels of the span's tint: gold (255, 215, 0) at alpha 0.15 over white."""
+    pixels = np.asarray(Image.open(path).convert("RGB")).astype(int)
+    return int((np.abs(pixels - [255, 250, 217]).max(axis=2) <= 2).sum())
+
+
+@pytest.mark.parametrize("first, last", [("SYNTHETIC_START_EPOCH", "SYNTHETIC_END_EPOCH"),
+                                         ("WARMUP_EPOCHS", "COOLDOWN_EPOCHS")])  # fmt: skip
+def test_synco_run_plot_shades_synthetic_epochs(tmp_path, first, last):
+    folder = write_pretrain_log(tmp_path / "synco__vit_tiny__t" / "t", synthetic_epochs=(1, 1))
+    plain = main([str(folder), "--out", str(tmp_path / "plain.png")])
+    check_png(plain, panels=4)  # loss, contrastive accuracy (all and real queue), synthetic above positive, lr
+    write_config(folder, **{first: 1, last: 1})
+    check_png(main([str(folder)]), panels=4)
+    # four panels, each shaded over a third of its width (without the span: a few antialiased pixels)
+    assert shaded_pixels(plain) < 500 < 4 * 0.2 * 300 * 200 < shaded_pixels(folder / "curves.png")
+
+
+def test_unreadable_config_is_one_error_line(tmp_path, capsys):
+    folder = write_pretrain_log(tmp_path / "run", synthetic_epochs=(1, 1))
+    (folder / "config.json").write_text("{not json")
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(folder)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "config.json" in err and err.count("\n") == 1
 
 
 def test_linear_run(tmp_path, capsys):

@@ -11,6 +11,8 @@ import pytest
 import torch
 from conftest import ROOT, run_script
 
+from tools.plot_log import parse_log, synthetic_epochs, synthetic_span
+
 TINY = [
     "--batch-size", "4", "--amp-opt-level", "O0",
     "--opts", "DATA.IMG_SIZE", "32", "DATA.NUM_WORKERS", "0", "MODEL.CONTRAST_NUM_NEGATIVE", "16",
@@ -49,7 +51,17 @@ def check_run(output, framework, world_size, steps_per_epoch):
         assert "Train: [1/2]" in log and "EPOCH 1 done" in log
         # progress: ETA of the epoch and of the run; a summary line per epoch
         assert re.search(r"Train: \[0/2\]\[0/\d+\]\teta \d+:\d\d:\d\d \(run \d+:\d\d:\d\d\)", log)
-        assert re.search(r"EPOCH 0 done in \S+: mean loss [\d.]+ contrast_acc1 [\d.]+ images/s [\d.]+", log)
+        summary = r"EPOCH 0 done in \S+: mean loss [\d.]+ contrast_acc1 [\d.]+ "
+        if framework == "synco":  # synthetic negatives from epoch 0 on (MODEL.WARMUP_EPOCHS 0)
+            summary += r"contrast_acc1_real [\d.]+ synthetic_above_positive [\d.]+ "
+        assert re.search(summary + r"images/s [\d.]+", log)
+    # tools/plot_log.py reads SynCo's metrics, and its epochs with synthetic negatives from config.json
+    parsed = parse_log(os.path.join(folder, "log_rank0.txt"))
+    synco_fields = {"contrast_acc1_real", "contrast_acc5_real", "synthetic_above_positive"}
+    expected = synco_fields if framework == "synco" else set()
+    assert all(synco_fields & set(values) == expected for values in parsed["train"].values())
+    if framework == "synco":
+        assert synthetic_span(parsed, synthetic_epochs(folder)) == (0, 2 * steps_per_epoch - 1)
     config = json.load(open(os.path.join(folder, "config.json")))
     assert config["MODEL"]["TYPE"] == framework and config["DATA"]["IMG_SIZE"] == 32
 

@@ -3,13 +3,17 @@
     python tools/plot_log.py output/<MODEL.NAME>/<tag> [--out curves.png]
     python tools/plot_log.py output/<MODEL.NAME>/<tag>/linear_<dataset>_<kind>
 
-Panels: training loss, contrastive top-1/top-5 (MoBY, SynCo) and learning rate
-against the global step (epoch * steps per epoch + step), and for a linear
-evaluation the validation top-1/top-5 against the epoch. A resumed run's repeated
+Panels: training loss, contrastive top-1/top-5 (MoBY, SynCo; for SynCo also among the
+real queue alone), the share of SynCo's synthetic logits above the positive, and
+learning rate against the global step (epoch * steps per epoch + step), and for a
+linear evaluation the validation top-1/top-5 against the epoch. A SynCo run's epochs
+with synthetic negatives (from its config.json) are shaded. A resumed run's repeated
 steps keep their last value. Without a parsable line: one error line, exit 2.
 """
 
 import argparse
+import json
+import math
 import os
 import re
 import sys
@@ -26,12 +30,26 @@ def _field(name):
     return re.compile(rf"(?<!\S){name} {NUMBER}(?: \({NUMBER}\))?")
 
 
-FIELDS = {name: _field(name) for name in ("lr", "loss", "grad_norm", "contrast_acc1", "contrast_acc5")}
+FIELDS = {
+    name: _field(name)
+    for name in ("lr", "loss", "grad_norm", "contrast_acc1", "contrast_acc5")
+    # SynCo's: its accuracies among the real queue alone, its synthetic logits above the positive
+    + ("contrast_acc1_real", "contrast_acc5_real", "synthetic_above_positive")
+}
+# SynCo's first and last epoch with synthetic negatives in config.json: the keys, then their original names
+SYNTHETIC_EPOCH_KEYS = (("SYNTHETIC_START_EPOCH", "SYNTHETIC_END_EPOCH"), ("WARMUP_EPOCHS", "COOLDOWN_EPOCHS"))
+
+
+SPAN_COLOR = "gold"  # the epochs with synthetic negatives
 
 
 def parse_log(path):
-    """{"train": {step: {field: (value, average)}}, "val": {epoch: (top1, top5, loss)}, "dataset": str or None}."""
-    train, val, dataset = {}, {}, None
+    """{"train": {step: {field: (value, average)}}, "val": {epoch: (top1, top5, loss)}, "dataset": str or None,
+    "steps_per_epoch": int or None, "pretraining": bool}.
+
+    A pretraining log (main_pretrain.py) is told from a linear evaluation's by its lines' ``grad_norm``.
+    """
+    train, val, dataset, steps_per_epoch = {}, {}, None, None
     with open(path, errors="replace") as f:
         for line in f:
             if m := TRAIN_RE.search(line):
@@ -42,10 +60,46 @@ def parse_log(path):
                         values[name] = (float(fm[1]), float(fm[2]) if fm[2] is not None else None)
                 if "loss" in values:
                     train[epoch * num_steps + idx] = values
+                    steps_per_epoch = num_steps
             elif m := VAL_RE.search(line):
                 val[int(m[1])] = (float(m[4]), float(m[5]), float(m[6]))
                 dataset = m[2]
-    return {"train": dict(sorted(train.items())), "val": dict(sorted(val.items())), "dataset": dataset}
+    return {
+        "train": dict(sorted(train.items())),
+        "val": dict(sorted(val.items())),
+        "dataset": dataset,
+        "steps_per_epoch": steps_per_epoch,
+        "pretraining": any("grad_norm" in v for v in train.values()),
+    }
+
+
+def synthetic_epochs(folder):
+    """(first, last) epoch of a SynCo run's synthetic negatives, both included, read from the
+    ``config.json`` in ``folder``; None for another framework or without the file."""
+    path = os.path.join(folder, "config.json")
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            model = json.load(f).get("MODEL", {})
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    if model.get("TYPE") != "synco":
+        return None
+    for first, last in SYNTHETIC_EPOCH_KEYS:
+        if first in model and last in model:
+            return int(model[first]), int(model[last])
+    return None
+
+
+def synthetic_span(parsed, epochs):
+    """Global steps [start, end] where the epochs ``(first, last)`` overlap the logged steps of
+    the pretraining log ``parsed``; None where they do not."""
+    if epochs is None or not parsed["pretraining"]:
+        return None
+    steps, n = list(parsed["train"]), parsed["steps_per_epoch"]
+    start, end = max(epochs[0] * n, steps[0]), min((epochs[1] + 1) * n - 1, steps[-1])
+    return (start, end) if start < end else None
 
 
 def _series(train, name, which=0):
@@ -53,10 +107,20 @@ def _series(train, name, which=0):
     return [s for s, _ in points], [y for _, y in points]
 
 
+def _has(train, name):
+    return any(name in v for v in train.values())
+
+
+def _has_accuracy(train):
+    """Whether the contrastive accuracies have values: BYOL logs its missing ones as nan (older runs: 0)."""
+    values = (x for v in train.values() for n in ("contrast_acc1", "contrast_acc5") if n in v for x in v[n])
+    return any(x is not None and math.isfinite(x) and x != 0 for x in values)
+
+
 def plot_run(folder, out=None):
     """Draw the curves of the run in ``folder`` into ``out`` (default ``folder/curves.png``); returns its path.
 
-    Raises ValueError when the folder has no log or the log no parsable line.
+    Raises ValueError when the folder has no log, the log no parsable line or config.json is not JSON.
     """
     log = os.path.join(folder, "log_rank0.txt")
     if not os.path.isfile(log):
@@ -69,9 +133,15 @@ def plot_run(folder, out=None):
     from matplotlib.figure import Figure  # Agg canvas, no pyplot state
     from matplotlib.ticker import MaxNLocator
 
-    # contrast_acc* are logged as 0 when a framework has none (BYOL)
-    has_acc = any(v[n][0] or v[n][1] for v in train.values() for n in ("contrast_acc1", "contrast_acc5") if n in v)
-    panels = [p for p, shown in (("loss", train), ("acc", has_acc), ("lr", train), ("val", val)) if shown]
+    span = synthetic_span(parsed, synthetic_epochs(folder)) if train else None
+    shown = (
+        ("loss", train),
+        ("acc", _has_accuracy(train)),
+        ("synthetic", _has(train, "synthetic_above_positive")),
+        ("lr", train),
+        ("val", val),
+    )
+    panels = [p for p, show in shown if show]
     fig = Figure(figsize=(4.8 * len(panels), 3.8), dpi=100, layout="constrained")
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     for ax, panel in zip(axes, panels):
@@ -85,15 +155,28 @@ def plot_run(folder, out=None):
             ax.legend()
             continue
         ax.set_xlabel("global step")
+        if ax is not axes[0]:
+            ax.sharex(axes[0])  # the step panels show the same steps
+        if span is not None:
+            ax.axvspan(*span, color=SPAN_COLOR, alpha=0.15, lw=0, label="synthetic negatives on")
         if panel == "loss":
             ax.plot(*_series(train, "loss"), alpha=0.4, label="batch")
             ax.plot(*_series(train, "loss", 1), label="epoch mean so far")
             ax.set(ylabel="loss", title="training loss")
             ax.legend()
         elif panel == "acc":
-            for name in ("contrast_acc1", "contrast_acc5"):
-                ax.plot(*_series(train, name), label=name.replace("contrast_acc", "top-"))
+            synco = _has(train, "contrast_acc1_real")
+            for k, color in ((1, "tab:blue"), (5, "tab:green")):
+                label = f"top-{k}" + (", synthetic negatives included" if synco else "")
+                ax.plot(*_series(train, f"contrast_acc{k}"), color=color, label=label)
+                if synco:
+                    ax.plot(*_series(train, f"contrast_acc{k}_real"), "--", color=color, label=f"top-{k}, real queue")
             ax.set(ylabel="accuracy (%)", title="contrastive accuracy (batch)")
+            ax.legend(fontsize="small")
+        elif panel == "synthetic":
+            ax.plot(*_series(train, "synthetic_above_positive"), color="tab:red", label="batch")
+            ax.plot(*_series(train, "synthetic_above_positive", 1), color="tab:purple", label="epoch mean so far")
+            ax.set(ylabel="% of synthetic logits", title="synthetic negatives above the positive")
             ax.legend()
         else:
             ax.plot(*_series(train, "lr"))
