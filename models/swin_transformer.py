@@ -28,6 +28,7 @@ block's norm2, a plain ``nn.LayerNorm(dim)`` with eps 1e-5: Swin-T has 17 norms 
 so its weights give its features.
 """
 
+from collections.abc import Sequence
 from functools import partial
 
 import torch.nn as nn
@@ -46,19 +47,21 @@ def _largest_divisor(n: int, limit: int) -> int:
 
 
 def stage_window_sizes(
-    img_size, num_stages: int = 4, patch_size: int = PATCH_SIZE, window_size: int = WINDOW_SIZE
+    img_size, num_stages: int = 4, patch_size: int = PATCH_SIZE, window_size: int | Sequence[int] = WINDOW_SIZE
 ) -> tuple[tuple[int, int], ...]:
-    """Per-stage (h, w) windows that tile each stage's feature map exactly (see module docstring)."""
+    """Per-stage (h, w) windows that tile each stage's feature map exactly (see module docstring).
+    ``window_size``: the largest window, one for all stages or one per stage."""
+    limits = [window_size] * num_stages if isinstance(window_size, int) else list(window_size)
     grid = [s // patch_size for s in to_2tuple(img_size)]
     windows = []
-    for stage in range(num_stages):
+    for stage, limit in enumerate(limits):
         if stage > 0:  # PatchMerging halves the map, padding odd sizes
             grid = [(g + 1) // 2 for g in grid]
-        win = tuple(_largest_divisor(g, window_size) for g in grid)
-        if any(g > window_size and w < window_size // 2 for g, w in zip(grid, win)):
+        win = tuple(_largest_divisor(g, limit) for g in grid)
+        if any(g > limit and w < limit // 2 for g, w in zip(grid, win)):
             raise ValueError(
                 f"img_size {img_size}: stage {stage} feature map {tuple(grid)} has no window "
-                f"close to {window_size} that divides it (best {win}); choose another image size"
+                f"close to {limit} that divides it (best {win}); choose another image size"
             )
         windows.append(win)
     return tuple(windows)

@@ -46,7 +46,8 @@ class VisionTransformerMoCo(VisionTransformer):
     """timm ViT with MoCo v3's fixed sin-cos position embedding and initialisation.
 
     forward: [B, 3, H, W] -> [B, embed_dim] (class token after the final norm) if
-    num_classes == 0, else logits [B, num_classes]. H, W must equal img_size.
+    num_classes == 0, else logits [B, num_classes]. H, W must equal img_size
+    (``set_input_size`` changes it).
 
     Args:
         stop_grad_conv1: freeze the patch projection (weight and bias), as MoCo v3
@@ -68,16 +69,23 @@ class VisionTransformerMoCo(VisionTransformer):
         position embedding and the patch projection as MoCo v3 sets them."""
         super().init_weights(mode, needs_reset)
         with torch.no_grad():
-            self.pos_embed.copy_(
-                sincos_pos_embed_2d(
-                    self.patch_embed.grid_size, self.embed_dim, num_prefix_tokens=self.num_prefix_tokens
-                )
-            )
+            self.pos_embed.copy_(self._grid_pos_embed())
             proj = self.patch_embed.proj  # Conv2d [dim, 3, p, p], xavier over its [dim, 3 * p * p] view
             fan_in = proj.weight[0].numel()
             bound = math.sqrt(6.0 / (fan_in + proj.weight.shape[0]))
             nn.init.uniform_(proj.weight, -bound, bound)
             nn.init.zeros_(proj.bias)
+
+    def _grid_pos_embed(self):
+        """The sin-cos position embedding of the current patch grid, [1, prefix + h * w, dim]."""
+        return sincos_pos_embed_2d(self.patch_embed.grid_size, self.embed_dim, num_prefix_tokens=self.num_prefix_tokens)
+
+    def set_input_size(self, img_size):
+        """Take inputs of ``img_size`` (H, W), multiples of the patch size, from now on: the patch
+        grid follows, and the position embedding becomes the sin-cos one of the new grid, the one
+        a model built at that size has (it is a fixed function of the grid, not learned)."""
+        self.patch_embed.set_input_size(img_size=img_size)
+        self.pos_embed = nn.Parameter(self._grid_pos_embed().to(self.pos_embed), requires_grad=False)
 
 
 def _vit(
