@@ -360,7 +360,7 @@ def load_pretrained_encoder(model, path, encoder_name, ckpt=None, trust=False):
 def load_run_encoder(model, config, logger):
     """Load into ``model`` the online encoder of LINEAR_EVAL.PRETRAINED (a checkpoint file, or a
     run folder) or else of the run folder OUTPUT: a folder's newest readable checkpoint, as
-    auto-resume picks it. Logs the file and epoch."""
+    auto-resume picks it. Logs the file and epoch; returns the epoch."""
     source = config.LINEAR_EVAL.PRETRAINED or config.OUTPUT
     path, ckpt = read_run_checkpoint(source, logger, config.TRUST_CHECKPOINT)
     if ckpt is None:
@@ -370,12 +370,14 @@ def load_run_encoder(model, config, logger):
         )
     epoch = load_pretrained_encoder(model, path, config.MODEL.ENCODER, ckpt)
     logger.info(f"loaded the encoder of {path} (pretraining epoch {epoch})")
+    return epoch
 
 
 @torch.no_grad()
-def extract_features(model, data_loader, num_samples, rank, device, autocast):
+def extract_features(model, data_loader, num_samples, rank, device, autocast, order=None):
     """Normalised features [num_samples, D] and labels [num_samples] of the whole dataset on
-    every rank, from a loader over this rank's samples ``rank, rank + world, ...`` in order."""
+    every rank, from a loader over this rank's samples: ``order``, the dataset index of each
+    sample in the order the loader yields them, by default ``rank, rank + world, ...``."""
     model.eval()
     feats, labels = [], []
     for images, targets in data_loader:
@@ -384,12 +386,16 @@ def extract_features(model, data_loader, num_samples, rank, device, autocast):
         feats.append(F.normalize(out.float(), dim=1))
         labels.append(targets.to(device))
     feats, labels = torch.cat(feats), torch.cat(labels)
-    if world_size() == 1:
+    if world_size() == 1 and order is None:
         return feats, labels
-    index = torch.arange(rank, num_samples, world_size(), device=device)
+    if order is None:
+        index = torch.arange(rank, num_samples, world_size(), device=device)
+    else:
+        index = torch.as_tensor(order, dtype=torch.long, device=device)
     all_feats = feats.new_zeros(num_samples, feats.shape[1])
     all_labels = labels.new_zeros(num_samples)
     all_feats[index], all_labels[index] = feats, labels
-    torch.distributed.all_reduce(all_feats)
-    torch.distributed.all_reduce(all_labels)
+    if world_size() > 1:
+        torch.distributed.all_reduce(all_feats)
+        torch.distributed.all_reduce(all_labels)
     return all_feats, all_labels
