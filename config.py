@@ -124,6 +124,22 @@ _C.LINEAR_EVAL.WEIGHTS = "freeze"
 _C.LINEAR_EVAL.BACKBONE_TRAIN_MODE = True
 
 # -----------------------------------------------------------------------------
+# Image retrieval (eval_retrieval.py; DATA.DATASET roxford5k or rparis6k under DATA.TRANSFER_ROOT)
+# -----------------------------------------------------------------------------
+_C.RETRIEVAL = CN()
+# Longest side of the images fed to the encoder: larger ones are shrunk to it, aspect kept
+# (DINO's published runs: 224 on ROxford, 512 with MULTISCALE on RParis)
+_C.RETRIEVAL.IMG_SIZE = 224
+# Average the features of the images at scales 1, 1/sqrt(2) and 1/2 (then L2-normalised)
+_C.RETRIEVAL.MULTISCALE = False
+# Crop each query to its box, as the revisited protocol says (False: whole, as DINO's script feeds them)
+_C.RETRIEVAL.CROP_QUERIES = True
+# Save the features to this file (set by --dump-features)
+_C.RETRIEVAL.DUMP_FEATURES = ""
+# Read the features from this file instead of computing them (set by --load-features)
+_C.RETRIEVAL.LOAD_FEATURES = ""
+
+# -----------------------------------------------------------------------------
 # Training
 # -----------------------------------------------------------------------------
 _C.TRAIN = CN()
@@ -258,6 +274,8 @@ _FLAG_KEYS = {
     "eval": "EVAL_MODE",
     "throughput": "THROUGHPUT_MODE",
     "trust_checkpoint": "TRUST_CHECKPOINT",
+    "dump_features": "RETRIEVAL.DUMP_FEATURES",
+    "load_features": "RETRIEVAL.LOAD_FEATURES",
 }
 
 

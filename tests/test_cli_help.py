@@ -21,6 +21,7 @@ WIDE = {"COLUMNS": "300"}  # help lines unwrapped
         ("main_pretrain.py", ["--throughput"], ["--eval", "--lr"]),
         ("main_linear.py", ["--throughput", "--eval", "--lr", "--drop-path-rate"], []),
         ("eval_knn.py", [], ["--throughput", "--eval", "--lr"]),
+        ("eval_retrieval.py", ["--dump-features", "--load-features"], ["--throughput", "--eval", "--lr"]),
     ],
 )
 def test_help_names_the_program_shows_defaults_and_an_example(script, own_flags, foreign_flags):

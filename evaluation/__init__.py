@@ -1,0 +1,1 @@
+"""Evaluation protocols beyond classification: the measures, written from their definitions."""
