@@ -10,6 +10,7 @@ ranked by cosine similarity to each query, and the revisited protocol's mAP is r
 Medium and Hard settings (evaluation/retrieval.py).
 """
 
+import math
 import os
 import time
 
@@ -118,7 +119,7 @@ def main(config, env, logger):
     for setting in ("medium", "hard"):
         mean_ap, aps = revisited_map(ranking, protocol_ground_truth(ground_truth["gnd"], setting))
         results[setting] = 100 * mean_ap
-        scored = sum(ap == ap for ap in aps)  # nan for a query without positives
+        scored = sum(not math.isnan(ap) for ap in aps)  # nan: a query without positives in this setting
         logger.info(f"{name} {setting}: mAP {results[setting]:.2f} over {scored} queries")
     logger.info(f"{name} mAP (revisited protocol): medium {results['medium']:.2f} hard {results['hard']:.2f}")
     with MetricWriter(output_folder(config), config.TENSORBOARD and env.is_main, logger) as writer:
