@@ -19,6 +19,7 @@ import os
 import resource
 import signal
 import sys
+import threading
 import time
 from functools import partial
 
@@ -31,7 +32,17 @@ from config import ConfigError, get_config
 from data.build import derive_seed, dist_rank_world
 from logger import create_logger
 from models.convert import convert_original_encoder
-from utils import init_distributed, read_checkpoint, read_run_checkpoint, save_atomic, seed_everything, world_size
+from utils import (
+    all_ranks,
+    group_failure,
+    init_distributed,
+    mark_group_failed,
+    read_checkpoint,
+    read_run_checkpoint,
+    save_atomic,
+    seed_everything,
+    world_size,
+)
 
 # -----------------------------------------------------------------------------
 # Command line
@@ -244,15 +255,41 @@ class ProcessFaultError(RuntimeError):
 
 class StopSignal:
     """SIGTERM or SIGUSR1 (a scheduler's notice of preemption) only sets ``requested``: a host
-    flag, read where the ranks meet anyway (``sync_ranks``), so all stop after the same step."""
+    flag, read where the ranks meet anyway (``sync_ranks``), so all stop after the same step.
+
+    But when another process of the group has already ended with an error (``mark_group_failed``;
+    torchrun then stops the others with SIGTERM, to restart the group), the ranks can no longer
+    meet: the process ends at once, with one line and exit code 2. A thread watches the signals
+    (``signal.set_wakeup_fd``), so this holds while the training thread hangs in a step.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
     def __init__(self):
         self.requested = False
-        for signum in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(signum, self._handle)
+        read_end, write_end = os.pipe()
+        os.set_blocking(write_end, False)
+        signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
+        for signum in self.SIGNALS:
+            signal.signal(signum, lambda signum, frame: None)  # the thread below acts on them
+        threading.Thread(target=self._watch, args=(read_end,), name="stop-signal", daemon=True).start()
 
-    def _handle(self, signum, frame):
-        self.requested = True
+    def _watch(self, read_end):
+        while True:
+            signum = os.read(read_end, 1)[0]
+            if signum not in self.SIGNALS:  # any other signal with a Python handler (SIGCHLD, SIGINT)
+                continue
+            self.requested = True
+            failure = group_failure()
+            if failure is not None:
+                print(
+                    f"error: rank {dist_rank_world()[0]} stopped by {signal.Signals(signum).name} without saving: "
+                    f"another process failed: {failure[:300]}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                end_loader_workers()
+                os._exit(2)
 
 
 def process_fault(error, config, epoch, step):
@@ -292,11 +329,31 @@ def write_checkpoints(state, paths, last_good, logger):
     return last_good
 
 
+def save_checkpoints(state, paths, last_good, env, logger):
+    """Rank 0 writes ``state`` to ``paths`` (``write_checkpoints``). Every rank returns the last
+    path, or raises CheckpointWriteError when rank 0 could not write (one collective): all stop."""
+    error = None
+    if env.is_main:
+        try:
+            write_checkpoints(state, paths, last_good, logger)
+        except CheckpointWriteError as e:
+            error = e
+    if not all_ranks(torch.tensor(error is None, device=env.device)):
+        raise error or CheckpointWriteError("rank 0 could not write a checkpoint: see its error line")
+    return paths[-1]
+
+
 def run_cli(setup_fn, main_fn, argv=None):
-    """Run ``main_fn(*setup_fn(argv))``; expected failures print one line and exit 2."""
+    """Run ``main_fn(*setup_fn(argv))``; expected failures print one line and exit 2. A process
+    that fails tells the others (``mark_group_failed``: see StopSignal)."""
     rank = int(os.environ.get("RANK", 0))
     try:
-        main_fn(*setup_fn(argv))
+        try:
+            main_fn(*setup_fn(argv))
+        except Exception as e:
+            text = " ".join(str(e).split()) or type(e).__name__
+            mark_group_failed(text if text.startswith(f"rank {rank} ") else f"rank {rank}: {text}")
+            raise
     except (ConfigError, FileNotFoundError, PermissionError, NonFiniteLossError, CheckpointWriteError) as e:
         if rank == 0:
             print(f"error: {e}", file=sys.stderr, flush=True)
@@ -305,11 +362,16 @@ def run_cli(setup_fn, main_fn, argv=None):
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
     finally:
-        # loader workers ignore SIGTERM (ignore_stop_signals), which the exit would send them
-        for worker in multiprocessing.active_children():
-            worker.kill()
+        end_loader_workers()
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+
+
+def end_loader_workers():
+    """Kill this process's data loader workers: they ignore SIGTERM (ignore_stop_signals), which
+    an exit would send them."""
+    for worker in multiprocessing.active_children():
+        worker.kill()
 
 
 # -----------------------------------------------------------------------------

@@ -58,6 +58,7 @@ def init_distributed(local_rank=None, timeout_s=None):
     (PyTorch's default without it); on NCCL, asynchronous error handling tears the
     process down when a collective times out, as torchrun sets it by default.
     """
+    global _group_store
     rank, world, local = launcher_env(local_rank)
     if torch.cuda.is_available():
         torch.cuda.set_device(local)
@@ -69,14 +70,62 @@ def init_distributed(local_rank=None, timeout_s=None):
         os.environ.setdefault("MASTER_PORT", "29500")
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
         backend = "nccl" if device.type == "cuda" else "gloo"
+        timeout = datetime.timedelta(seconds=timeout_s) if timeout_s else None
+        _group_store = group_store(rank, world, timeout)
         dist.init_process_group(
             backend,
+            store=_group_store,
             rank=rank,
             world_size=world,
             device_id=device if backend == "nccl" else None,
-            timeout=datetime.timedelta(seconds=timeout_s) if timeout_s else None,
+            timeout=timeout,
         )
     return DistEnv(rank, world, local, device)
+
+
+_group_store = None  # the store of this process's group (init_distributed)
+
+
+def group_store(rank, world, timeout=None):
+    """The key-value store through which the processes join their group, at MASTER_ADDR:MASTER_PORT.
+
+    Under torchrun it is its agent's (TORCHELASTIC_USE_AGENT_STORE): it outlives the processes and
+    serves every attempt of ``--max-restarts``, so its keys are scoped by the attempt
+    (TORCHELASTIC_RESTART_COUNT). Unscoped, a restarted process reads the addresses the previous
+    attempt's processes left there, and gloo fails ("Connection refused", "Connect timeout") or
+    waits; NCCL reads their stale unique id. Otherwise rank 0 hosts it, as ``env://`` would.
+    """
+    agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        world,
+        is_master=rank == 0 and not agent,
+        timeout=timeout or datetime.timedelta(minutes=30),
+        multi_tenant=True,
+    )
+    if agent:
+        store = dist.PrefixStore(f"attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+    return store
+
+
+def mark_group_failed(reason):
+    """Record in the group's store that this process ends with an error (``reason``), for the
+    others (``group_failure``); nothing in a single process, nor when the store is gone."""
+    if _group_store is not None:
+        with contextlib.suppress(Exception):
+            _group_store.set("failed", reason)
+
+
+def group_failure():
+    """Why another process of the group ended (``mark_group_failed``): a text, or None while none
+    did. A store that cannot be reached (rank 0 hosted it and is gone) counts as a failure."""
+    if _group_store is None:
+        return None
+    try:
+        return _group_store.get("failed").decode() if _group_store.check(["failed"]) else None
+    except Exception as e:
+        return f"the group's store is unreachable ({' '.join(str(e).split())[:120]})"
 
 
 def world_size():
