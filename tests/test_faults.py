@@ -1,6 +1,7 @@
 """Real runs meeting the faults of a shared cluster: a full disk, corrupted checkpoints,
 a stalled rank, a killed data loader worker, preemption."""
 
+import contextlib
 import glob
 import os
 import random
@@ -157,9 +158,9 @@ def epoch_losses(log_text, epoch):
     return re.findall(rf"Train: \[{epoch}/2\]\[(\d+)/\d+\].*?\bloss (\S+)", log_text)
 
 
-def start_torchrun(args, port, log_path):
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    launcher = ["-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}"]
+def start_torchrun(args, port, log_path, *launcher_opts, extra_env=None):
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **(extra_env or {}))
+    launcher = ["-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}", *launcher_opts]
     with open(log_path, "w") as log:
         return subprocess.Popen([sys.executable, *launcher, *args], cwd=ROOT, env=env, stdout=log,
                                 stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
@@ -238,4 +239,39 @@ def test_killed_right_after_a_periodic_save_resumes_exactly(image_folder, tmp_pa
     b = torch.load(os.path.join(folder, "checkpoint.pth"), weights_only=False)
     assert a["epoch"] == b["epoch"] == 1
     for key, value in a["model"].items():
+        torch.testing.assert_close(b["model"][key], value, rtol=0, atol=1e-6, msg=key)
+
+
+def test_torchrun_restarts_the_group_after_a_stalled_rank_and_resumes_exactly(image_folder, tmp_path):
+    """torchrun --max-restarts=1: rank 1 hangs in its first step of epoch 1 in the first attempt
+    only; rank 0 fails on the timeout, rank 1 ends at torchrun's SIGTERM, and the second attempt
+    (whose rank 1 joins 2 s late, after rank 0 read the store) resumes after epoch 0 and ends as an
+    uninterrupted run."""
+    stall = {"PYTHONPATH": os.path.join(SHIMS, "stall"), "STALL_RANK": "1", "STALL_AT": "3", "STALL_SECONDS": "600",
+             "STALL_ATTEMPT": "0", "STALL_LATE_START": "2"}  # fmt: skip
+    log = tmp_path / "restarted.txt"
+    args = pretrain_args("moby", image_folder, tmp_path / "restarted", "DIST_TIMEOUT", "8")
+    restarted = start_torchrun(args, 29652, log, "--max-restarts=1", extra_env=stall)
+    # meanwhile (the restarted run mostly waits), the same run uninterrupted
+    straight = start_torchrun(pretrain_args("moby", image_folder, tmp_path / "straight"), 29651, tmp_path / "s.txt")
+    try:
+        assert straight.wait(timeout=300) == 0, (tmp_path / "s.txt").read_text()[-3000:]
+        assert restarted.wait(timeout=300) == 0, log.read_text()[-3000:]
+    finally:
+        for proc in (straight, restarted):
+            with contextlib.suppress(ProcessLookupError):  # leaves no process behind
+                os.killpg(proc.pid, signal.SIGKILL)
+    out = log.read_text()
+    first, second = [x for x in out.splitlines() if x.startswith("error: ")]
+    assert first.startswith("error: rank 0 at epoch 1 step 0: waited more than DIST_TIMEOUT 8 s"), first
+    assert second == f"error: rank 1 stopped by SIGTERM without saving: another process failed: {first[7:]}"
+    folder = run_folder(tmp_path / "restarted")
+    got = open(os.path.join(folder, "log_rank0.txt")).read()
+    assert f"resumed from {os.path.join(folder, 'checkpoint.pth')} (epoch 0)" in got
+    expected = open(os.path.join(run_folder(tmp_path / "straight"), "log_rank0.txt")).read()
+    assert epoch_losses(got.split("resumed from")[-1], 1) == epoch_losses(expected, 1)
+    a = torch.load(os.path.join(run_folder(tmp_path / "straight"), "checkpoint.pth"), weights_only=False)
+    b = torch.load(os.path.join(folder, "checkpoint.pth"), weights_only=False)
+    assert a["epoch"] == b["epoch"] == 1
+    for key, value in a["model"].items():  # weights, queues, step counter
         torch.testing.assert_close(b["model"][key], value, rtol=0, atol=1e-6, msg=key)
