@@ -31,6 +31,7 @@ from engine import (
     open_output,
     report_throughput,
     run_cli,
+    save_checkpoints,
     scale_learning_rates,
     seed_epoch,
     unwrap,
@@ -39,7 +40,7 @@ from lr_scheduler import build_scheduler
 from metrics import NULL_WRITER, MetricWriter, count_correct
 from models import build_encoder
 from optimizer import build_optimizer
-from utils import all_ranks, load_newest_checkpoint, read_checkpoint, save_atomic, seed_everything, world_size
+from utils import all_ranks, load_newest_checkpoint, read_checkpoint, seed_everything, world_size
 
 # The linear-evaluation recipe the original ran: defaults over the pretraining YAML, under --opts.
 # The keys only evaluation reads keep their defaults in config.py: MODEL.DROP_PATH_RATE 0.2,
@@ -270,6 +271,7 @@ def main(config, env, logger, output_dir):
 
     # ---------------------------------------------------------------- loop
     steps = len(train_loader)
+    last_good = path  # the checkpoint a restart would resume from
     writer = MetricWriter(output_dir, config.TENSORBOARD and env.is_main, logger, purge_step=start_epoch * steps)
     for epoch in range(start_epoch, config.TRAIN.EPOCHS):
         seed_epoch(config, epoch, env.rank)
@@ -283,17 +285,16 @@ def main(config, env, logger, output_dir):
             f"EPOCH {epoch} {config.DATA.DATASET} val ({len(val_set)} images): top-1 {acc1:.2f}% "
             f"top-5 {acc5:.2f}% loss {loss:.4f}; best top-1 {max_acc1:.2f}%"
         )
-        if env.is_main:
-            state = {
-                "model": unwrap(model).state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict(),
-                "epoch": epoch,
-                "max_accuracy": max_acc1,
-                "accuracy": {"top1": acc1, "top5": acc5},
-                "config": config.dump(),
-            }
-            save_atomic(state, os.path.join(output_dir, "checkpoint.pth"))
+        state = {
+            "model": unwrap(model).state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict(),
+            "epoch": epoch,
+            "max_accuracy": max_acc1,
+            "accuracy": {"top1": acc1, "top5": acc5},
+            "config": config.dump(),
+        }
+        last_good = save_checkpoints(state, [os.path.join(output_dir, "checkpoint.pth")], last_good, env, logger)
     writer.close()
     logger.info(f"best top-1 {max_acc1:.2f}%")
     return max_acc1

@@ -32,10 +32,10 @@ from engine import (
     process_fault,
     report_throughput,
     run_cli,
+    save_checkpoints,
     scale_learning_rates,
     seed_step,
     unwrap,
-    write_checkpoints,
 )
 from lr_scheduler import build_scheduler
 from metrics import NULL_WRITER, SYNCO_METRICS, DeviceMeters, MetricWriter, contrastive_metrics
@@ -43,7 +43,6 @@ from models import build_model
 from optimizer import build_optimizer
 from utils import (
     LATEST,
-    all_ranks,
     all_reduce_mean,
     make_latest,
     newest_checkpoint,
@@ -279,15 +278,7 @@ class Checkpointer:
             state.update(epoch_step=step, meters=meters.state_dict())
         elif epoch % config.SAVE_FREQ == 0 or epoch == config.TRAIN.EPOCHS - 1:
             paths.insert(0, os.path.join(config.OUTPUT, f"ckpt_epoch_{epoch}.pth"))
-        error = None
-        if self.env.is_main:
-            try:
-                write_checkpoints(state, paths, self.last_good, self.logger)
-            except CheckpointWriteError as e:
-                error = e
-        if not all_ranks(torch.tensor(error is None, device=self.env.device)):
-            raise error or CheckpointWriteError("rank 0 could not write a checkpoint: see its error line")
-        self.last_good = paths[-1]
+        self.last_good = save_checkpoints(state, paths, self.last_good, self.env, self.logger)
 
 
 def resume_point(config, env, logger):

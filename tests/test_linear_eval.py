@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from conftest import run_script
+from conftest import ROOT, run_script
 from test_pretrain_e2e import TINY
 
 from config import ConfigError, get_config
@@ -299,3 +299,26 @@ def test_label_smoothed_loss_closed_form():
     )
     uniform = torch.zeros(3, 5)  # -log(1/5) whatever the smoothing
     assert classification_loss(uniform, torch.tensor([0, 3, 4]), 0.3).item() == pytest.approx(math.log(5), rel=1e-6)
+
+
+def test_a_full_disk_stops_with_one_line_and_the_restart_resumes(pretrained, image_folder, tmp_path):
+    args = ["main_linear.py", "--cfg", "configs/moby_vit_tiny.yaml", "--data-path", image_folder,
+            "--output", str(tmp_path), "--tag", "t", *SMALL, "TRAIN.EPOCHS", "2",
+            "LINEAR_EVAL.PRETRAINED", pretrained[1]]  # fmt: skip
+    # the disk fills up while epoch 1's checkpoint is written (the run's second)
+    shim = {"PYTHONPATH": os.path.join(ROOT, "tests", "shims", "full_disk"), "FULL_DISK_AT": "2"}
+    full = run_script(args, env=shim)
+    assert full.returncode == 2 and "Traceback" not in full.stderr, full.stderr[-3000:]
+    (folder,) = glob.glob(os.path.join(tmp_path, "*", "t", "linear_imagenet_linprob"))
+    latest = os.path.join(folder, "checkpoint.pth")
+    assert [x for x in full.stderr.splitlines() if x.startswith("error: ")] == [
+        f"error: could not write {latest} (No space left on device); the last good checkpoint is {latest}: "
+        f"free space in {folder} (or fix it), then resume"
+    ]
+    assert not glob.glob(os.path.join(folder, "*.tmp.*"))
+    assert torch.load(latest, weights_only=False)["epoch"] == 0  # epoch 0's, intact
+
+    resumed = run_script(args)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from {latest} (epoch 0," in open(os.path.join(folder, "log_rank0.txt")).read()
+    assert torch.load(latest, weights_only=False)["epoch"] == 1
