@@ -17,16 +17,20 @@ PANEL_WIDTH = 480  # pixels per panel
 def pretrain_line(epoch, epochs, idx, num_steps, lr, loss, acc1, acc5, synco=()):
     """main_pretrain.py's line; ``synco``: SynCo's (name, value) pairs, logged after contrast_acc5."""
     eta = datetime.timedelta(seconds=3 * (num_steps - idx - 1))
-    return PREFIX.format("main_pretrain.py", 178) + (
-        f"Train: [{epoch}/{epochs}][{idx}/{num_steps}]\t"
-        f"eta {eta} (run 1 day, 2:03:04) lr {lr:.6f}\t"
-        f"time 0.4140 (0.4140)\t"
-        f"loss {loss:.4f} ({loss + 0.1:.4f})\t"
-        f"grad_norm 116.8946 (116.8946)\t"
-        f"mem 862MB\t"
-        f"contrast_acc1 {acc1:.3f} ({acc1:.3f})\t"
-        f"contrast_acc5 {acc5:.3f} ({acc5:.3f})"
-    ) + "".join(f"\t{name} {value:.3f} ({value - 1:.3f})" for name, value in synco)
+    return (
+        PREFIX.format("main_pretrain.py", 178)
+        + (
+            f"Train: [{epoch}/{epochs}][{idx}/{num_steps}]\t"
+            f"eta {eta} (run 1 day, 2:03:04) lr {lr:.6f}\t"
+            f"time 0.4140 (0.4140)\t"
+            f"loss {loss:.4f} ({loss + 0.1:.4f})\t"
+            f"grad_norm 116.8946 (116.8946)\t"
+            f"mem 862MB\t"
+            f"contrast_acc1 {acc1:.3f} ({acc1:.3f})\t"
+            f"contrast_acc5 {acc5:.3f} ({acc5:.3f})"
+        )
+        + "".join(f"\t{name} {value:.3f} ({value - 1:.3f})" for name, value in synco)
+    )
 
 
 def linear_lines(epoch, epochs, num_steps, top1):
