@@ -53,8 +53,10 @@ _C.MODEL = CN()
 _C.MODEL.TYPE = "moby"
 # Backbone: swin_tiny, swin_small, swin_base, vit_tiny, vit_small, vit_base, resnet50, resnet101, resnet152, resnet200
 _C.MODEL.ENCODER = "swin_tiny"
-# Run name; the output folder is OUTPUT/NAME/TAG
-_C.MODEL.NAME = "moby__swin_tiny__odpr02_tdpr0_cm099_ct02_queue4096_proj2_pred2"
+# Run name; the output folder is OUTPUT/NAME/TAG. Empty, or a --cfg name that spells the
+# file's own settings (run_name: every shipped config's), is computed from the effective
+# settings, --opts included; a name set by --opts, or any other --cfg name, is kept
+_C.MODEL.NAME = ""
 # Checkpoint to resume from (set by --resume)
 _C.MODEL.RESUME = ""
 # Classes of the linear-evaluation head (main_linear.py takes it from the dataset)
@@ -104,10 +106,10 @@ _C.MODEL.NOISE_STD = 0.1
 _C.MODEL.PERTURB_STEP = 0.01
 # synco: step eta of kind 6
 _C.MODEL.ADVERSARIAL_STEP = 0.01
-# synco: synthetic negatives are used from this epoch ...
-_C.MODEL.WARMUP_EPOCHS = 30
-# synco: ... to this epoch, both included
-_C.MODEL.COOLDOWN_EPOCHS = 100
+# synco: synthetic negatives are used from this epoch ... (alias: MODEL.WARMUP_EPOCHS, the original's name)
+_C.MODEL.SYNTHETIC_START_EPOCH = 30
+# synco: ... to this epoch, both included (alias: MODEL.COOLDOWN_EPOCHS)
+_C.MODEL.SYNTHETIC_END_EPOCH = 100
 
 # -----------------------------------------------------------------------------
 # Linear evaluation (main_linear.py)
@@ -279,6 +281,13 @@ _FLAG_KEYS = {
 }
 
 
+# an earlier name of a key -> its name; accepted in YAML files and --opts (the original's configs use them)
+KEY_ALIASES = {
+    "MODEL.WARMUP_EPOCHS": "MODEL.SYNTHETIC_START_EPOCH",
+    "MODEL.COOLDOWN_EPOCHS": "MODEL.SYNTHETIC_END_EPOCH",
+}
+
+
 class ConfigError(ValueError):
     """A configuration that cannot work; the message says what to change."""
 
@@ -293,29 +302,100 @@ def _update_config_from_file(config, cfg_file):
         if base:
             _update_config_from_file(config, os.path.join(os.path.dirname(cfg_file), base))
     print(f"=> merge config from {cfg_file}")
+    for alias, key in KEY_ALIASES.items():
+        _rename_in_tree(yaml_cfg, alias, key, cfg_file)
     try:
-        config.merge_from_file(cfg_file)
+        config.merge_from_other_cfg(CN(yaml_cfg))
     except (KeyError, ValueError, AssertionError) as e:
         raise ConfigError(f"{cfg_file}: {e.args[0]}") from None
     config.freeze()
 
 
+def _rename_in_tree(tree, alias, key, where):
+    """Move ``alias`` (a dotted key) of the nested dict ``tree`` to ``key``, its current name."""
+    *path, alias_leaf = alias.split(".")
+    node = tree
+    for part in path:
+        node = node.get(part) if isinstance(node, dict) else None
+    if not isinstance(node, dict) or alias_leaf not in node:
+        return
+    value = node.pop(alias_leaf)
+    key_leaf = key.split(".")[-1]  # an alias lives in its key's node
+    if key_leaf in node and node[key_leaf] != value:
+        raise ConfigError(f"{where}: {alias} {value} and {key} {node[key_leaf]} are the same key: set only {key}")
+    node[key_leaf] = value
+
+
+def canonical_opts(opts):
+    """``--opts`` KEY VALUE pairs with every alias replaced by its key (KEY_ALIASES); ConfigError
+    when the list is odd, or sets a key and its alias to different values."""
+    if len(opts) % 2:
+        raise ConfigError(f"--opts takes KEY VALUE pairs, got an odd number of items: {opts}")
+    keys, values = list(opts[0::2]), list(opts[1::2])
+    for alias, key in KEY_ALIASES.items():
+        by_alias = [yaml.safe_load(str(v)) for k, v in zip(keys, values) if k == alias]
+        by_key = [yaml.safe_load(str(v)) for k, v in zip(keys, values) if k == key]
+        if by_alias and by_key and by_alias[-1] != by_key[-1]:
+            raise ConfigError(
+                f"--opts sets {alias} {by_alias[-1]} and {key} {by_key[-1]}, the same key: set only {key}"
+            )
+        keys = [key if k == alias else k for k in keys]
+    return [item for pair in zip(keys, values) for item in pair]
+
+
+def opts_keys(args):
+    """The config keys ``args.opts`` sets explicitly (aliases under their current names)."""
+    return set(canonical_opts(getattr(args, "opts", None) or [])[0::2])
+
+
+def _name_number(x):
+    """How run names write a number: 0.2 -> "02", 0.0 -> "0", 0.996 -> "0996", 4096 -> "4096"."""
+    return f"{x:g}".replace(".", "")
+
+
+def run_name(config):
+    """The run name the settings spell, e.g. ``synco__swin_tiny__odpr02_tdpr0_cm099_ct02_queue4096_proj2_pred2``:
+    framework, encoder, drop path of the online / target encoder, a frozen ViT patch projection,
+    target momentum, temperature and queue (MoBY, SynCo), projector and predictor layers."""
+    m = config.MODEL
+    settings = [f"odpr{_name_number(m.ONLINE_DROP_PATH_RATE)}", f"tdpr{_name_number(m.TARGET_DROP_PATH_RATE)}"]
+    if m.STOP_GRAD_CONV1:
+        settings.append("stopgradconv1")
+    settings.append(f"cm{_name_number(m.CONTRAST_MOMENTUM)}")
+    if m.TYPE in ("moby", "synco"):
+        settings += [f"ct{_name_number(m.CONTRAST_TEMPERATURE)}", f"queue{_name_number(m.CONTRAST_NUM_NEGATIVE)}"]
+    settings += [f"proj{m.PROJ_NUM_LAYERS}", f"pred{m.PRED_NUM_LAYERS}"]
+    return f"{m.TYPE}__{m.ENCODER}__{'_'.join(settings)}"
+
+
+# the keys run_name spells (those of MoBY / SynCo only appear in their names)
+NAME_KEYS = (
+    "MODEL.TYPE", "MODEL.ENCODER", "MODEL.ONLINE_DROP_PATH_RATE", "MODEL.TARGET_DROP_PATH_RATE",
+    "MODEL.STOP_GRAD_CONV1", "MODEL.CONTRAST_MOMENTUM", "MODEL.CONTRAST_TEMPERATURE",
+    "MODEL.CONTRAST_NUM_NEGATIVE", "MODEL.PROJ_NUM_LAYERS", "MODEL.PRED_NUM_LAYERS",
+)  # fmt: skip
+
+
 def update_config(config, args, recipe=None):
     """Merge ``args.cfg``, then ``recipe`` (KEY VALUE list of a script's own defaults),
-    then ``args.opts``, then the command-line flags into ``config``."""
+    then ``args.opts`` (aliases renamed: KEY_ALIASES), then the command-line flags into ``config``.
+    MODEL.NAME, unless the user named the run, becomes ``run_name`` of the result; OUTPUT the
+    run's own folder OUTPUT/MODEL.NAME/TAG."""
     if getattr(args, "cfg", None):
         _update_config_from_file(config, args.cfg)
 
     config.defrost()
     if recipe:
         config.merge_from_list(recipe)
-    if getattr(args, "opts", None):
-        if len(args.opts) % 2:
-            raise ConfigError(f"--opts takes KEY VALUE pairs, got an odd number of items: {args.opts}")
-        try:
-            config.merge_from_list(args.opts)
-        except (KeyError, ValueError, AssertionError) as e:
-            raise ConfigError(f"--opts: {e.args[0]}") from None
+    # a name that spells the --cfg file's settings (or none) follows the settings --opts change
+    name_follows_settings = config.MODEL.NAME in ("", run_name(config))
+    opts = canonical_opts(getattr(args, "opts", None) or [])
+    try:
+        config.merge_from_list(opts)
+    except (KeyError, ValueError, AssertionError) as e:
+        raise ConfigError(f"--opts: {e.args[0]}") from None
+    if name_follows_settings and "MODEL.NAME" not in opts[0::2]:
+        config.MODEL.NAME = run_name(config)
 
     for flag, key in _FLAG_KEYS.items():
         value = getattr(args, flag, None)
@@ -359,13 +439,39 @@ def check_config(config):
                 raise ConfigError(f"MODEL.N{i} must be >= 0")
 
 
+def inert_settings(config, pretraining):
+    """Warnings (one line each) for settings that are accepted but silently do nothing: the
+    learning rate's warm-up as long as the run and, when ``pretraining``, SynCo's synthetic
+    negatives outside the run (which then is MoBY)."""
+    warnings = []
+    t, m = config.TRAIN, config.MODEL
+    if 0 < t.EPOCHS <= t.WARMUP_EPOCHS:
+        warnings.append(
+            f"TRAIN.WARMUP_EPOCHS {t.WARMUP_EPOCHS} >= TRAIN.EPOCHS {t.EPOCHS}: the learning rate never leaves "
+            "its linear warm-up (it never reaches TRAIN.BASE_LR and never decays); make TRAIN.WARMUP_EPOCHS "
+            "smaller than TRAIN.EPOCHS"
+        )
+    if pretraining and m.TYPE == "synco":
+        first, last = max(m.SYNTHETIC_START_EPOCH, 0), min(m.SYNTHETIC_END_EPOCH, t.EPOCHS - 1)
+        if first > last:
+            warnings.append(
+                f"SynCo's synthetic negatives never switch on: MODEL.SYNTHETIC_START_EPOCH {m.SYNTHETIC_START_EPOCH} "
+                f"to MODEL.SYNTHETIC_END_EPOCH {m.SYNTHETIC_END_EPOCH} includes none of the run's epochs 0 to "
+                f"{t.EPOCHS - 1}, so this run is MoBY; set a window within the run"
+            )
+        elif not any(getattr(m, f"N{i}") for i in range(1, 7)):
+            warnings.append("MODEL.N1..N6 are all 0: SynCo adds no synthetic negatives, so this run is MoBY")
+    return warnings
+
+
 def get_config(args=None, recipe=None):
     """Defaults under ``recipe`` (a script's own defaults), merged with ``args`` (an argparse
     namespace) when given; frozen."""
     config = _C.clone()
     if args is not None:
         update_config(config, args, recipe)
-    elif recipe:
-        config.merge_from_list(recipe)
+    else:
+        config.merge_from_list(recipe or [])
+        config.MODEL.NAME = run_name(config)
         config.freeze()
     return config

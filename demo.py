@@ -132,7 +132,7 @@ def main():
         "TRAIN.EPOCHS", str(args.epochs), "TRAIN.WARMUP_EPOCHS", "1", "MODEL.CONTRAST_NUM_NEGATIVE", "1024",
         "MODEL.N_HARD", "64", "MODEL.PROJ_HIDDEN_DIM", "1024",
         # synthetic negatives in the second half, once the encoder tells shapes apart a little
-        "MODEL.WARMUP_EPOCHS", str(args.epochs // 2), "MODEL.COOLDOWN_EPOCHS", str(args.epochs),
+        "MODEL.SYNTHETIC_START_EPOCH", str(args.epochs // 2), "MODEL.SYNTHETIC_END_EPOCH", str(args.epochs),
         "AUG.SSL_AUG_CROP", "0.25", "PRINT_FREQ", "5",
     ]  # fmt: skip
     for n in range(1, 7):

@@ -13,7 +13,9 @@ An entry script (``main_pretrain.py``, ``main_linear.py``, ``eval_*.py``) reads:
 """
 
 import argparse
+import glob
 import json
+import logging
 import multiprocessing
 import os
 import resource
@@ -28,9 +30,10 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from config import ConfigError, get_config
+from config import NAME_KEYS, ConfigError, get_config, opts_keys
 from data.build import derive_seed, dist_rank_world
 from logger import create_logger
+from models.build import ENCODER_SHAPE_KEYS
 from models.convert import convert_original_encoder
 from utils import (
     all_ranks,
@@ -130,8 +133,10 @@ def join_processes(config, local_rank):
     return env
 
 
-def open_output(config, env, folder, name):
-    """Create ``folder`` with the per-rank logger, and the resolved config.json on rank 0."""
+def open_output(config, env, folder, name, notes=(), warnings=()):
+    """Create ``folder`` with the per-rank logger, and the resolved config.json on rank 0; log
+    ``notes`` (lines about the configuration made before the logger existed) and, on rank 0,
+    ``warnings`` (e.g. config.inert_settings) as WARNING lines."""
     try:
         os.makedirs(folder, exist_ok=True)
     except OSError as e:
@@ -143,6 +148,10 @@ def open_output(config, env, folder, name):
         logger.info(f"full config saved to {os.path.join(folder, 'config.json')}")
     logger.info(f"rank {env.rank} of {env.world_size} on {env.device}")
     log_precision(config, env, logger)
+    for line in notes:
+        logger.info(line)
+    for line in warnings if env.is_main else ():
+        logger.warning(line)
     return logger
 
 
@@ -391,7 +400,7 @@ def load_pretrained_encoder(model, path, encoder_name, ckpt=None, trust=False):
     if ckpt is None:
         if not os.path.isfile(path):
             raise ConfigError(
-                f"no pretrained checkpoint at {path}: pretrain with the same --cfg, --output and --tag "
+                f"no pretrained checkpoint at {path}: pretrain with the same --cfg, --opts, --output and --tag "
                 "first, or set LINEAR_EVAL.PRETRAINED"
             )
         ckpt = read_checkpoint(path, trust)
@@ -423,16 +432,141 @@ def load_run_encoder(model, config, logger):
     """Load into ``model`` the online encoder of LINEAR_EVAL.PRETRAINED (a checkpoint file, or a
     run folder) or else of the run folder OUTPUT: a folder's newest readable checkpoint, as
     auto-resume picks it. Logs the file and epoch; returns the epoch."""
-    source = config.LINEAR_EVAL.PRETRAINED or config.OUTPUT
+    source = pretrained_source(config)
     path, ckpt = read_run_checkpoint(source, logger, config.TRUST_CHECKPOINT)
     if ckpt is None:
-        raise ConfigError(
-            f"no pretrained checkpoint at {source} (a file, or a run folder with checkpoint.pth or "
-            "ckpt_epoch_E.pth): pretrain with the same --cfg, --output and --tag first, or set LINEAR_EVAL.PRETRAINED"
-        )
+        raise missing_checkpoint_error(config)
     epoch = load_pretrained_encoder(model, path, config.MODEL.ENCODER, ckpt)
     logger.info(f"loaded the encoder of {path} (pretraining epoch {epoch})")
     return epoch
+
+
+def pretrained_source(config):
+    """What evaluation reads the encoder from: LINEAR_EVAL.PRETRAINED, else the run folder OUTPUT."""
+    return config.LINEAR_EVAL.PRETRAINED or config.OUTPUT
+
+
+def missing_checkpoint_error(config):
+    """The ConfigError for a pretrained checkpoint that is not there; when the run folder was
+    expected at OUTPUT (<output>/<MODEL.NAME>/<tag>), it names the run folders with the same
+    tag that hold checkpoints, and the named settings they ran with that differ from this config
+    (a run pretrained with e.g. --opts MODEL.CONTRAST_NUM_NEGATIVE 64 has that in its name)."""
+    source = pretrained_source(config)
+    others = ""
+    if not config.LINEAR_EVAL.PRETRAINED:
+        root = os.path.dirname(os.path.dirname(source))
+        runs = [
+            folder
+            for folder in sorted(glob.glob(os.path.join(glob.escape(root), "*", glob.escape(config.TAG))))
+            if folder != source and glob.glob(os.path.join(glob.escape(folder), "*.pth"))
+        ]
+        described = [f"{folder}{_named_differences(config, folder)}" for folder in runs[:3]]
+        if runs:
+            more = f" and {len(runs) - 3} more" if len(runs) > 3 else ""
+            others = f"; runs with tag {config.TAG!r}: {', '.join(described)}{more}"
+    return ConfigError(
+        f"no pretrained checkpoint at {source} (a file, or a run folder with checkpoint.pth or ckpt_epoch_E.pth)"
+        f"{others}: pretrain first, or evaluate with the --cfg, --opts, --output and --tag of the pretraining, "
+        "or set LINEAR_EVAL.PRETRAINED"
+    )
+
+
+def _named_differences(config, folder):
+    """`` (pretrained with --opts KEY VALUE ...)``: the settings of MODEL.NAME (NAME_KEYS) in which the
+    run ``folder``'s config.json differs from ``config``; empty without a readable config.json."""
+    try:
+        with open(os.path.join(folder, "config.json")) as f:
+            theirs = json.load(f)
+    except (OSError, ValueError):
+        return ""
+    differences = []
+    for key in NAME_KEYS:
+        value = _lookup(theirs, key)
+        if value is not None and value != _lookup(config, key):
+            differences.append(f"{key} {value}")
+    return f" (pretrained with --opts {' '.join(differences)})" if differences else ""
+
+
+def _lookup(tree, key):
+    """The value of the dotted ``key`` in nested dicts (a config), or None."""
+    for part in key.split("."):
+        if not isinstance(tree, dict) or part not in tree:
+            return None
+        tree = tree[part]
+    return tree
+
+
+# a reader for the checkpoint's settings: load_run_encoder reads the run folder again and logs its skips
+_UNLOGGED = logging.getLogger("engine.unlogged")
+_UNLOGGED.addHandler(logging.NullHandler())
+_UNLOGGED.propagate = False
+
+
+def inherit_encoder_settings(config, args, env):
+    """Set the settings that shape the encoder (models.build.ENCODER_SHAPE_KEYS: the backbone and
+    the image size) to those stored in the config of the checkpoint evaluation reads (``load_run_encoder``'s
+    rule); returns the line to log (open_output's ``notes``).
+
+    The checkpoint's values replace those of the defaults and of --cfg (the YAML recalls the run,
+    the checkpoint is what ran); one that ``args.opts`` sets to another value is a ConfigError
+    naming both. A checkpoint without a stored config (a plain state dict) leaves the config as
+    it is; the original code's (nested dicts) is read like ours (a YAML dump); so does a missing one
+    (load_run_encoder says so; --throughput needs none). Call after join_processes, before anything
+    reads the config: rank 0 reads the checkpoint, the other ranks take what it read, so every
+    rank builds the same encoder.
+    """
+    if config.THROUGHPUT_MODE:
+        return []
+    read = None
+    if env.is_main:
+        try:
+            read = _stored_encoder_settings(config)
+        except Exception as e:  # the other ranks raise it too
+            read = e
+    if env.world_size > 1:
+        box = [read]
+        torch.distributed.broadcast_object_list(box, src=0)
+        read = box[0]
+    if isinstance(read, Exception):
+        raise read
+    if read is None:
+        return []
+    path, stored = read
+    current = {key: _lookup(config, key) for key in ENCODER_SHAPE_KEYS}
+    if stored is None:
+        settings = ", ".join(f"{key} {value}" for key, value in current.items())
+        return [f"{path} stores no config: the encoder is built from --cfg and --opts ({settings})"]
+    explicit = opts_keys(args)
+    changes = {key: value for key, value in stored.items() if value != current[key]}
+    for key, value in changes.items():
+        if key in explicit:
+            raise ConfigError(
+                f"--opts {key} {current[key]} contradicts {path}, pretrained with {key} {value}: "
+                "drop it from --opts (evaluation takes the checkpoint's), or evaluate another checkpoint"
+            )
+    if not changes:
+        settings = ", ".join(f"{key} {value}" for key, value in current.items())
+        return [f"encoder settings as in the config of {path}: {settings}"]
+    config.defrost()
+    config.merge_from_list([item for key_value in changes.items() for item in key_value])
+    config.freeze()
+    taken = ", ".join(f"{key}: {current[key]} -> {value}" for key, value in changes.items())
+    return [f"from the config of {path}: {taken} (the checkpoint's settings replace those of --cfg and the defaults)"]
+
+
+def _stored_encoder_settings(config):
+    """(path, {key: value} of ENCODER_SHAPE_KEYS in the checkpoint's stored config, or None when
+    it stores none) of the checkpoint evaluation reads; None when there is none."""
+    path, ckpt = read_run_checkpoint(pretrained_source(config), _UNLOGGED, config.TRUST_CHECKPOINT)
+    if ckpt is None:
+        return None
+    stored = ckpt.get("config") if isinstance(ckpt, dict) else None
+    if isinstance(stored, str):  # ours: the yacs dump
+        stored = yaml.safe_load(stored)
+    if not isinstance(stored, dict):
+        return path, None
+    values = {key: _lookup(stored, key) for key in ENCODER_SHAPE_KEYS}
+    return path, {key: value for key, value in values.items() if value is not None} or None
 
 
 @torch.no_grad()

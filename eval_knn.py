@@ -16,7 +16,16 @@ import torch
 from config import ConfigError, check_config, get_config
 from data import build_linear_loaders
 from data.linear import canonical_dataset_name
-from engine import amp_autocast, build_parser, extract_features, join_processes, load_run_encoder, open_output, run_cli
+from engine import (
+    amp_autocast,
+    build_parser,
+    extract_features,
+    inherit_encoder_settings,
+    join_processes,
+    load_run_encoder,
+    open_output,
+    run_cli,
+)
 from metrics import count_correct
 from models import build_encoder
 from utils import world_size
@@ -88,11 +97,12 @@ def setup(argv=None):
     config = get_config(args)
     check_config(config)
     env = join_processes(config, args.local_rank)
+    inherited = inherit_encoder_settings(config, args, env)
     try:
         output_dir = os.path.join(config.OUTPUT, f"knn_{canonical_dataset_name(config.DATA.DATASET)}")
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    logger = open_output(config, env, output_dir, f"{config.MODEL.NAME}_knn")
+    logger = open_output(config, env, output_dir, f"{config.MODEL.NAME}_knn", inherited)
     return config, env, logger
 
 

@@ -17,7 +17,15 @@ import time
 from config import ConfigError, check_config, get_config
 from data.build import resolve_num_workers
 from data.retrieval import RetrievalImages, check_retrieval_name, read_ground_truth
-from engine import amp_autocast, build_parser, join_processes, load_run_encoder, open_output, run_cli
+from engine import (
+    amp_autocast,
+    build_parser,
+    inherit_encoder_settings,
+    join_processes,
+    load_run_encoder,
+    open_output,
+    run_cli,
+)
 from evaluation.retrieval import (
     MultiScale,
     protocol_ground_truth,
@@ -151,7 +159,9 @@ def setup(argv=None):
     if config.RETRIEVAL.IMG_SIZE <= 0:
         raise ConfigError(f"RETRIEVAL.IMG_SIZE must be positive, got {config.RETRIEVAL.IMG_SIZE}")
     env = join_processes(config, args.local_rank)
-    logger = open_output(config, env, output_folder(config), f"{config.MODEL.NAME}_retrieval")
+    # saved features need no encoder, nor its checkpoint
+    inherited = [] if config.RETRIEVAL.LOAD_FEATURES else inherit_encoder_settings(config, args, env)
+    logger = open_output(config, env, output_folder(config), f"{config.MODEL.NAME}_retrieval", inherited)
     return config, env, logger
 
 

@@ -11,7 +11,9 @@ def build_scheduler(config, optimizer, steps_per_epoch):
     """Schedule over TRAIN.EPOCHS * steps_per_epoch steps, the first
     TRAIN.WARMUP_EPOCHS * steps_per_epoch of them a linear warmup from TRAIN.WARMUP_LR."""
     warmup_steps = int(config.TRAIN.WARMUP_EPOCHS * steps_per_epoch)
-    decay_steps = max(int(config.TRAIN.EPOCHS * steps_per_epoch) - warmup_steps, 1)
+    # at least 2: a run whose warm-up leaves it 1 step or none (config.inert_settings warns) runs
+    # the same learning rates either way, and timm warns obscurely about a 1-step cosine
+    decay_steps = max(int(config.TRAIN.EPOCHS * steps_per_epoch) - warmup_steps, 2)
     common = dict(
         warmup_t=warmup_steps,
         warmup_lr_init=config.TRAIN.WARMUP_LR,

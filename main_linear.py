@@ -17,7 +17,7 @@ import torch.nn as nn
 from timm.utils import AverageMeter
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from config import ConfigError, check_config, get_config
+from config import ConfigError, check_config, get_config, inert_settings
 from data import build_linear_loaders
 from data.linear import canonical_dataset_name
 from engine import (
@@ -25,6 +25,7 @@ from engine import (
     amp_autocast,
     build_parser,
     distribute,
+    inherit_encoder_settings,
     join_processes,
     load_run_encoder,
     memory_mb,
@@ -309,6 +310,7 @@ def setup(argv=None):
     if config.DATA.DATASET in ("imagenet", "imagenet100") and not config.DATA.DATA_PATH:
         raise ConfigError("no dataset given: pass --data-path <folder with train/ and val/>")
     env = join_processes(config, args.local_rank)
+    inherited = inherit_encoder_settings(config, args, env)
     scale_learning_rates(config, env.world_size)
     kind = "linprob" if config.LINEAR_EVAL.WEIGHTS == "freeze" else "ft"
     try:
@@ -316,7 +318,9 @@ def setup(argv=None):
     except ValueError as e:
         raise ConfigError(str(e)) from None
     output_dir = os.path.join(config.OUTPUT, f"linear_{dataset}_{kind}")
-    logger = open_output(config, env, output_dir, f"{config.MODEL.NAME}_linear")
+    logger = open_output(
+        config, env, output_dir, f"{config.MODEL.NAME}_linear", inherited, inert_settings(config, pretraining=False)
+    )
     return config, env, logger, output_dir
 
 

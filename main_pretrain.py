@@ -15,7 +15,7 @@ from contextlib import nullcontext
 import torch
 from timm.utils import AverageMeter
 
-from config import ConfigError, check_config, get_config
+from config import ConfigError, check_config, get_config, inert_settings
 from data import DeviceAugment, DeviceViews, build_loader, set_loader_epoch, skipped_samples
 from data.augment import synthetic_views
 from data.build import dist_rank_world
@@ -458,7 +458,9 @@ def setup(argv=None):
     env = join_processes(config, args.local_rank)
     check_batch(config, env.world_size)
     scale_learning_rates(config, env.world_size)
-    logger = open_output(config, env, config.OUTPUT, config.MODEL.NAME)
+    logger = open_output(
+        config, env, config.OUTPUT, config.MODEL.NAME, warnings=inert_settings(config, pretraining=True)
+    )
     return config, env, logger
 
 

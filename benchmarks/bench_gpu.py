@@ -59,7 +59,7 @@ def synchronize(device):
 
 
 def pretrain_config(framework: str, encoder: str, batch: int, amp: str, compile_: bool = False, img_size: int = 224):
-    opts = ["DATA.BATCH_SIZE", batch, "MODEL.WARMUP_EPOCHS", 0, "AMP_OPT_LEVEL", amp, "TRAIN.COMPILE", compile_]
+    opts = ["DATA.BATCH_SIZE", batch, "MODEL.SYNTHETIC_START_EPOCH", 0, "AMP_OPT_LEVEL", amp, "TRAIN.COMPILE", compile_]
     opts += ["DATA.IMG_SIZE", img_size]
     return get_config(Namespace(cfg=os.path.join(ROOT, "configs", f"{framework}_{encoder}.yaml"), opts=opts))
 

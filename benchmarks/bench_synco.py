@@ -32,7 +32,7 @@ def build(model_type, queue, n_hard, n_per_kind):
     config.defrost()
     config.merge_from_list(
         ["MODEL.TYPE", model_type, "MODEL.ENCODER", "vit_tiny", "DATA.IMG_SIZE", 32,
-         "MODEL.CONTRAST_NUM_NEGATIVE", queue, "MODEL.N_HARD", n_hard, "MODEL.WARMUP_EPOCHS", 0]
+         "MODEL.CONTRAST_NUM_NEGATIVE", queue, "MODEL.N_HARD", n_hard, "MODEL.SYNTHETIC_START_EPOCH", 0]
         + [x for i in range(1, 7) for x in (f"MODEL.N{i}", n_per_kind)]
     )  # fmt: skip
     return build_model(config).eval()  # eval: the queue stays as it is between repeats

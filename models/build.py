@@ -26,6 +26,12 @@ ENCODERS = {
 FRAMEWORKS = {"moby": MoBY, "byol": BYOL, "synco": SynCo}
 
 
+# The keys build_encoder reads that shape the encoder's parameters or features, which an evaluation
+# takes from the pretraining checkpoint's config (engine.inherit_encoder_settings). Its others are the
+# evaluation's own: drop path, gradient checkpointing (memory), STOP_GRAD_CONV1 (what training updates).
+ENCODER_SHAPE_KEYS = ("MODEL.ENCODER", "DATA.IMG_SIZE")
+
+
 def build_encoder(config, drop_path_rate, num_classes=0):
     """The backbone named by MODEL.ENCODER: [B, 3, H, W] -> [B, num_features] (or logits)."""
     name = config.MODEL.ENCODER
@@ -73,7 +79,7 @@ def build_model(config, steps_per_epoch=1):
             perturb_step=m.PERTURB_STEP,
             adversarial_step=m.ADVERSARIAL_STEP,
         )
-        kwargs["hard_negative_epochs"] = (m.WARMUP_EPOCHS, m.COOLDOWN_EPOCHS)
+        kwargs["hard_negative_epochs"] = (m.SYNTHETIC_START_EPOCH, m.SYNTHETIC_END_EPOCH)
 
     encoder = partial(build_encoder, config)
     return FRAMEWORKS[model_type](encoder(m.ONLINE_DROP_PATH_RATE), encoder(m.TARGET_DROP_PATH_RATE), **kwargs)

@@ -42,11 +42,13 @@ TORCHRUN=("$PYTHON" -m torch.distributed.run --nproc_per_node=1 --master_port=29
 for framework in $FRAMEWORKS; do
     common=(--cfg "configs/${framework}_vit_tiny.yaml" --data-path "$DATA" --output "$OUT" --tag smoke
             --amp-opt-level "$AMP" --batch-size 16)
-    "${TORCHRUN[@]}" main_pretrain.py "${common[@]}" --opts DATA.IMG_SIZE 64 TRAIN.EPOCHS 1 \
-        MODEL.CONTRAST_NUM_NEGATIVE 256 MODEL.WARMUP_EPOCHS 0 PRINT_FREQ 1
-    "${TORCHRUN[@]}" main_linear.py "${common[@]}" --opts DATA.IMG_SIZE 64 TRAIN.EPOCHS 1 \
+    # the queue is in the run's name (its folder), so the evaluations repeat it; they take the
+    # image size from the checkpoint
+    "${TORCHRUN[@]}" main_pretrain.py "${common[@]}" --opts MODEL.CONTRAST_NUM_NEGATIVE 256 DATA.IMG_SIZE 64 \
+        TRAIN.EPOCHS 1 TRAIN.WARMUP_EPOCHS 0 MODEL.SYNTHETIC_START_EPOCH 0 PRINT_FREQ 1
+    "${TORCHRUN[@]}" main_linear.py "${common[@]}" --opts MODEL.CONTRAST_NUM_NEGATIVE 256 TRAIN.EPOCHS 1 \
         TRAIN.WARMUP_EPOCHS 0 PRINT_FREQ 1
-    "${TORCHRUN[@]}" eval_knn.py "${common[@]}" --opts DATA.IMG_SIZE 64
+    "${TORCHRUN[@]}" eval_knn.py "${common[@]}" --opts MODEL.CONTRAST_NUM_NEGATIVE 256
     echo "gpu smoke: $framework pretraining, linear evaluation and k-NN done"
 done
 

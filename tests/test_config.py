@@ -3,8 +3,9 @@ import glob
 import os
 
 import pytest
+import yaml
 
-from config import ConfigError, check_config, get_config
+from config import ConfigError, check_config, get_config, inert_settings
 
 
 def args(**kw):
@@ -183,3 +184,148 @@ def test_run_name_says_what_runs(cfg_file):
             prefix = token.rstrip("0123456789")
             assert token == prefix + tokens[prefix], f"{m.NAME}: {token} but the config runs {prefix}{tokens[prefix]}"
     assert {"odpr", "tdpr"} <= {token.rstrip("0123456789") for token in named}
+
+
+# -----------------------------------------------------------------------------
+# Run names follow the effective settings unless the user named the run
+# -----------------------------------------------------------------------------
+
+
+def yaml_name(cfg_file):
+    with open(cfg_file) as f:
+        return yaml.safe_load(f)["MODEL"]["NAME"]
+
+
+@pytest.mark.parametrize("cfg_file", CONFIG_FILES, ids=os.path.basename)
+def test_shipped_run_names_are_kept_when_nothing_is_overridden(cfg_file):
+    assert get_config(args(cfg=cfg_file)).MODEL.NAME == yaml_name(cfg_file)
+    assert get_config(args(cfg=cfg_file, opts=["TRAIN.EPOCHS", "7", "DATA.IMG_SIZE", "64"])).MODEL.NAME == yaml_name(
+        cfg_file
+    )  # settings the name does not spell
+
+
+@pytest.mark.parametrize(
+    "cfg_file, opts, name",
+    [
+        ("configs/moby_vit_tiny.yaml", ["MODEL.CONTRAST_NUM_NEGATIVE", "64"],
+         "moby__vit_tiny__odpr02_tdpr0_cm099_ct02_queue64_proj2_pred2"),
+        ("configs/synco_swin_tiny.yaml", ["MODEL.CONTRAST_TEMPERATURE", "0.1", "MODEL.CONTRAST_MOMENTUM", "0.996"],
+         "synco__swin_tiny__odpr02_tdpr0_cm0996_ct01_queue4096_proj2_pred2"),
+        # the README's variant of the BYOL configs, now without its MODEL.NAME
+        ("configs/byol_vit_small.yaml", ["MODEL.ONLINE_DROP_PATH_RATE", "0.0", "MODEL.STOP_GRAD_CONV1", "True"],
+         "byol__vit_small__odpr0_tdpr0_stopgradconv1_cm0996_proj2_pred2"),
+        ("configs/moby_resnet50.yaml", ["MODEL.ENCODER", "resnet101", "MODEL.PRED_NUM_LAYERS", "3"],
+         "moby__resnet101__odpr0_tdpr0_cm099_ct02_queue4096_proj2_pred3"),
+    ],
+)  # fmt: skip
+def test_run_name_follows_the_settings_opts_change(cfg_file, opts, name):
+    config = get_config(args(cfg=cfg_file, opts=opts, output="runs", tag="t"))
+    assert config.MODEL.NAME == name and config.OUTPUT == f"runs/{name}/t"
+
+
+def test_a_name_the_user_gave_is_kept(tmp_path):
+    queue = ["MODEL.CONTRAST_NUM_NEGATIVE", "64"]
+    assert get_config(args(cfg="configs/moby_vit_tiny.yaml", opts=[*queue, "MODEL.NAME", "mine"])).MODEL.NAME == "mine"
+    assert get_config(args(cfg="configs/moby_vit_tiny.yaml", opts=["MODEL.NAME", "mine", *queue])).MODEL.NAME == "mine"
+    own = tmp_path / "own.yaml"  # a name that is not the pattern's for the file's settings
+    own.write_text(f"BASE: ['{os.path.abspath('configs/moby_vit_tiny.yaml')}']\nMODEL:\n  NAME: my_run\n")
+    assert get_config(args(cfg=str(own), opts=queue)).MODEL.NAME == "my_run"
+    # an original-style name whose settings differ from the file's (odpr0 while 0.2 runs) is the user's too
+    stale = tmp_path / "stale.yaml"
+    stale.write_text(
+        f"BASE: ['{os.path.abspath('configs/moby_vit_tiny.yaml')}']\n"
+        "MODEL:\n  NAME: moby__vit_tiny__odpr0_tdpr0_cm099_ct02_queue4096_proj2_pred2\n"
+    )
+    assert get_config(args(cfg=str(stale), opts=queue)).MODEL.NAME.startswith("moby__vit_tiny__odpr0_")
+    unnamed = tmp_path / "unnamed.yaml"
+    unnamed.write_text("MODEL:\n  TYPE: byol\n  ENCODER: vit_tiny\n")
+    assert get_config(args(cfg=str(unnamed))).MODEL.NAME == "byol__vit_tiny__odpr01_tdpr0_cm099_proj2_pred2"
+
+
+# -----------------------------------------------------------------------------
+# SynCo's window: its keys and their original names
+# -----------------------------------------------------------------------------
+
+
+def window(config):
+    return config.MODEL.SYNTHETIC_START_EPOCH, config.MODEL.SYNTHETIC_END_EPOCH
+
+
+def test_synco_window_keys_and_their_original_names_in_opts():
+    base = args(cfg="configs/synco_vit_tiny.yaml")
+    assert window(get_config(base)) == (30, 100)
+    new = ["MODEL.SYNTHETIC_START_EPOCH", "5", "MODEL.SYNTHETIC_END_EPOCH", "9"]
+    old = ["MODEL.WARMUP_EPOCHS", "5", "MODEL.COOLDOWN_EPOCHS", "9"]
+    assert window(get_config(args(cfg=base.cfg, opts=new))) == (5, 9)
+    assert window(get_config(args(cfg=base.cfg, opts=old))) == (5, 9)
+    assert get_config(args(cfg=base.cfg, opts=old)).TRAIN.WARMUP_EPOCHS == 5  # TRAIN's own key is untouched
+    assert window(get_config(args(cfg=base.cfg, opts=[*old, "MODEL.SYNTHETIC_START_EPOCH", "5"]))) == (5, 9)
+    with pytest.raises(ConfigError, match="MODEL.WARMUP_EPOCHS 5 and MODEL.SYNTHETIC_START_EPOCH 6"):
+        get_config(args(cfg=base.cfg, opts=[*old, "MODEL.SYNTHETIC_START_EPOCH", "6"]))
+
+
+def test_an_original_config_with_the_old_names_loads_and_means_the_same(tmp_path):
+    original = tmp_path / "synco_original.yaml"  # the original's keys, as its configs/synco_*.yaml set them
+    original.write_text(
+        "MODEL:\n  TYPE: synco\n  ENCODER: swin_tiny\n  NAME: synco__swin_tiny\n  N_HARD: 256\n"
+        "  WARMUP_EPOCHS: 20\n  COOLDOWN_EPOCHS: 80\nTRAIN:\n  WARMUP_EPOCHS: 5\n"
+    )
+    config = get_config(args(cfg=str(original)))
+    assert window(config) == (20, 80) and config.TRAIN.WARMUP_EPOCHS == 5
+    assert config.MODEL.NAME == "synco__swin_tiny"  # its folder name too
+    child = tmp_path / "child.yaml"  # a file may override its base's old name with the new one
+    child.write_text("BASE: ['synco_original.yaml']\nMODEL:\n  SYNTHETIC_START_EPOCH: 25\n")
+    assert window(get_config(args(cfg=str(child)))) == (25, 80)
+    both = tmp_path / "both.yaml"
+    both.write_text("MODEL:\n  TYPE: synco\n  COOLDOWN_EPOCHS: 80\n  SYNTHETIC_END_EPOCH: 90\n")
+    with pytest.raises(ConfigError, match="both.yaml: MODEL.COOLDOWN_EPOCHS 80 and MODEL.SYNTHETIC_END_EPOCH 90"):
+        get_config(args(cfg=str(both)))
+
+
+# -----------------------------------------------------------------------------
+# Warnings for settings that silently do nothing
+# -----------------------------------------------------------------------------
+
+
+def warnings_for(cfg_file, opts, pretraining=True):
+    return inert_settings(get_config(args(cfg=cfg_file, opts=opts)), pretraining)
+
+
+@pytest.mark.parametrize("cfg_file", CONFIG_FILES, ids=os.path.basename)
+def test_shipped_configs_warn_of_nothing(cfg_file):
+    assert warnings_for(cfg_file, []) == []
+
+
+def test_warm_up_as_long_as_the_run_is_a_warning():
+    (line,) = warnings_for("configs/moby_vit_tiny.yaml", ["TRAIN.EPOCHS", "5"])
+    assert line.startswith("TRAIN.WARMUP_EPOCHS 5 >= TRAIN.EPOCHS 5: the learning rate never leaves")
+    (line,) = warnings_for("configs/moby_vit_tiny.yaml", ["TRAIN.EPOCHS", "3"], pretraining=False)  # a probe too
+    assert "TRAIN.WARMUP_EPOCHS 5 >= TRAIN.EPOCHS 3" in line
+    assert warnings_for("configs/moby_vit_tiny.yaml", ["TRAIN.EPOCHS", "6"]) == []
+
+
+@pytest.mark.parametrize(
+    "opts, outside",
+    [
+        (["TRAIN.EPOCHS", "30"], True),  # starts at 30: epochs 0..29 never reach it
+        (["TRAIN.EPOCHS", "31"], False),  # epoch 30 has them
+        (["MODEL.WARMUP_EPOCHS", "50", "MODEL.COOLDOWN_EPOCHS", "40"], True),  # an empty window
+        (["MODEL.SYNTHETIC_END_EPOCH", "-1", "MODEL.SYNTHETIC_START_EPOCH", "-5"], True),
+        (["MODEL.SYNTHETIC_START_EPOCH", "299", "MODEL.SYNTHETIC_END_EPOCH", "400"], False),  # the last epoch
+    ],
+)
+def test_synthetic_negatives_outside_the_run_are_a_warning(opts, outside):
+    lines = warnings_for("configs/synco_vit_tiny.yaml", ["TRAIN.WARMUP_EPOCHS", "0", *opts])
+    assert len(lines) == outside
+    if outside:
+        assert "synthetic negatives never switch on" in lines[0] and "this run is MoBY" in lines[0]
+    # not SynCo, or not pretraining: the window means nothing
+    assert warnings_for("configs/synco_vit_tiny.yaml", ["TRAIN.WARMUP_EPOCHS", "0", *opts], pretraining=False) == []
+    assert warnings_for("configs/moby_vit_tiny.yaml", ["TRAIN.WARMUP_EPOCHS", "0", *opts]) == []
+
+
+def test_no_synthetic_negatives_of_any_kind_is_a_warning():
+    zero = [item for i in range(1, 7) for item in (f"MODEL.N{i}", "0")]
+    (line,) = warnings_for("configs/synco_vit_tiny.yaml", zero)
+    assert "N1..N6 are all 0" in line
+    assert warnings_for("configs/synco_vit_tiny.yaml", zero[:-1] + ["1"]) == []

@@ -23,7 +23,7 @@ def _worker(rank, world_size, port, result_dir):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     torch.manual_seed(0)  # same initial weights; DDP broadcasts rank 0's anyway
-    model = build_model(small_config("synco", MODEL__WARMUP_EPOCHS=0), steps_per_epoch=10)
+    model = build_model(small_config("synco", MODEL__SYNTHETIC_START_EPOCH=0), steps_per_epoch=10)
     ddp = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     for step in range(3):

@@ -13,11 +13,13 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+import yaml
 from conftest import ROOT, run_script
 from test_pretrain_e2e import TINY
 
+import eval_knn
 from config import ConfigError, get_config
-from engine import amp_autocast, load_pretrained_encoder, scale_learning_rates
+from engine import amp_autocast, load_pretrained_encoder, run_cli, scale_learning_rates
 from eval_knn import knn_correct
 from lr_scheduler import build_scheduler
 from main_linear import (
@@ -32,8 +34,10 @@ from main_linear import (
 from metrics import count_correct
 from optimizer import build_optimizer
 
-# no --amp-opt-level: the runs below use the default, fp32
-SMALL = ["--batch-size", "4", "--opts", "DATA.IMG_SIZE", "32", "DATA.NUM_WORKERS", "0", "PRINT_FREQ", "1"]
+# no --amp-opt-level: the runs below use the default, fp32. The pretraining run's queue is in its
+# name, hence its folder; its image size (32) comes from the checkpoint
+SMALL = ["--batch-size", "4", "--opts", "DATA.NUM_WORKERS", "0", "MODEL.CONTRAST_NUM_NEGATIVE", "16", "PRINT_FREQ", "1"]
+INHERITED = "DATA.IMG_SIZE: 224 -> 32 (the checkpoint's settings replace those of --cfg and the defaults)"
 
 
 @pytest.fixture(scope="module")
@@ -101,10 +105,16 @@ def test_linear_eval_two_processes(pretrained, image_folder, weights, port):
     folder = os.path.join(os.path.dirname(ckpt), f"linear_imagenet_{kind}")
     log = open(os.path.join(folder, "log_rank0.txt")).read()
     assert "EPOCH 1 imagenet val (16 images): top-1" in log and "best top-1" in log
+    for rank in (0, 1):  # every rank took the checkpoint's image size; rank 0 warns of the recipe's warm-up
+        log = open(os.path.join(folder, f"log_rank{rank}.txt")).read()
+        assert f"from the config of {ckpt}: {INHERITED}" in log
+        assert log.count("WARNING TRAIN.WARMUP_EPOCHS 5 >= TRAIN.EPOCHS 2: the learning rate never leaves") == (
+            rank == 0
+        )
     # the original's recipe at 4 images x 2 processes: the rates per 512 images times 8 / 512
     config = json.load(open(os.path.join(folder, "config.json")))
     train = config["TRAIN"]
-    assert config["DATA"]["BATCH_SIZE"] == 4 and config["AMP_OPT_LEVEL"] == "O0"
+    assert config["DATA"]["BATCH_SIZE"] == 4 and config["AMP_OPT_LEVEL"] == "O0" and config["DATA"]["IMG_SIZE"] == 32
     assert train["BASE_LR"] == pytest.approx(1.0 * 8 / 512) and train["WARMUP_LR"] == pytest.approx(5e-7 * 8 / 512)
     assert train["MIN_LR"] == pytest.approx(5e-6 * 8 / 512)
     assert (train["EPOCHS"], train["WARMUP_EPOCHS"], train["WEIGHT_DECAY"], train["CLIP_GRAD"]) == (2, 5, 0.0, 5.0)
@@ -145,6 +155,7 @@ def test_knn_eval_runs(pretrained, image_folder):
                          "--output", out, "--tag", "t", *SMALL])  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     log = open(os.path.join(os.path.dirname(ckpt), "knn_imagenet", "log_rank0.txt")).read()
+    assert f"from the config of {ckpt}: {INHERITED}" in log
     for k in (10, 20, 100, 200):
         assert f"{k}-NN (T=0.07): top-1" in log
 
@@ -154,6 +165,83 @@ def test_missing_pretrained_checkpoint_is_one_line(image_folder, tmp_path):
                          "--output", str(tmp_path), *SMALL])  # fmt: skip
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "no pretrained checkpoint at" in result.stderr and "checkpoint.pth" in result.stderr
+
+
+# -----------------------------------------------------------------------------
+# Evaluation takes the encoder's settings from the checkpoint
+# -----------------------------------------------------------------------------
+
+
+def knn_argv(image_folder, output, pretrained_path, *opts, cfg="configs/moby_vit_tiny.yaml"):
+    return ["--cfg", cfg, "--data-path", image_folder, "--output", str(output), "--batch-size", "4", "--opts",
+            "DATA.NUM_WORKERS", "0", "LINEAR_EVAL.PRETRAINED", str(pretrained_path), *opts]  # fmt: skip
+
+
+def knn_error(argv, capsys):
+    """The one line eval_knn.py (run in this process) stops with."""
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(eval_knn.setup, eval_knn.main, argv)
+    (line,) = capsys.readouterr().err.splitlines()
+    assert exit_info.value.code == 2 and line.startswith("error: ")
+    return line
+
+
+def knn_run(argv):
+    """(config, log) of a complete eval_knn.py run in this process."""
+    config, env, logger = eval_knn.setup(argv)
+    eval_knn.main(config, env, logger)
+    return config, open(os.path.join(config.OUTPUT, "knn_imagenet", "log_rank0.txt")).read()
+
+
+@pytest.mark.parametrize(
+    "opts, given, stored",
+    [(["DATA.IMG_SIZE", "64"], "DATA.IMG_SIZE 64", "DATA.IMG_SIZE 32"),
+     (["MODEL.ENCODER", "vit_small"], "MODEL.ENCODER vit_small", "MODEL.ENCODER vit_tiny")],
+)  # fmt: skip
+def test_opts_contradicting_the_checkpoint_are_one_line(pretrained, image_folder, tmp_path, capsys, opts, given,
+                                                        stored):  # fmt: skip
+    line = knn_error(knn_argv(image_folder, tmp_path, pretrained[1], *opts), capsys)
+    assert f"--opts {given} contradicts {pretrained[1]}, pretrained with {stored}" in line
+
+
+def test_cfg_values_give_way_to_the_checkpoint(pretrained, image_folder, tmp_path):
+    cfg = tmp_path / "at64.yaml"
+    cfg.write_text(f"BASE: ['{os.path.abspath('configs/moby_vit_tiny.yaml')}']\nDATA:\n  IMG_SIZE: 64\n")
+    config, log = knn_run(knn_argv(image_folder, tmp_path, pretrained[1], cfg=str(cfg)))
+    assert config.DATA.IMG_SIZE == 32 and "DATA.IMG_SIZE: 64 -> 32" in log and "20-NN (T=0.07): top-1" in log
+    # the same value given explicitly agrees with the checkpoint
+    config, log = knn_run(knn_argv(image_folder, tmp_path / "same", pretrained[1], "DATA.IMG_SIZE", "32"))
+    assert f"encoder settings as in the config of {pretrained[1]}: MODEL.ENCODER vit_tiny, DATA.IMG_SIZE 32" in log
+
+
+def test_checkpoints_without_a_stored_config(pretrained, image_folder, tmp_path, capsys):
+    ckpt = torch.load(pretrained[1], map_location="cpu", weights_only=False)
+    stored = yaml.safe_load(ckpt["config"])
+    # the original code's checkpoints: the config as a CfgNode, read back as nested dicts
+    original = tmp_path / "original.pth"
+    torch.save({"model": ckpt["model"], "epoch": 0, "config": stored}, original)
+    config, log = knn_run(knn_argv(image_folder, tmp_path / "original", original))
+    assert config.DATA.IMG_SIZE == 32 and f"from the config of {original}: {INHERITED}" in log
+    # a plain state dict carries nothing: the config is used as given, as before
+    plain = tmp_path / "plain.pth"
+    torch.save({"model": ckpt["model"]}, plain)
+    config, log = knn_run(knn_argv(image_folder, tmp_path / "plain", plain, "DATA.IMG_SIZE", "32"))
+    assert f"{plain} stores no config: the encoder is built from --cfg and --opts (MODEL.ENCODER vit_tiny, " in log
+    assert "mismatched shapes ['pos_embed']" in knn_error(knn_argv(image_folder, tmp_path / "p224", plain), capsys)
+
+
+def test_a_missing_run_names_the_runs_with_its_tag(pretrained, image_folder, capsys):
+    """Pretrained with --opts MODEL.CONTRAST_NUM_NEGATIVE 16, evaluated without it: the folder named
+    by the queue of the --cfg file does not exist, the error says which does and why."""
+    out, ckpt = pretrained
+    argv = ["--cfg", "configs/moby_vit_tiny.yaml", "--data-path", image_folder, "--output", out, "--tag", "t"]
+    line = knn_error(argv, capsys)
+    assert (
+        "no pretrained checkpoint at "
+        + os.path.join(out, "moby__vit_tiny__odpr02_tdpr0_cm099_ct02_queue4096_proj2_pred2", "t")
+        in line
+    )
+    assert f"runs with tag 't': {os.path.dirname(ckpt)} (pretrained with --opts MODEL.CONTRAST_NUM_NEGATIVE 16)" in line
 
 
 # -----------------------------------------------------------------------------

@@ -179,7 +179,7 @@ def test_moby_logs_what_it_logged_before(tmp_path):
 
 def test_synco_logs_its_real_queue_accuracy_and_synthetic_share(tmp_path):
     """Synthetic negatives in epoch 1 only: the step lines, epoch lines and scalars say so."""
-    train_epochs("synco", tmp_path, epochs=3, MODEL__WARMUP_EPOCHS=1, MODEL__COOLDOWN_EPOCHS=1)
+    train_epochs("synco", tmp_path, epochs=3, MODEL__SYNTHETIC_START_EPOCH=1, MODEL__SYNTHETIC_END_EPOCH=1)
     log = (tmp_path / "log_rank0.txt").read_text()
     train = parse_log(tmp_path / "log_rank0.txt")["train"]
     assert list(train) == list(range(6))

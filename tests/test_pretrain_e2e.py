@@ -11,6 +11,7 @@ import pytest
 import torch
 from conftest import ROOT, run_script
 
+import main_pretrain
 from tools.plot_log import parse_log, synthetic_epochs, synthetic_span
 
 TINY = [
@@ -18,7 +19,7 @@ TINY = [
     "--opts", "DATA.IMG_SIZE", "32", "DATA.NUM_WORKERS", "0", "MODEL.CONTRAST_NUM_NEGATIVE", "16",
     "MODEL.PROJ_HIDDEN_DIM", "64", "TRAIN.EPOCHS", "2", "PRINT_FREQ", "1",
     "MODEL.N_HARD", "8", "MODEL.N1", "2", "MODEL.N2", "2", "MODEL.N3", "2", "MODEL.N4", "2", "MODEL.N5", "2",
-    "MODEL.N6", "2", "MODEL.WARMUP_EPOCHS", "0",
+    "MODEL.N6", "2", "MODEL.SYNTHETIC_START_EPOCH", "0",
 ]  # fmt: skip
 
 TORCHRUN = ["-m", "torch.distributed.run", "--nproc_per_node=2"]
@@ -43,7 +44,9 @@ def run_folder(output):
 
 def check_run(output, framework, world_size, steps_per_epoch):
     folder = run_folder(output)
-    assert os.path.basename(os.path.dirname(folder)).startswith(f"{framework}__vit_tiny__")
+    name = os.path.basename(os.path.dirname(folder))
+    assert name.startswith(f"{framework}__vit_tiny__")
+    assert ("_queue16_" in name) == (framework != "byol")  # the name says the queue that ran
     for name in ("checkpoint.pth", "ckpt_epoch_0.pth", "ckpt_epoch_1.pth", "config.json"):
         assert os.path.isfile(os.path.join(folder, name)), name
     for rank in range(world_size):
@@ -52,9 +55,11 @@ def check_run(output, framework, world_size, steps_per_epoch):
         # progress: ETA of the epoch and of the run; a summary line per epoch
         assert re.search(r"Train: \[0/2\]\[0/\d+\]\teta \d+:\d\d:\d\d \(run \d+:\d\d:\d\d\)", log)
         summary = r"EPOCH 0 done in \S+: mean loss [\d.]+ contrast_acc1 [\d.]+ "
-        if framework == "synco":  # synthetic negatives from epoch 0 on (MODEL.WARMUP_EPOCHS 0)
+        if framework == "synco":  # synthetic negatives from epoch 0 on (MODEL.SYNTHETIC_START_EPOCH 0)
             summary += r"contrast_acc1_real [\d.]+ synthetic_above_positive [\d.]+ "
         assert re.search(summary + r"images/s [\d.]+", log)
+        # TINY's 2 epochs are shorter than the configs' warm-up: rank 0 says so, once
+        assert log.count("WARNING TRAIN.WARMUP_EPOCHS 5 >= TRAIN.EPOCHS 2: the learning rate never") == (rank == 0)
     # tools/plot_log.py reads SynCo's metrics, and its epochs with synthetic negatives from config.json
     parsed = parse_log(os.path.join(folder, "log_rank0.txt"))
     synco_fields = {"contrast_acc1_real", "contrast_acc5_real", "synthetic_above_positive"}
@@ -91,6 +96,7 @@ def check_run(output, framework, world_size, steps_per_epoch):
 def test_torchrun_two_processes(framework, image_folder, tmp_path, port, launcher, extra):
     result = pretrain(launcher, framework, image_folder, tmp_path, port, extra)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "Cosine annealing scheduler will have no effect" not in result.stdout + result.stderr  # timm's
     # 16 images, global batch 8
     check_run(tmp_path, framework, world_size=2, steps_per_epoch=2)
 
@@ -145,3 +151,16 @@ def test_throughput_prints_images_per_second(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     last = result.stdout.strip().splitlines()[-1]
     assert last.startswith("throughput: ") and float(last.split()[1]) > 0
+
+
+def test_setup_warns_once_of_settings_that_do_nothing(tmp_path, capsys):
+    """A SynCo window after the run (set by its original name) and a warm-up as long as the run."""
+    argv = ["--cfg", "configs/synco_vit_tiny.yaml", "--throughput", "--output", str(tmp_path), "--opts",
+            "TRAIN.EPOCHS", "20", "TRAIN.WARMUP_EPOCHS", "20", "MODEL.WARMUP_EPOCHS", "20"]  # fmt: skip
+    config, env, logger = main_pretrain.setup(argv)
+    assert config.MODEL.SYNTHETIC_START_EPOCH == 20
+    for text in (capsys.readouterr().out, open(os.path.join(config.OUTPUT, "log_rank0.txt")).read()):
+        assert text.count("WARNING TRAIN.WARMUP_EPOCHS 20 >= TRAIN.EPOCHS 20: the learning rate never leaves") == 1
+        assert (
+            text.count("WARNING SynCo's synthetic negatives never switch on: MODEL.SYNTHETIC_START_EPOCH 20 to ") == 1
+        )

@@ -253,6 +253,16 @@ def test_eval_retrieval_end_to_end(buildings, tmp_path):
     assert map_lines(tmp_path / "again")[1] == lines and results["medium"] == pytest.approx(100 * medium[0])
 
 
+def test_the_encoder_settings_come_from_the_checkpoint(tmp_path):
+    ckpt = tmp_path / "pretrained.pth"
+    state = {f"encoder.{k}": v for k, v in vit_tiny(img_size=32).state_dict().items()}
+    torch.save({"model": state, "epoch": 3, "config": "DATA:\n  IMG_SIZE: 32\nMODEL:\n  ENCODER: vit_tiny\n"}, ckpt)
+    argv = retrieval_args(str(tmp_path), tmp_path / "out", "LINEAR_EVAL.PRETRAINED", str(ckpt))[1:]
+    size = argv.index("DATA.IMG_SIZE")
+    config, env, logger = eval_retrieval.setup(argv[:size] + argv[size + 2 :])  # no DATA.IMG_SIZE given
+    assert config.DATA.IMG_SIZE == 32
+
+
 def test_missing_data_is_one_error_naming_the_layout(tmp_path, capsys):
     with pytest.raises(SystemExit) as stop:
         run_cli(eval_retrieval.setup, eval_retrieval.main, retrieval_args(str(tmp_path / "none"), tmp_path / "out")[1:])

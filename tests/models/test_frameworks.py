@@ -36,7 +36,7 @@ def reference_info_nce(q, k, queue, temperature):
 def test_contrastive_loss_matches_reference(model_type):
     torch.manual_seed(0)
     # synco before its first hard-negative epoch is exactly MoBY
-    model = build_model(small_config(model_type, MODEL__WARMUP_EPOCHS=1)).eval()
+    model = build_model(small_config(model_type, MODEL__SYNTHETIC_START_EPOCH=1)).eval()
     pred1, pred2, key1, key2 = (torch.randn(4, 16, dtype=torch.float64) for _ in range(4))
     model.double()
     out = model.loss((pred1, pred2), (key1, key2))
@@ -99,7 +99,7 @@ def test_byol_loss_and_gradient_match_the_original_formula():
 @pytest.mark.parametrize("model_type", ["moby", "byol", "synco"])
 def test_gradient_reaches_every_online_parameter_and_no_target(model_type):
     torch.manual_seed(0)
-    model = build_model(small_config(model_type, MODEL__WARMUP_EPOCHS=0)).train()
+    model = build_model(small_config(model_type, MODEL__SYNTHETIC_START_EPOCH=0)).train()
     model(*views())["loss"].backward()
     for name, p in model.named_parameters():
         if name.startswith(("encoder_k.", "projector_k.")):
@@ -183,12 +183,12 @@ def test_training_forward_enqueues_target_keys():
 
 
 def test_step_counter_and_queues_survive_save_and_load(tmp_path):
-    model = build_model(small_config("synco", MODEL__WARMUP_EPOCHS=0), steps_per_epoch=3).train()
+    model = build_model(small_config("synco", MODEL__SYNTHETIC_START_EPOCH=0), steps_per_epoch=3).train()
     for seed in range(2):
         model(*views(seed=seed))
     path = tmp_path / "state.pth"
     torch.save(model.state_dict(), path)
-    restored = build_model(small_config("synco", MODEL__WARMUP_EPOCHS=0), steps_per_epoch=3)
+    restored = build_model(small_config("synco", MODEL__SYNTHETIC_START_EPOCH=0), steps_per_epoch=3)
     restored.load_state_dict(torch.load(path))
     assert int(restored.step) == 2 and restored.momentum == model.momentum
     assert torch.equal(restored.queue1, model.queue1) and torch.equal(restored.queue_ptr, model.queue_ptr)
@@ -204,7 +204,7 @@ def test_synco_hard_negatives_switch_on_and_off_at_configured_epochs():
     torch.manual_seed(0)
     # 2 steps per epoch; synthetic negatives in epochs 1 and 2 only
     model = build_model(
-        small_config("synco", MODEL__WARMUP_EPOCHS=1, MODEL__COOLDOWN_EPOCHS=2), steps_per_epoch=2
+        small_config("synco", MODEL__SYNTHETIC_START_EPOCH=1, MODEL__SYNTHETIC_END_EPOCH=2), steps_per_epoch=2
     ).train()
     widths = []
     for step in range(8):
@@ -214,7 +214,7 @@ def test_synco_hard_negatives_switch_on_and_off_at_configured_epochs():
 
 
 def test_synco_honours_every_count_and_zero_disables_a_kind():
-    model = build_model(small_config("synco", MODEL__WARMUP_EPOCHS=0, MODEL__N3=0, MODEL__N5=1)).train()
+    model = build_model(small_config("synco", MODEL__SYNTHETIC_START_EPOCH=0, MODEL__N3=0, MODEL__N5=1)).train()
     out = model(*views())
     assert out["logits"].shape == (8, 1 + 16 + 2 + 3 + 0 + 5 + 1 + 7)
 
@@ -223,7 +223,7 @@ def synco_and_moby_losses():
     """The ``loss`` outputs of SynCo (synthetic negatives on) and MoBY, with the same weights
     and queues, on the same predictions and keys."""
     torch.manual_seed(0)
-    synco = build_model(small_config("synco", MODEL__WARMUP_EPOCHS=0)).eval()
+    synco = build_model(small_config("synco", MODEL__SYNTHETIC_START_EPOCH=0)).eval()
     moby = build_model(small_config("moby")).eval()
     moby.load_state_dict(synco.state_dict())
     p = [torch.randn(4, 16) for _ in range(4)]

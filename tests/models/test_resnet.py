@@ -118,7 +118,7 @@ def test_build_encoder_from_config():
 # -----------------------------------------------------------------------------
 
 TINY = ["DATA.IMG_SIZE", 32, "MODEL.PROJ_HIDDEN_DIM", 64, "MODEL.PROJ_DIM", 16, "MODEL.CONTRAST_NUM_NEGATIVE", 8,
-        "MODEL.N_HARD", 4, "MODEL.WARMUP_EPOCHS", 0, "TRAIN.EPOCHS", 2]  # fmt: skip
+        "MODEL.N_HARD", 4, "MODEL.SYNTHETIC_START_EPOCH", 0, "TRAIN.EPOCHS", 2]  # fmt: skip
 
 
 def resnet_config(framework):
