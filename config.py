@@ -213,6 +213,24 @@ _C.AUG.SSL_AUG_INTERPOLATION = "bilinear"
 _C.AUG.SSL_LINEAR_AUG = True
 
 # -----------------------------------------------------------------------------
+# Video object segmentation on DAVIS 2017 (eval_video_segmentation.py; DINO's protocol)
+# -----------------------------------------------------------------------------
+_C.DAVIS = CN()
+# Video list DATA.TRANSFER_ROOT/DAVIS/ImageSets/2017/<SPLIT>.txt
+_C.DAVIS.SPLIT = "val"
+# Frames are resized to this short side, the long side to a multiple of 64 below its
+# proportional length (480 px frames: 480 x 832)
+_C.DAVIS.SHORT_SIDE = 480
+# Context of each frame: the first frame and the N_LAST_FRAMES frames before it
+_C.DAVIS.N_LAST_FRAMES = 7
+# A patch takes labels only from patches at most this many rows and columns away (0: anywhere)
+_C.DAVIS.NEIGHBORHOOD = 12
+# ... from its TOPK most similar context patches
+_C.DAVIS.TOPK = 5
+# ... weighted by a softmax of their cosine similarities at this temperature
+_C.DAVIS.TEMPERATURE = 0.1
+
+# -----------------------------------------------------------------------------
 # Testing
 # -----------------------------------------------------------------------------
 _C.TEST = CN()
