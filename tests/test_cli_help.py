@@ -8,6 +8,7 @@ import pytest
 from conftest import run_script
 
 import eval_knn
+import eval_video_segmentation
 import main_linear
 import main_pretrain
 from config import get_config
@@ -22,6 +23,7 @@ WIDE = {"COLUMNS": "300"}  # help lines unwrapped
         ("main_linear.py", ["--throughput", "--eval", "--lr", "--drop-path-rate"], []),
         ("eval_knn.py", [], ["--throughput", "--eval", "--lr"]),
         ("eval_retrieval.py", ["--dump-features", "--load-features"], ["--throughput", "--eval", "--lr"]),
+        ("eval_video_segmentation.py", [], ["--throughput", "--eval", "--lr"]),
     ],
 )
 def test_help_names_the_program_shows_defaults_and_an_example(script, own_flags, foreign_flags):
@@ -47,7 +49,7 @@ def test_help_defaults_are_those_of_the_script():
 
 
 @pytest.mark.parametrize("level, words", [(None, "O0 (fp32)"), ("O2", "O2 (bf16 autocast)")])
-@pytest.mark.parametrize("script", [main_pretrain, main_linear, eval_knn])
+@pytest.mark.parametrize("script", [main_pretrain, main_linear, eval_knn, eval_video_segmentation])
 def test_every_run_logs_and_records_its_precision(script, level, words, tmp_path, image_folder, capsys):
     """Without --amp-opt-level a run on this CPU computes in fp32; config.json records the level used."""
     argv = ["--cfg", "configs/moby_vit_tiny.yaml", "--data-path", image_folder, "--output", str(tmp_path),
