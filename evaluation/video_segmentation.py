@@ -118,8 +118,7 @@ class LabelPropagation:
         source_labels = torch.stack([labels for _, labels in context])
         s = self.settings
         labels = propagate(query, sources, source_labels, s.topk, s.temperature, self.allowed)
-        if s.n_last_frames > 0:
-            self.recent.append((query, labels))
+        self.recent.append((query, labels))  # dropping the oldest (none kept when n_last_frames is 0)
         return labels.view(-1, self.height, self.width)
 
 
