@@ -63,7 +63,7 @@ def main(config, env, logger):
     split = config.DAVIS.SPLIT
     videos = read_videos(davis_root(config.DATA.TRANSFER_ROOT), split)
     encoder = build_encoder(config, drop_path_rate=0.0)
-    load_run_encoder(encoder, config, logger)
+    epoch = load_run_encoder(encoder, config, logger)
     try:
         features = PatchFeatures(encoder.to(device))
     except ValueError as e:
@@ -108,7 +108,7 @@ def main(config, env, logger):
             table.writerow(["Sequence", "J-Mean", "F-Mean"])
             table.writerows([f"{videos[p].name}_{i}", f"{j:.6f}", f"{fm:.6f}"] for p, i, j, fm in objects)
         with MetricWriter(output_folder(config), config.TENSORBOARD, logger) as writer:
-            writer.scalars(results, step=0, prefix=f"davis_{split}/")
+            writer.scalars(results, step=epoch or 0, prefix=f"davis_{split}/")  # the pretraining epoch
     return results
 
 

@@ -14,8 +14,8 @@ resized frame, each label's map rescaled to [0, 1], and the argmax resized (near
 original frame.
 
 Frames are resized as DINO resizes them: the short side to ``short_side`` (480), the long side
-proportionally and down to a multiple of 64 (854 x 480 -> 832 x 480), then down to the sizes the
-encoder takes (``PatchFeatures.input_size``: 448 x 784 for a Swin at 224 px).
+proportionally and down to a multiple of 64 (854 x 480 -> 832 x 480), then to the nearest size the
+encoder takes (``PatchFeatures.input_size``: 480 x 864 for a Swin at 224 px).
 """
 
 from collections import deque

@@ -89,10 +89,13 @@ class AnySizeEncoder(nn.Module):
         return stage_window_sizes(size, len(self._window_limits), window_size=self._window_limits)
 
     def forward(self, x):
-        size = tuple(x.shape[-2:])
-        if self.kind == "any" or size == self.built_size:
-            return self.backbone(x)
-        return self._copy_for(size)(x)
+        return self.model_for(tuple(x.shape[-2:]))(x)
+
+    def model_for(self, size):
+        """The backbone, or its copy reshaped for inputs of ``size`` (H, W), one that ``input_size`` returns."""
+        if self.kind == "any" or tuple(size) == self.built_size:
+            return self.backbone
+        return self._copy_for(tuple(size))
 
     def _copy_for(self, size):
         if size in self._copies:

@@ -1,28 +1,25 @@
-"""Dense feature maps of a frozen encoder at stride 16, at any input size.
+"""Dense feature maps of a frozen encoder at stride 16, at (nearly) any input size.
 
     features = PatchFeatures(encoder)             # an encoder of models.build_encoder, weights loaded
-    maps = features(frames)                       # [B, 3, H, W] -> [B, D, H / 16, W / 16]
-    h, w = features.input_size(480, 854)          # the largest size <= (480, 854) it takes
+    height, width = features.input_size(480, 832) # the size nearest to 480 x 832 that it takes
+    maps = features(frames)                       # [B, 3, height, width] -> [B, D, height / 16, width / 16]
 
 Which map, per backbone (all on the same grid, one cell per 16 x 16 pixels):
 
 * ViT: the patch tokens of the last block after the final LayerNorm (what DINO's video
-  segmentation uses; the class token is dropped). The position embedding is resampled to the
-  frame's patch grid (bicubic, as timm and DINO do); H and W are multiples of 16.
+  segmentation uses; the class token is dropped).
 * Swin: the output of stage 3 (stride 16; 384-d for Swin-T/S, 512-d for Swin-B), not stage 4
-  (stride 32): on the ViT's grid, so a label map is as fine as a ViT/16's and
-  DAVIS.NEIGHBORHOOD means the same distance in pixels. Every stage up to 3 keeps the window it
-  was built with (7 at 224 px), so its relative-position biases are used as trained: H and W
-  are multiples of 16 x 7 = 112 at 224 px, so that the windows tile each stage's map.
-* ResNet: the output of layer3 (stride 16, 1024-d); H and W are multiples of 16.
+  (stride 32): on the ViT's grid, so a label map is as fine as a ViT/16's (stage 4 has half as
+  many cells a side, its boundaries in 32-pixel steps) and a neighbourhood counted in cells means
+  the same distance in pixels.
+* ResNet: the output of layer3 (stride 16, 1024-d).
 
-The encoders run their own (timm's) ``forward_intermediates``; nothing of a forward pass is
-rewritten here. ViT and Swin are resized on a copy kept per input size: the encoder given
-stays as it is, and each copy is resampled from it once.
+Other input sizes than the encoder was built for go through ``AnySizeEncoder`` (models/input_size.py):
+a ViT's copy has the sin-cos position embedding of the new patch grid; a Swin's has at each stage
+the largest window up to the trained one that tiles its map (a 480 x 864 frame: 6 x 6 in stages
+1-3), with the trained relative-position biases of the offsets that window reaches. The encoders run their own
+(timm's) ``forward_intermediates``: nothing of a forward pass is rewritten here.
 """
-
-import copy
-import math
 
 import torch
 import torch.nn as nn
@@ -30,7 +27,7 @@ from timm.models.resnet import ResNet
 from timm.models.swin_transformer import SwinTransformer
 from timm.models.vision_transformer import VisionTransformer
 
-from .swin_transformer import PATCH_SIZE, stage_window_sizes
+from .input_size import AnySizeEncoder
 
 STRIDE = 16
 SWIN_STAGE = 2  # the third stage (stride 16)
@@ -45,48 +42,26 @@ class PatchFeatures(nn.Module):
         if isinstance(encoder, VisionTransformer):
             if tuple(encoder.patch_embed.patch_size) != (STRIDE, STRIDE):
                 raise ValueError(f"a ViT with patch {encoder.patch_embed.patch_size}; patch {STRIDE} is needed")
-            self.multiple = (STRIDE, STRIDE)
             self.description = "ViT patch tokens of the last block, after the final norm"
         elif isinstance(encoder, SwinTransformer):
-            self.windows = stage_window_sizes(encoder.patch_embed.img_size, len(encoder.layers))
-            # stage s (0-based) runs on a map of stride PATCH_SIZE * 2**s with windows[s]
-            self.multiple = tuple(
-                math.lcm(*(PATCH_SIZE * 2**s * self.windows[s][axis] for s in range(SWIN_STAGE + 1))) for axis in (0, 1)
-            )
+            self.description = "Swin stage 3 output"
         elif isinstance(encoder, ResNet):
-            self.multiple = (STRIDE, STRIDE)
+            self.description = "ResNet layer3 output"
         else:
             raise ValueError(f"no patch features for a {type(encoder).__name__}; ViT, Swin and ResNet have them")
-        self.encoder = encoder.eval().requires_grad_(False)
-        self._resized = {}  # (H, W) -> a copy of the encoder for that input size
+        self.encoder = AnySizeEncoder(encoder.eval().requires_grad_(False))
 
     def input_size(self, height: int, width: int) -> tuple[int, int]:
-        """The largest input size (H, W) <= (height, width) that the encoder takes."""
-        return tuple(max(m, s // m * m) for s, m in zip((height, width), self.multiple))
-
-    def _encoder_for(self, size: tuple[int, int]) -> nn.Module:
-        encoder = self.encoder
-        if isinstance(encoder, ResNet) or tuple(encoder.patch_embed.img_size) == size:
-            return encoder
-        if size not in self._resized:
-            resized = copy.deepcopy(encoder)
-            if isinstance(encoder, SwinTransformer):
-                resized.set_input_size(img_size=size, window_size=self.windows)
-            else:
-                resized.set_input_size(img_size=size)
-            self._resized[size] = resized
-        return self._resized[size]
+        """The input size (H, W) nearest to (height, width) that the encoder takes."""
+        return tuple(self.encoder.input_size(height, width))
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """[B, 3, H, W] normalised images, H and W multiples of ``multiple`` -> [B, D, H / 16, W / 16]."""
-        size = tuple(images.shape[-2:])
-        if any(s % m for s, m in zip(size, self.multiple)):
-            raise ValueError(f"input size {size} is not a multiple of {self.multiple}: see input_size()")
-        encoder = self._encoder_for(size)
-        if isinstance(encoder, VisionTransformer):
-            (maps,) = encoder.forward_intermediates(images, indices=1, norm=True, intermediates_only=True)
+        """[B, 3, H, W] normalised images, (H, W) a size ``input_size`` returns -> [B, D, H / 16, W / 16]."""
+        model = self.encoder.model_for(tuple(images.shape[-2:]))
+        if isinstance(model, VisionTransformer):
+            (maps,) = model.forward_intermediates(images, indices=1, norm=True, intermediates_only=True)
         else:
-            stage = SWIN_STAGE if isinstance(encoder, SwinTransformer) else RESNET_STAGE
-            (maps,) = encoder.forward_intermediates(images, indices=[stage], stop_early=True, intermediates_only=True)
+            stage = SWIN_STAGE if isinstance(model, SwinTransformer) else RESNET_STAGE
+            (maps,) = model.forward_intermediates(images, indices=[stage], stop_early=True, intermediates_only=True)
         return maps
