@@ -21,7 +21,15 @@ import torch
 
 from config import ConfigError, check_config, get_config
 from data.davis import davis_root, read_videos, write_palette_png
-from engine import amp_autocast, build_parser, join_processes, load_run_encoder, open_output, run_cli
+from engine import (
+    amp_autocast,
+    build_parser,
+    inherit_encoder_settings,
+    join_processes,
+    load_run_encoder,
+    open_output,
+    run_cli,
+)
 from evaluation.davis_metrics import score_frame, summarize
 from evaluation.video_segmentation import PropagationSettings, segment_video
 from metrics import MetricWriter
@@ -138,7 +146,8 @@ def setup(argv=None):
     check_config(config)
     check_davis(config)
     env = join_processes(config, args.local_rank)
-    logger = open_output(config, env, output_folder(config), f"{config.MODEL.NAME}_davis")
+    inherited = inherit_encoder_settings(config, args, env)
+    logger = open_output(config, env, output_folder(config), f"{config.MODEL.NAME}_davis", inherited)
     return config, env, logger
 
 

@@ -279,18 +279,20 @@ def test_eval_video_segmentation_runs_end_to_end(tmp_path):
         "squares": moving_squares(64, 128, squares),
         "one": moving_squares(64, 128, [(3, GREEN, 16, 16, 16)], frames=3),
     })  # fmt: skip
-    # a vit_tiny checkpoint as pretraining writes it
+    # a vit_tiny checkpoint pretrained at 32 px, as pretraining writes it (its config included)
     config = small_config("moby")
     checkpoint = str(tmp_path / "checkpoint.pth")
     framework = {"type": "moby", "encoder": "vit_tiny"}
-    save_atomic({"model": build_model(config).state_dict(), "epoch": 0, "framework": framework}, checkpoint)
+    state = {"model": build_model(config).state_dict(), "epoch": 0, "framework": framework, "config": config.dump()}
+    save_atomic(state, checkpoint)
     result = run_script(["eval_video_segmentation.py", "--cfg", "configs/moby_vit_tiny.yaml",
-                         "--output", str(tmp_path / "out"), "--tag", "t", "--opts", "DATA.IMG_SIZE", "32",
+                         "--output", str(tmp_path / "out"), "--tag", "t", "--opts",
                          "LINEAR_EVAL.PRETRAINED", checkpoint, "DATA.TRANSFER_ROOT", root,
                          "DAVIS.SHORT_SIDE", "64"])  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     (folder,) = [Path(p) for p in glob.glob(str(tmp_path / "out" / "*" / "t" / "davis_val"))]
     log = (folder / "log_rank0.txt").read_text()
+    assert "DATA.IMG_SIZE: 224 -> 32" in log  # the encoder is built as it was pretrained
     numbers = r"J&F-Mean ([\d.]+) J-Mean ([\d.]+) F-Mean ([\d.]+)"
     line = re.search(r"DAVIS 2017 val \(3 objects in 2 videos\): " + numbers, log)
     assert line, log[-2000:]
