@@ -11,6 +11,7 @@ uses the GPU when there is one.
 """
 
 import argparse
+import glob
 import math
 import os
 import random
@@ -24,20 +25,28 @@ from PIL import Image, ImageDraw
 
 from config import get_config
 from engine import build_parser
-from models import build_model
+from models import build_encoder
 from tools.plot_log import plot_run
 
 CLASSES = ("circle", "square", "triangle", "cross", "ring")
-IMG_SIZE = 64
+IMG_SIZE = 32
+CONFIG = "configs/synco_vit_tiny.yaml"
+EPOCHS = 40  # pretraining
+PROBE_EPOCHS = 10
+MIN_CONTRAST = 60  # grey levels between a shape and its background
 
 
 def draw_shape(shape, rng):
-    """A random rendering of ``shape``: colour, size, position, rotation and background vary."""
-    background = tuple(rng.randint(0, 255) for _ in range(3))
-    color = tuple((c + rng.randint(80, 176)) % 256 for c in background)
-    img = Image.new("RGB", (IMG_SIZE, IMG_SIZE), background)
+    """A random rendering of ``shape`` in two grey levels: brightness, contrast (either sign),
+    size, position and rotation vary; nothing but the outline tells the classes apart."""
+    while True:
+        background, ink = rng.randint(0, 255), rng.randint(0, 255)
+        if abs(background - ink) >= MIN_CONTRAST:
+            break
+    img = Image.new("RGB", (IMG_SIZE, IMG_SIZE), (background,) * 3)
     draw = ImageDraw.Draw(img)
-    r = rng.uniform(10, 22)
+    color = (ink,) * 3
+    r = rng.uniform(0.2, 0.4) * IMG_SIZE
     cx, cy = rng.uniform(r, IMG_SIZE - r), rng.uniform(r, IMG_SIZE - r)
     angle = rng.uniform(0, 2 * math.pi)
 
@@ -63,7 +72,8 @@ def draw_shape(shape, rng):
 
 
 def make_dataset(root, per_class_train=160, per_class_val=40, seed=0):
-    """ImageNet-style ``root/{train,val}/<shape>/*.png``; kept if already there."""
+    """ImageNet-style ``root/{train,val}/<shape>/*.png``, the same files for the same arguments;
+    kept if already there."""
     if os.path.isdir(os.path.join(root, "val", CLASSES[-1])):
         return root
     rng = random.Random(seed)
@@ -77,7 +87,7 @@ def make_dataset(root, per_class_train=160, per_class_val=40, seed=0):
 
 
 def common_args(data, out, tag):
-    return ["--cfg", "configs/synco_vit_tiny.yaml", "--data-path", data, "--output", out, "--tag", tag]
+    return ["--cfg", CONFIG, "--data-path", data, "--output", out, "--tag", tag]
 
 
 def run(script, args, result):
@@ -95,9 +105,10 @@ def run(script, args, result):
 
 
 def evaluate(data, out, tag, pretrained, epochs):
-    """(linear-probe top-1, 20-NN top-1) of the encoder in ``pretrained``."""
-    opts = ["DATA.IMG_SIZE", str(IMG_SIZE), "DATA.NUM_WORKERS", "2", "LINEAR_EVAL.PRETRAINED", pretrained,
-            "PRINT_FREQ", "1000"]  # fmt: skip
+    """(linear-probe top-1, 20-NN top-1) of the encoder in ``pretrained``. Test images are
+    resized, not centre-cropped (TEST.CROP False): a crop would cut shapes near the border."""
+    opts = ["DATA.IMG_SIZE", str(IMG_SIZE), "DATA.NUM_WORKERS", "2", "TEST.CROP", "False",
+            "LINEAR_EVAL.PRETRAINED", pretrained, "PRINT_FREQ", "1000"]  # fmt: skip
     probe = run("main_linear.py", common_args(data, out, tag) + ["--batch-size", "64", "--lr", "2.0", "--opts",
                 *opts, "TRAIN.EPOCHS", str(epochs), "TRAIN.WARMUP_EPOCHS", "1"], r"best top-1 ([0-9.]+)%")  # fmt: skip
     knn = run("eval_knn.py", common_args(data, out, tag) + ["--batch-size", "64", "--opts", *opts],
@@ -105,45 +116,69 @@ def evaluate(data, out, tag, pretrained, epochs):
     return probe, knn
 
 
-def save_random_encoder(out, tag):
-    """A checkpoint holding a randomly initialised encoder, for the baseline."""
-    parser = build_parser("demo.py", "", "")
-    config = get_config(parser.parse_args(common_args("x", out, tag) + ["--opts", "DATA.IMG_SIZE", str(IMG_SIZE)]))
+def run_folder(args):
+    """The output folder of the run ``args`` (a pretraining command line) configures."""
+    return get_config(build_parser("demo.py", "", "").parse_args(args)).OUTPUT
+
+
+def remove_checkpoints(folder, pattern):
+    """Delete the files ``folder/pattern`` (glob); returns how many."""
+    paths = glob.glob(os.path.join(glob.escape(folder), pattern))
+    for path in paths:
+        os.remove(path)
+    return len(paths)
+
+
+def save_random_encoder(folder):
+    """``folder/random_init.pth``: a randomly initialised encoder (only its weights), for the baseline."""
+    config = get_config(build_parser("demo.py", "", "").parse_args(
+        ["--cfg", CONFIG, "--opts", "DATA.IMG_SIZE", str(IMG_SIZE)]))  # fmt: skip
     torch.manual_seed(0)
-    model = build_model(config)
-    os.makedirs(config.OUTPUT, exist_ok=True)
-    path = os.path.join(config.OUTPUT, "random_init.pth")
-    torch.save({"model": model.state_dict(), "framework": {"type": "synco", "encoder": "vit_tiny"}, "epoch": -1}, path)
+    encoder = build_encoder(config, drop_path_rate=0.0)
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, "random_init.pth")
+    state = {f"encoder.{k}": v for k, v in encoder.state_dict().items()}
+    torch.save({"model": state, "framework": {"type": "synco", "encoder": config.MODEL.ENCODER}, "epoch": -1}, path)
     return path
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=8, help="pretraining epochs")
-    parser.add_argument("--probe-epochs", type=int, default=10, help="linear-probe epochs")
+    parser.add_argument("--epochs", type=int, default=EPOCHS, help="pretraining epochs")
+    parser.add_argument("--probe-epochs", type=int, default=PROBE_EPOCHS, help="linear-probe epochs")
     parser.add_argument("--out", default="demo_output")
     args = parser.parse_args()
     start = time.time()
-    data = make_dataset(os.path.join(args.out, "shapes"))
-    print(f"dataset: {data} ({len(CLASSES)} classes of {IMG_SIZE} px shapes)", flush=True)
+    data = make_dataset(os.path.join(args.out, f"grey_shapes_{IMG_SIZE}px"))
+    print(f"dataset: {data} ({len(CLASSES)} classes of {IMG_SIZE} px grey shapes)", flush=True)
 
     pretrain_args = common_args(data, args.out, "demo") + [
         "--batch-size", "64", "--opts", "DATA.IMG_SIZE", str(IMG_SIZE), "DATA.NUM_WORKERS", "2",
-        "TRAIN.EPOCHS", str(args.epochs), "TRAIN.WARMUP_EPOCHS", "1", "MODEL.CONTRAST_NUM_NEGATIVE", "1024",
-        "MODEL.N_HARD", "64", "MODEL.PROJ_HIDDEN_DIM", "1024",
+        "TRAIN.EPOCHS", str(args.epochs), "TRAIN.WARMUP_EPOCHS", "1", "TRAIN.BASE_LR", "0.004",
+        # a short run: a target encoder that follows the online one closely, a queue shorter
+        # than the 800 images (no stale copy of a query's own image among its negatives)
+        "MODEL.CONTRAST_MOMENTUM", "0.9", "MODEL.CONTRAST_NUM_NEGATIVE", "256", "MODEL.PROJ_HIDDEN_DIM", "1024",
+        "MODEL.ONLINE_DROP_PATH_RATE", "0.1", "MODEL.N_HARD", "64",
         # synthetic negatives in the second half, once the encoder tells shapes apart a little
-        "MODEL.SYNTHETIC_START_EPOCH", str(args.epochs // 2), "MODEL.SYNTHETIC_END_EPOCH", str(args.epochs),
-        "AUG.SSL_AUG_CROP", "0.25", "PRINT_FREQ", "5",
+        "MODEL.SYNTHETIC_START_EPOCH", str(args.epochs // 2), "MODEL.SYNTHETIC_END_EPOCH", str(args.epochs - 1),
+        # crops keep at least half the image, so both views mostly show the shape
+        "AUG.SSL_AUG_CROP", "0.5", "SAVE_FREQ", str(max(args.epochs, 1)), "PRINT_FREQ", "5",
     ]  # fmt: skip
     for n in range(1, 7):
         pretrain_args += [f"MODEL.N{n}", "8"]
     run("main_pretrain.py", pretrain_args, None)
-    run_folder = get_config(build_parser("demo.py", "", "").parse_args(pretrain_args)).OUTPUT
-    pretrained = os.path.join(run_folder, "checkpoint.pth")
-    curves = plot_run(run_folder)
+    folder = run_folder(pretrain_args)
+    # checkpoint.pth holds the last epoch; the numbered copies (epoch 0 and the last) go
+    removed = remove_checkpoints(folder, "ckpt_epoch_*.pth")
+    print(f"kept {folder}/checkpoint.pth, removed {removed} numbered checkpoints", flush=True)
+    pretrained = os.path.join(folder, "checkpoint.pth")
+    curves = plot_run(folder)
 
     synco = evaluate(data, args.out, "demo", pretrained, args.probe_epochs)
-    random_init = evaluate(data, args.out, "random", save_random_encoder(args.out, "random"), args.probe_epochs)
+    baseline = run_folder(common_args(data, args.out, "random"))
+    random_init = evaluate(data, args.out, "random", save_random_encoder(baseline), args.probe_epochs)
+    for pattern in ("random_init.pth", "linear_*/*.pth"):  # nothing big left for the baseline
+        remove_checkpoints(baseline, pattern)
     chance = 100.0 / len(CLASSES)
     print()
     print(f"{'top-1 accuracy on val':<28}{'linear probe':>14}{'20-NN':>10}")

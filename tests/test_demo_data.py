@@ -1,0 +1,48 @@
+"""The demo's generated dataset: the same files for the same seed, balanced classes, and no
+cue but the outline (two grey levels per image, their contrast of either sign)."""
+
+import os
+
+import numpy as np
+from PIL import Image
+
+from demo import CLASSES, IMG_SIZE, MIN_CONTRAST, make_dataset
+
+
+def read_split(root, split):
+    """{class: [uint8 arrays]} of ``root/split``, files in name order."""
+    out = {}
+    for shape in sorted(os.listdir(os.path.join(root, split))):
+        folder = os.path.join(root, split, shape)
+        out[shape] = [np.asarray(Image.open(os.path.join(folder, f))) for f in sorted(os.listdir(folder))]
+    return out
+
+
+def test_same_seed_same_images_and_balanced_classes(tmp_path):
+    a = make_dataset(str(tmp_path / "a"), per_class_train=6, per_class_val=3, seed=1)
+    b = make_dataset(str(tmp_path / "b"), per_class_train=6, per_class_val=3, seed=1)
+    other = make_dataset(str(tmp_path / "c"), per_class_train=6, per_class_val=3, seed=2)
+    for split, n in (("train", 6), ("val", 3)):
+        images_a, images_b = read_split(a, split), read_split(b, split)
+        assert sorted(images_a) == sorted(CLASSES)
+        assert all(len(images) == n for images in images_a.values())
+        for shape in CLASSES:
+            assert all(np.array_equal(x, y) for x, y in zip(images_a[shape], images_b[shape], strict=True))
+    first = read_split(a, "train")[CLASSES[0]][0]
+    assert not np.array_equal(first, read_split(other, "train")[CLASSES[0]][0])
+
+
+def test_images_are_two_grey_levels_with_either_sign_of_contrast(tmp_path):
+    root = make_dataset(str(tmp_path / "d"), per_class_train=8, per_class_val=1, seed=0)
+    brighter_ink = darker_ink = 0
+    for images in read_split(root, "train").values():
+        for img in images:
+            assert img.shape == (IMG_SIZE, IMG_SIZE, 3)
+            assert (img == img[..., :1]).all()  # R = G = B: no colour
+            levels = np.unique(img[..., 0])
+            assert len(levels) == 2 and abs(int(levels[1]) - int(levels[0])) >= MIN_CONTRAST
+            background = img[0, 0, 0]  # a shape never reaches a corner
+            ink = levels[levels != background][0]
+            brighter_ink += int(ink > background)
+            darker_ink += int(ink < background)
+    assert brighter_ink > 0 and darker_ink > 0
