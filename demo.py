@@ -1,13 +1,14 @@
 """A complete SynCo run that needs no download: pretrain, then linear probe and k-NN.
 
     bash scripts/demo.sh        # sets up .venv, then runs this file
-    python demo.py [--epochs 10] [--out demo_output]
+    python demo.py [--epochs 40] [--probe-epochs 10] [--out demo_output]
 
-Draws a small dataset of coloured shapes (5 classes, 64 px), pretrains SynCo
-with a ViT-Tiny on it without labels, then evaluates the frozen encoder with a
-linear probe and weighted k-NN, next to chance level and next to the same
-evaluation of a randomly initialised encoder. A few minutes on 2 CPU cores;
-uses the GPU when there is one.
+Draws a small dataset of shapes (5 classes, 32 px, each image two random grey levels, so
+that only the outline tells the classes apart), pretrains SynCo with a ViT-Tiny on it
+without labels, then evaluates the frozen encoder with a linear probe and weighted k-NN,
+next to chance level and next to the same evaluation of a randomly initialised encoder.
+About 5 minutes on 2 CPU cores; uses the GPU when there is one. Of the pretraining run only
+checkpoint.pth (its last epoch) is kept; the baseline's weights are deleted.
 """
 
 import argparse
@@ -92,8 +93,13 @@ def common_args(data, out, tag):
 
 def run(script, args, result):
     """Run ``python script args`` (its output shown as it comes); returns the first group of the
-    last line matching the regular expression ``result`` as a float (None for no pattern)."""
-    proc = subprocess.Popen([sys.executable, script, *args], stdout=subprocess.PIPE, text=True)
+    last line matching the regular expression ``result`` as a float (None for no pattern).
+
+    One CPU thread per process unless OMP_NUM_THREADS says otherwise: the figures then do not
+    depend on the number of cores (from 2 on: DATA.NUM_WORKERS 2), the data workers get the
+    other cores, and a loaded machine slows it far less than two threads waiting for each other."""
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    proc = subprocess.Popen([sys.executable, script, *args], stdout=subprocess.PIPE, text=True, env=env)
     found = None
     for line in proc.stdout:
         print(line, end="", flush=True)
@@ -104,21 +110,17 @@ def run(script, args, result):
     return found
 
 
-def evaluate(data, out, tag, pretrained, epochs):
-    """(linear-probe top-1, 20-NN top-1) of the encoder in ``pretrained``. Test images are
-    resized, not centre-cropped (TEST.CROP False): a crop would cut shapes near the border."""
-    opts = ["DATA.IMG_SIZE", str(IMG_SIZE), "DATA.NUM_WORKERS", "2", "TEST.CROP", "False",
+def evaluate(data, out, name, tag, pretrained, epochs):
+    """(linear-probe top-1, 20-NN top-1) of the encoder in ``pretrained`` (whose stored config
+    gives the image size), written under ``out/name/tag``. Test images are resized, not
+    centre-cropped (TEST.CROP False): a crop would cut shapes near the border."""
+    opts = ["DATA.NUM_WORKERS", "2", "TEST.CROP", "False", "MODEL.NAME", name,
             "LINEAR_EVAL.PRETRAINED", pretrained, "PRINT_FREQ", "1000"]  # fmt: skip
     probe = run("main_linear.py", common_args(data, out, tag) + ["--batch-size", "64", "--lr", "2.0", "--opts",
                 *opts, "TRAIN.EPOCHS", str(epochs), "TRAIN.WARMUP_EPOCHS", "1"], r"best top-1 ([0-9.]+)%")  # fmt: skip
     knn = run("eval_knn.py", common_args(data, out, tag) + ["--batch-size", "64", "--opts", *opts],
               r"20-NN \(T=[0-9.]+\): top-1 ([0-9.]+)%")  # fmt: skip
     return probe, knn
-
-
-def run_folder(args):
-    """The output folder of the run ``args`` (a pretraining command line) configures."""
-    return get_config(build_parser("demo.py", "", "").parse_args(args)).OUTPUT
 
 
 def remove_checkpoints(folder, pattern):
@@ -130,7 +132,7 @@ def remove_checkpoints(folder, pattern):
 
 
 def save_random_encoder(folder):
-    """``folder/random_init.pth``: a randomly initialised encoder (only its weights), for the baseline."""
+    """``folder/random_init.pth``: a randomly initialised encoder (its weights and config), for the baseline."""
     config = get_config(build_parser("demo.py", "", "").parse_args(
         ["--cfg", CONFIG, "--opts", "DATA.IMG_SIZE", str(IMG_SIZE)]))  # fmt: skip
     torch.manual_seed(0)
@@ -138,7 +140,8 @@ def save_random_encoder(folder):
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, "random_init.pth")
     state = {f"encoder.{k}": v for k, v in encoder.state_dict().items()}
-    torch.save({"model": state, "framework": {"type": "synco", "encoder": config.MODEL.ENCODER}, "epoch": -1}, path)
+    framework = {"type": "synco", "encoder": config.MODEL.ENCODER}
+    torch.save({"model": state, "framework": framework, "epoch": -1, "config": config.dump()}, path)
     return path
 
 
@@ -167,16 +170,17 @@ def main():
     for n in range(1, 7):
         pretrain_args += [f"MODEL.N{n}", "8"]
     run("main_pretrain.py", pretrain_args, None)
-    folder = run_folder(pretrain_args)
+    config = get_config(build_parser("demo.py", "", "").parse_args(pretrain_args))
+    folder, name = config.OUTPUT, config.MODEL.NAME
     # checkpoint.pth holds the last epoch; the numbered copies (epoch 0 and the last) go
     removed = remove_checkpoints(folder, "ckpt_epoch_*.pth")
     print(f"kept {folder}/checkpoint.pth, removed {removed} numbered checkpoints", flush=True)
     pretrained = os.path.join(folder, "checkpoint.pth")
     curves = plot_run(folder)
 
-    synco = evaluate(data, args.out, "demo", pretrained, args.probe_epochs)
-    baseline = run_folder(common_args(data, args.out, "random"))
-    random_init = evaluate(data, args.out, "random", save_random_encoder(baseline), args.probe_epochs)
+    synco = evaluate(data, args.out, name, "demo", pretrained, args.probe_epochs)
+    baseline = os.path.join(args.out, name, "random")
+    random_init = evaluate(data, args.out, name, "random", save_random_encoder(baseline), args.probe_epochs)
     for pattern in ("random_init.pth", "linear_*/*.pth"):  # nothing big left for the baseline
         remove_checkpoints(baseline, pattern)
     chance = 100.0 / len(CLASSES)
