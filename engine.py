@@ -16,6 +16,7 @@ import argparse
 import glob
 import json
 import logging
+import logging.handlers
 import multiprocessing
 import os
 import resource
@@ -431,9 +432,19 @@ def load_pretrained_encoder(model, path, encoder_name, ckpt=None, trust=False):
 def load_run_encoder(model, config, logger):
     """Load into ``model`` the online encoder of LINEAR_EVAL.PRETRAINED (a checkpoint file, or a
     run folder) or else of the run folder OUTPUT: a folder's newest readable checkpoint, as
-    auto-resume picks it. Logs the file and epoch; returns the epoch."""
+    auto-resume picks it, or the file inherit_encoder_settings took the settings from (read
+    once: rank 0 keeps what it read, the other ranks read the file rank 0 chose). Logs the
+    file and epoch; returns the epoch."""
     source = pretrained_source(config)
-    path, ckpt = read_run_checkpoint(source, logger, config.TRUST_CHECKPOINT)
+    held = _READ_FOR_SETTINGS.pop((source, config.TRUST_CHECKPOINT), None)
+    if held is None:
+        path, ckpt = read_run_checkpoint(source, logger, config.TRUST_CHECKPOINT)
+    else:  # the file inherit_encoder_settings chose on rank 0; only rank 0 holds it read
+        path, ckpt, skipped = held
+        for record in skipped:
+            logger.log(record.levelno, record.getMessage())
+        if ckpt is None and path is not None:
+            ckpt = read_checkpoint(path, config.TRUST_CHECKPOINT)
     if ckpt is None:
         raise missing_checkpoint_error(config)
     epoch = load_pretrained_encoder(model, path, config.MODEL.ENCODER, ckpt)
@@ -496,10 +507,11 @@ def _lookup(tree, key):
     return tree
 
 
-# a reader for the checkpoint's settings: load_run_encoder reads the run folder again and logs its skips
-_UNLOGGED = logging.getLogger("engine.unlogged")
-_UNLOGGED.addHandler(logging.NullHandler())
-_UNLOGGED.propagate = False
+# What inherit_encoder_settings read, for load_run_encoder: {(source, trust): (path, checkpoint
+# on rank 0 else None, log records of skipped files on rank 0)}. One read of a file that may
+# hold a gigabyte, and on every rank the weights of the very file whose settings were taken,
+# even while a run saves newer checkpoints into the folder.
+_READ_FOR_SETTINGS = {}
 
 
 def inherit_encoder_settings(config, args, env):
@@ -532,6 +544,8 @@ def inherit_encoder_settings(config, args, env):
     if read is None:
         return []
     path, stored = read
+    if not env.is_main:
+        _READ_FOR_SETTINGS[(pretrained_source(config), config.TRUST_CHECKPOINT)] = (path, None, [])
     current = {key: _lookup(config, key) for key in ENCODER_SHAPE_KEYS}
     if stored is None:
         settings = ", ".join(f"{key} {value}" for key, value in current.items())
@@ -557,7 +571,12 @@ def inherit_encoder_settings(config, args, env):
 def _stored_encoder_settings(config):
     """(path, {key: value} of ENCODER_SHAPE_KEYS in the checkpoint's stored config, or None when
     it stores none) of the checkpoint evaluation reads; None when there is none."""
-    path, ckpt = read_run_checkpoint(pretrained_source(config), _UNLOGGED, config.TRUST_CHECKPOINT)
+    source = pretrained_source(config)
+    skipped = logging.handlers.BufferingHandler(capacity=1000)
+    reader = logging.Logger("engine.settings_read")  # not registered: its records wait in ``skipped``
+    reader.addHandler(skipped)
+    path, ckpt = read_run_checkpoint(source, reader, config.TRUST_CHECKPOINT)
+    _READ_FOR_SETTINGS[(source, config.TRUST_CHECKPOINT)] = (path, ckpt, skipped.buffer)
     if ckpt is None:
         return None
     stored = ckpt.get("config") if isinstance(ckpt, dict) else None

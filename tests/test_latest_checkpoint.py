@@ -2,6 +2,7 @@
 two files of a save leaves it: a restart makes checkpoint.pth current before anything else,
 and every evaluation reads the run's newest checkpoint, by auto-resume's rule."""
 
+import argparse
 import filecmp
 import logging
 import os
@@ -14,10 +15,10 @@ from conftest import run_script, small_config
 from test_pretrain_e2e import TINY, run_folder
 
 import main_pretrain
-from engine import load_run_encoder, run_cli
+from engine import inherit_encoder_settings, load_run_encoder, run_cli
 from main_linear import build_classifier
 from tools import export_backbone
-from utils import read_run_checkpoint
+from utils import DistEnv, read_run_checkpoint
 
 EPOCHS = 3
 CFG = "configs/moby_vit_tiny.yaml"
@@ -140,6 +141,39 @@ def test_an_explicit_checkpoint_is_read_as_it_is(finished, tmp_path, caplog):
         f"loaded the encoder of {os.path.join(folder, 'ckpt_epoch_2.pth')} (pretraining epoch 2)",
         f"loaded the encoder of {stale} (pretraining epoch 0)",
     ]
+
+
+def test_weights_come_from_the_file_whose_settings_were_taken(finished, tmp_path, caplog):
+    # the folder holds epoch 1 and a torn ckpt_epoch_2.pth; once evaluation has taken the settings,
+    # a running save puts a good epoch 2 there: the weights stay those of the file read for them
+    output, folder = copy_run(finished, tmp_path, behind=1, remove=[2])
+    newer = os.path.join(folder, "ckpt_epoch_2.pth")
+    with open(newer, "wb") as f:
+        f.write(b"torn")
+    logger = logging.getLogger("test_latest_checkpoint")
+    logger.propagate = True
+    caplog.set_level(logging.INFO, logger.name)
+    config = small_config("moby", OUTPUT=folder)
+    args = argparse.Namespace(opts=None)
+    notes = inherit_encoder_settings(config, args, DistEnv())
+    latest = os.path.join(folder, "checkpoint.pth")
+    assert notes == [f"encoder settings as in the config of {latest}: MODEL.ENCODER vit_tiny, DATA.IMG_SIZE 32"]
+    assert caplog.records == []  # the skip is logged once, by the evaluation's own logger
+    shutil.copyfile(os.path.join(run_folder(finished), "ckpt_epoch_2.pth"), newer + ".tmp")
+    os.replace(newer + ".tmp", newer)
+
+    model = build_classifier(config, num_classes=2, freeze=True)
+    assert load_run_encoder(model, config, logger) == 1
+    state = model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in encoder_of(os.path.join(folder, "ckpt_epoch_1.pth")).items())
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 2 and messages[0].startswith("skipping ") and newer in messages[0]
+    assert caplog.records[0].levelno == logging.WARNING
+    assert messages[1] == f"loaded the encoder of {latest} (pretraining epoch 1)"
+
+    # read once: a second evaluation in this process reads the folder anew, now epoch 2
+    inherit_encoder_settings(config, args, DistEnv())
+    assert load_run_encoder(model, config, logger) == 2
 
 
 def test_readers_leave_the_temporary_files_of_a_running_save(tmp_path):
