@@ -6,7 +6,9 @@ whole images, their aspect ratio kept).
     feats = encoder(images)                    # [B, 3, height, width] -> [B, D]
 
 The backbone is left as it is; each other input size gets a copy of it reshaped for that size
-(the few most recently used are kept):
+(the few most recently used are kept). A copy shares the backbone's weights and buffers: it
+owns only what its size changes (a ViT's position embedding, a Swin's bias tables, indices and
+masks), so a ViT-B costs no second 340 MB per size, and a new size takes milliseconds:
 
 * ViT: sides are multiples of the patch (16); the copy's fixed sin-cos position embedding is
   the one of its patch grid (``VisionTransformerMoCo.set_input_size``), as if built at that size.
@@ -22,6 +24,7 @@ windows and the average pooling would mix into the features.
 """
 
 import copy
+import itertools
 import warnings
 from collections import OrderedDict
 
@@ -103,7 +106,7 @@ class AnySizeEncoder(nn.Module):
             return self._copies[size]
         if size != self.input_size(*size):
             raise ValueError(f"this {self.kind} backbone takes no {size} input; input_size() gives the nearest it does")
-        model = copy.deepcopy(self.backbone)
+        model = _sharing_copy(self.backbone)
         if self.kind == "vit":
             model.set_input_size(size)
         else:
@@ -127,6 +130,14 @@ class AnySizeEncoder(nn.Module):
     def _apply(self, fn, *args, **kwargs):
         self._copies.clear()  # moved or cast: copies are made again from the backbone
         return super()._apply(fn, *args, **kwargs)
+
+
+def _sharing_copy(module):
+    """A copy of ``module`` whose parameters and buffers are ``module``'s own tensors: its
+    submodules are new objects, so assigning a parameter or buffer of the copy (as
+    ``set_input_size`` does) leaves ``module`` as it is."""
+    shared = {id(t): t for t in itertools.chain(module.parameters(), module.buffers())}
+    return copy.deepcopy(module, memo=shared)
 
 
 def _window_attentions(swin):

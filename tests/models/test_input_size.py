@@ -26,6 +26,31 @@ def test_vit_copy_is_the_vit_built_at_that_size():
         encoder(torch.randn(1, 3, 40, 32))
 
 
+@pytest.mark.parametrize(
+    "build, size, own",
+    [
+        (lambda: vit_tiny(img_size=32), (48, 16), "pos_embed"),
+        (lambda: swin_tiny(img_size=64), (64, 32), "relative_position_bias_table"),
+    ],
+)
+def test_copies_share_the_backbones_weights_and_leave_it_as_it_was(build, size, own):
+    torch.manual_seed(0)
+    backbone = build().eval()
+    before = {k: v.clone() for k, v in backbone.state_dict().items()}
+    encoder = AnySizeEncoder(backbone)
+    with torch.no_grad():
+        encoder(torch.randn(1, 3, *size))
+    built = backbone.state_dict()
+    copied = encoder._copies[size].state_dict()
+    assert copied.keys() == built.keys()
+    not_shared = [k for k, v in copied.items() if v.data_ptr() != built[k].data_ptr()]
+    assert not_shared and all(k.endswith(own) for k in not_shared)  # only what the size changes
+    assert all(torch.equal(before[k], built[k]) for k in before)  # the backbone is as it was
+    with torch.no_grad():  # a weight changed in the backbone is changed in the copy
+        backbone.norm.weight.mul_(2)
+    assert torch.equal(encoder._copies[size].norm.weight, backbone.norm.weight)
+
+
 def test_bias_table_crop_keeps_the_offsets_of_the_smaller_window():
     # window (3, 3): row (dh + 2) * 5 + (dw + 2) holds the offset (dh, dw)
     offsets = torch.tensor([[dh, dw] for dh in range(-2, 3) for dw in range(-2, 3)], dtype=torch.float32)
