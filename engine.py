@@ -529,10 +529,13 @@ def inherit_encoder_settings(config, args, env):
     """
     if config.THROUGHPUT_MODE:
         return []
-    read = None
+    held_as = (pretrained_source(config), config.TRUST_CHECKPOINT)
+    read = None  # rank 0: (path, stored settings) of the checkpoint, None without one, or the error
     if env.is_main:
         try:
-            read = _stored_encoder_settings(config)
+            path, ckpt, skipped = _read_quietly(*held_as)
+            _READ_FOR_SETTINGS[held_as] = (path, ckpt, skipped)
+            read = None if ckpt is None else (path, _stored_encoder_settings(ckpt))
         except Exception as e:  # the other ranks raise it too
             read = e
     if env.world_size > 1:
@@ -545,10 +548,10 @@ def inherit_encoder_settings(config, args, env):
         return []
     path, stored = read
     if not env.is_main:
-        _READ_FOR_SETTINGS[(pretrained_source(config), config.TRUST_CHECKPOINT)] = (path, None, [])
+        _READ_FOR_SETTINGS[held_as] = (path, None, [])
     current = {key: _lookup(config, key) for key in ENCODER_SHAPE_KEYS}
+    settings = ", ".join(f"{key} {value}" for key, value in current.items())
     if stored is None:
-        settings = ", ".join(f"{key} {value}" for key, value in current.items())
         return [f"{path} stores no config: the encoder is built from --cfg and --opts ({settings})"]
     explicit = opts_keys(args)
     changes = {key: value for key, value in stored.items() if value != current[key]}
@@ -559,7 +562,6 @@ def inherit_encoder_settings(config, args, env):
                 "drop it from --opts (evaluation takes the checkpoint's), or evaluate another checkpoint"
             )
     if not changes:
-        settings = ", ".join(f"{key} {value}" for key, value in current.items())
         return [f"encoder settings as in the config of {path}: {settings}"]
     config.defrost()
     config.merge_from_list([item for key_value in changes.items() for item in key_value])
@@ -568,24 +570,25 @@ def inherit_encoder_settings(config, args, env):
     return [f"from the config of {path}: {taken} (the checkpoint's settings replace those of --cfg and the defaults)"]
 
 
-def _stored_encoder_settings(config):
-    """(path, {key: value} of ENCODER_SHAPE_KEYS in the checkpoint's stored config, or None when
-    it stores none) of the checkpoint evaluation reads; None when there is none."""
-    source = pretrained_source(config)
+def _read_quietly(source, trust):
+    """``read_run_checkpoint(source)`` -> (path, checkpoint, the log records of the files it
+    skipped): load_run_encoder logs them, with the evaluation's logger, once it exists."""
     skipped = logging.handlers.BufferingHandler(capacity=1000)
     reader = logging.Logger("engine.settings_read")  # not registered: its records wait in ``skipped``
     reader.addHandler(skipped)
-    path, ckpt = read_run_checkpoint(source, reader, config.TRUST_CHECKPOINT)
-    _READ_FOR_SETTINGS[(source, config.TRUST_CHECKPOINT)] = (path, ckpt, skipped.buffer)
-    if ckpt is None:
-        return None
+    path, ckpt = read_run_checkpoint(source, reader, trust)
+    return path, ckpt, skipped.buffer
+
+
+def _stored_encoder_settings(ckpt):
+    """{key: value} of ENCODER_SHAPE_KEYS in the checkpoint's stored config; None when it stores none."""
     stored = ckpt.get("config") if isinstance(ckpt, dict) else None
     if isinstance(stored, str):  # ours: the yacs dump
         stored = yaml.safe_load(stored)
     if not isinstance(stored, dict):
-        return path, None
+        return None
     values = {key: _lookup(stored, key) for key in ENCODER_SHAPE_KEYS}
-    return path, {key: value for key, value in values.items() if value is not None} or None
+    return {key: value for key, value in values.items() if value is not None} or None
 
 
 @torch.no_grad()
