@@ -1,13 +1,14 @@
 """A complete SynCo run that needs no download: pretrain, then linear probe and k-NN.
 
     bash scripts/demo.sh        # sets up .venv, then runs this file
-    python demo.py [--epochs 40] [--probe-epochs 10] [--out demo_output]
+    python demo.py [--epochs 32] [--probe-epochs 10] [--out demo_output]
 
-Draws a small dataset of shapes (5 classes, 32 px, each image two random grey levels, so
-that only the outline tells the classes apart), pretrains SynCo with a ViT-Tiny on it
-without labels, then evaluates the frozen encoder with a linear probe and weighted k-NN,
-next to chance level and next to the same evaluation of a randomly initialised encoder.
-The baseline's evaluation runs during the pretraining, on the core it leaves idle. About 4.5
+Draws a small dataset of shapes (5 classes: disc, ring, striped disc, dot, bar; 32 px, each
+image two random grey levels, so that only the ink's layout tells the classes apart),
+pretrains SynCo with a ViT-Tiny on it without labels, then evaluates the frozen encoder
+with a linear probe and weighted k-NN, next to chance level and next to the same evaluation
+of a randomly initialised encoder.
+The baseline's evaluation runs during the pretraining, on the core it leaves idle. About 4
 minutes on 2 idle CPU cores; uses the GPU when there is one. Of the pretraining run only
 checkpoint.pth (its last epoch) is kept; the baseline's weights are deleted.
 """
@@ -23,6 +24,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
@@ -31,47 +33,58 @@ from engine import build_parser
 from models import build_encoder
 from tools.plot_log import plot_run
 
-CLASSES = ("circle", "square", "triangle", "cross", "ring")
+CLASSES = ("disc", "ring", "stripes", "dot", "bar")
 IMG_SIZE = 32
 CONFIG = "configs/synco_vit_tiny.yaml"
-EPOCHS = 40  # pretraining
+EPOCHS = 32  # pretraining
 PROBE_EPOCHS = 10
-MIN_CONTRAST = 60  # grey levels between a shape and its background
+MIN_CONTRAST = 60  # grey levels between the ink and its background
+SUPERSAMPLE = 4  # drawn at 4x, then reduced: anti-aliased edges
+STRIPE_PERIOD = 4  # px
 
 
 def draw_shape(shape, rng):
-    """A random rendering of ``shape`` in two grey levels: brightness, contrast (either sign),
-    size, position and rotation vary; nothing but the outline tells the classes apart."""
+    """A random rendering of ``shape`` in two grey levels (anti-aliased edges): brightness,
+    contrast (either sign), size, position and orientation vary; nothing but the ink's layout
+    tells the classes apart.
+
+    disc: filled; ring: its outline; stripes: the disc filled with stripes; dot: a small disc;
+    bar: a thick line segment."""
     while True:
         background, ink = rng.randint(0, 255), rng.randint(0, 255)
         if abs(background - ink) >= MIN_CONTRAST:
             break
-    img = Image.new("RGB", (IMG_SIZE, IMG_SIZE), (background,) * 3)
-    draw = ImageDraw.Draw(img)
-    color = (ink,) * 3
-    r = rng.uniform(0.2, 0.4) * IMG_SIZE
+    r = rng.uniform(0.3, 0.45) * IMG_SIZE  # the disc's radius; the others fit inside it
     cx, cy = rng.uniform(r, IMG_SIZE - r), rng.uniform(r, IMG_SIZE - r)
-    angle = rng.uniform(0, 2 * math.pi)
+    angle = rng.uniform(0, math.pi)
+    k, n = SUPERSAMPLE, IMG_SIZE * SUPERSAMPLE
 
-    def polygon(n, radius):
-        corners = [angle + 2 * math.pi * i / n for i in range(n)]
-        return [(cx + radius * math.cos(a), cy + radius * math.sin(a)) for a in corners]
+    def disc(radius):  # its bounding box on the supersampled canvas
+        return [(cx - radius) * k, (cy - radius) * k, (cx + radius) * k, (cy + radius) * k]
 
-    if shape == "circle":
-        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=color)
-    elif shape == "square":
-        draw.polygon(polygon(4, r), fill=color)
-    elif shape == "triangle":
-        draw.polygon(polygon(3, r), fill=color)
-    elif shape == "cross":
-        w = r / 3
-        for a in (angle, angle + math.pi / 2):
-            dx, dy, px, py = r * math.cos(a), r * math.sin(a), w * -math.sin(a), w * math.cos(a)
-            draw.polygon([(cx - dx - px, cy - dy - py), (cx + dx - px, cy + dy - py),
-                          (cx + dx + px, cy + dy + py), (cx - dx + px, cy - dy + py)], fill=color)  # fmt: skip
-    else:  # ring
-        draw.ellipse([cx - r, cy - r, cx + r, cy + r], outline=color, width=max(2, int(r / 4)))
-    return img
+    img = Image.new("L", (n, n), background)
+    draw = ImageDraw.Draw(img)
+    if shape == "disc":
+        draw.ellipse(disc(r), fill=ink)
+    elif shape == "ring":
+        draw.ellipse(disc(r), outline=ink, width=max(2, int(r / 4)) * k)
+    elif shape == "stripes":
+        mask = Image.new("L", (n, n), 0)
+        ImageDraw.Draw(mask).ellipse(disc(r), fill=255)
+        y, x = np.mgrid[0:n, 0:n].astype(np.float64)
+        across = x * math.cos(angle) + y * math.sin(angle)  # [n, n], supersampled px across the stripes
+        on = (across // (STRIPE_PERIOD * k / 2)) % 2 == 0
+        img.paste(Image.fromarray(np.where(on, ink, background).astype(np.uint8)), (0, 0), mask)
+    elif shape == "dot":
+        draw.ellipse(disc(rng.uniform(0.1, 0.15) * IMG_SIZE), fill=ink)
+    else:  # bar: length 1.8 r, width 0.24 of the image
+        half_len, half_width = 0.9 * r, 0.12 * IMG_SIZE
+        dx, dy = half_len * math.cos(angle), half_len * math.sin(angle)
+        px, py = -half_width * math.sin(angle), half_width * math.cos(angle)
+        corners = [(cx - dx - px, cy - dy - py), (cx + dx - px, cy + dy - py),
+                   (cx + dx + px, cy + dy + py), (cx - dx + px, cy - dy + py)]  # fmt: skip
+        draw.polygon([(u * k, v * k) for u, v in corners], fill=ink)
+    return img.resize((IMG_SIZE, IMG_SIZE), Image.BILINEAR).convert("RGB")
 
 
 def make_dataset(root, per_class_train=160, per_class_val=40, seed=0):
@@ -168,8 +181,8 @@ def main():
     parser.add_argument("--out", default="demo_output")
     args = parser.parse_args()
     start = time.time()
-    data = make_dataset(os.path.join(args.out, f"grey_shapes_{IMG_SIZE}px"))
-    print(f"dataset: {data} ({len(CLASSES)} classes of {IMG_SIZE} px grey shapes)", flush=True)
+    data = make_dataset(os.path.join(args.out, f"grey_patterns_{IMG_SIZE}px"))
+    print(f"dataset: {data} ({len(CLASSES)} classes of {IMG_SIZE} px grey shapes: {', '.join(CLASSES)})", flush=True)
 
     pretrain_args = common_args(data, args.out, "demo") + [
         "--batch-size", "64", "--opts", "DATA.IMG_SIZE", str(IMG_SIZE), "DATA.NUM_WORKERS", "2",

@@ -1,5 +1,6 @@
 """The demo's generated dataset: the same files for the same seed, balanced classes, and no
-cue but the outline (two grey levels per image, their contrast of either sign)."""
+cue but the ink's layout (two grey levels per image, anti-aliased between them, their contrast
+of either sign)."""
 
 import os
 
@@ -35,14 +36,20 @@ def test_same_seed_same_images_and_balanced_classes(tmp_path):
 def test_images_are_two_grey_levels_with_either_sign_of_contrast(tmp_path):
     root = make_dataset(str(tmp_path / "d"), per_class_train=8, per_class_val=1, seed=0)
     brighter_ink = darker_ink = 0
-    for images in read_split(root, "train").values():
+    ink_area = {}  # class: [pixels of ink, edges counted by their share of the ink level]
+    for shape, images in read_split(root, "train").items():
         for img in images:
             assert img.shape == (IMG_SIZE, IMG_SIZE, 3)
             assert (img == img[..., :1]).all()  # R = G = B: no colour
-            levels = np.unique(img[..., 0])
-            assert len(levels) == 2 and abs(int(levels[1]) - int(levels[0])) >= MIN_CONTRAST
-            background = img[0, 0, 0]  # a shape never reaches a corner
-            ink = levels[levels != background][0]
+            grey = img[..., 0].astype(int)
+            background = grey[0, 0]  # a shape never reaches a corner
+            ink = grey.flat[np.abs(grey - background).argmax()]
+            assert abs(ink - background) >= MIN_CONTRAST
+            assert (grey >= min(ink, background)).all() and (grey <= max(ink, background)).all()
             brighter_ink += int(ink > background)
             darker_ink += int(ink < background)
+            ink_area.setdefault(shape, []).append((np.abs(grey - background) / abs(ink - background)).sum())
     assert brighter_ink > 0 and darker_ink > 0
+    # sizes vary, but a dot is smaller than any disc, and a ring or stripes cover less than a disc
+    assert max(ink_area["dot"]) < min(ink_area["disc"])
+    assert np.mean(ink_area["ring"]) < np.mean(ink_area["disc"]) > np.mean(ink_area["stripes"])
