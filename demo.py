@@ -7,10 +7,10 @@ Draws a small dataset of shapes (5 classes: disc, ring, striped disc, dot, bar; 
 image two random grey levels, so that only the ink's layout tells the classes apart),
 pretrains SynCo with a ViT-Tiny on it without labels, then evaluates the frozen encoder
 with a linear probe and weighted k-NN, next to chance level and next to the same evaluation
-of a randomly initialised encoder.
-The baseline's evaluation runs during the pretraining, on the core it leaves idle. About 4
-minutes on 2 idle CPU cores; uses the GPU when there is one. Of the pretraining run only
-checkpoint.pth (its last epoch) is kept; the baseline's weights are deleted.
+of a randomly initialised encoder. The baseline's evaluation runs during the pretraining, on
+the core it leaves idle. About 4 minutes on 2 idle CPU cores; uses the GPU when there is
+one. Of the pretraining run only checkpoint.pth (its last epoch) is kept; the baseline's
+weights are deleted.
 """
 
 import argparse
@@ -207,11 +207,9 @@ def main():
     random_init = save_random_encoder(baseline)
     print(f"evaluating a randomly initialised encoder meanwhile (logs in {baseline}/)", flush=True)
     with ThreadPoolExecutor(max_workers=1) as background:
-        random_scores = background.submit(
-            evaluate, data, args.out, name, "random", random_init, args.probe_epochs, True
-        )
+        random_run = background.submit(evaluate, data, args.out, name, "random", random_init, args.probe_epochs, True)
         synco, curves = pretrain_and_evaluate(data, args.out, pretrain_args, folder, name, args.probe_epochs)
-        random_scores = random_scores.result()
+        random_scores = random_run.result()
     for pattern in ("random_init.pth", "linear_*/*.pth"):  # nothing big left for the baseline
         remove_checkpoints(baseline, pattern)
     chance = 100.0 / len(CLASSES)
