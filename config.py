@@ -10,6 +10,8 @@ import os
 import yaml
 from yacs.config import CfgNode as CN
 
+from models.build import ENCODERS, FRAMEWORKS
+
 _C = CN()
 
 # Base config files, merged before this file (paths relative to it)
@@ -269,11 +271,6 @@ _C.THROUGHPUT_MODE = False
 # Local rank of this process (from the launcher)
 _C.LOCAL_RANK = 0
 
-FRAMEWORKS = ("moby", "byol", "synco")
-ENCODERS = (
-    "swin_tiny", "swin_small", "swin_base", "vit_tiny", "vit_small", "vit_base",
-    "resnet50", "resnet101", "resnet152", "resnet200",
-)  # fmt: skip
 AMP_LEVELS = ("", "O0", "O1", "O2")
 SSL_AUG_TYPES = ("byol", "simclr")
 RESAMPLINGS = ("bilinear", "bicubic", "nearest")

@@ -28,8 +28,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from cli import build_parser
 from config import get_config
-from engine import build_parser
 from models import build_encoder
 from tools.plot_log import plot_run
 

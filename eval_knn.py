@@ -13,22 +13,16 @@ import os
 
 import torch
 
+from cli import build_parser, open_output, run_cli
 from config import ConfigError, check_config, get_config
 from data import build_linear_loaders
 from data.linear import canonical_dataset_name
-from engine import (
-    amp_autocast,
-    build_parser,
-    extract_features,
-    inherit_encoder_settings,
-    join_processes,
-    load_run_encoder,
-    open_output,
-    run_cli,
-)
+from distributed import get_world_size, join_processes
+from engine import extract_features
 from metrics import count_correct
 from models import build_encoder
-from utils import world_size
+from precision import amp_autocast
+from pretrained import inherit_encoder_settings, load_run_encoder
 
 EXAMPLE = (
     "torchrun --nproc_per_node=4 eval_knn.py --cfg configs/synco_vit_small.yaml "
@@ -57,7 +51,7 @@ def knn_correct(train_feats, train_labels, test_feats, test_labels, k, num_class
     return correct1, correct5
 
 
-def main(config, env, logger):
+def main(config, env, logger, held=None):
     device = env.device
     autocast = amp_autocast(config, device)
     try:
@@ -65,7 +59,7 @@ def main(config, env, logger):
     except ValueError as e:
         raise ConfigError(str(e)) from None
     model = build_encoder(config, drop_path_rate=0.0)
-    load_run_encoder(model, config, logger)
+    load_run_encoder(model, config, logger, held)
     model.to(device)
 
     train_feats, train_labels = extract_features(model, train_loader, len(train_set), env.rank, device, autocast)
@@ -77,7 +71,7 @@ def main(config, env, logger):
     for k in KS:
         c1, c5 = knn_correct(train_feats, train_labels, val_feats[mine], val_labels[mine], k, num_classes)
         counts = torch.tensor([c1, c5], dtype=torch.float64, device=device)
-        if world_size() > 1:
+        if get_world_size() > 1:
             torch.distributed.all_reduce(counts)
         results[k] = (100 * counts / len(val_set)).tolist()
         logger.info(f"{k}-NN (T={TEMPERATURE}): top-1 {results[k][0]:.2f}% top-5 {results[k][1]:.2f}%")
@@ -87,7 +81,7 @@ def main(config, env, logger):
 def parse_option(argv=None):
     parser = build_parser(
         "eval_knn.py", "Weighted k-NN classification on the frozen features of a pretrained encoder.", EXAMPLE,
-        throughput=False,
+        training=False, throughput=False,
     )  # fmt: skip
     return parser.parse_args(argv)
 
@@ -97,13 +91,13 @@ def setup(argv=None):
     config = get_config(args)
     check_config(config)
     env = join_processes(config, args.local_rank)
-    inherited = inherit_encoder_settings(config, args, env)
+    held, inherited = inherit_encoder_settings(config, args, env)
     try:
         output_dir = os.path.join(config.OUTPUT, f"knn_{canonical_dataset_name(config.DATA.DATASET)}")
     except ValueError as e:
         raise ConfigError(str(e)) from None
     logger = open_output(config, env, output_dir, f"{config.MODEL.NAME}_knn", inherited)
-    return config, env, logger
+    return config, env, logger, held
 
 
 if __name__ == "__main__":

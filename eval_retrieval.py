@@ -14,18 +14,12 @@ import math
 import os
 import time
 
+from checkpoint import read_checkpoint, save_atomic
+from cli import build_parser, open_output, run_cli
 from config import ConfigError, check_config, get_config
 from data.build import resolve_num_workers
 from data.retrieval import RetrievalImages, check_retrieval_name, read_ground_truth
-from engine import (
-    amp_autocast,
-    build_parser,
-    inherit_encoder_settings,
-    join_processes,
-    load_run_encoder,
-    open_output,
-    run_cli,
-)
+from distributed import join_processes
 from evaluation.retrieval import (
     MultiScale,
     protocol_ground_truth,
@@ -36,7 +30,8 @@ from evaluation.retrieval import (
 from metrics import MetricWriter
 from models import build_encoder
 from models.input_size import AnySizeEncoder
-from utils import read_checkpoint, save_atomic
+from precision import amp_autocast
+from pretrained import inherit_encoder_settings, load_run_encoder
 
 EXAMPLE = (
     "torchrun --nproc_per_node=4 eval_retrieval.py --cfg configs/synco_vit_small.yaml --output output --tag run1 "
@@ -49,11 +44,11 @@ def output_folder(config):
     return os.path.join(config.OUTPUT, f"retrieval_{config.DATA.DATASET.lower()}")
 
 
-def compute_features(config, env, logger, ground_truth, name):
+def compute_features(config, env, logger, ground_truth, name, held=None):
     """(query features [Q, D], database features [N, D], pretraining epoch) of the run's encoder."""
     device = env.device
     backbone = build_encoder(config, drop_path_rate=0.0)
-    epoch = load_run_encoder(backbone, config, logger)
+    epoch = load_run_encoder(backbone, config, logger, held)
     encoder = AnySizeEncoder(backbone).to(device)
     model = MultiScale(encoder) if config.RETRIEVAL.MULTISCALE else encoder
     root, max_side, crop = config.DATA.TRANSFER_ROOT, config.RETRIEVAL.IMG_SIZE, config.RETRIEVAL.CROP_QUERIES
@@ -106,7 +101,7 @@ def load_features(path, name, ground_truth, device):
     return saved["queries"].to(device), saved["database"].to(device)
 
 
-def main(config, env, logger):
+def main(config, env, logger, held=None):
     name = config.DATA.DATASET.lower()
     try:
         ground_truth = read_ground_truth(config.DATA.TRANSFER_ROOT, name)
@@ -117,7 +112,7 @@ def main(config, env, logger):
         query_feats, database_feats = load_features(config.RETRIEVAL.LOAD_FEATURES, name, ground_truth, env.device)
         logger.info(f"read the features of {config.RETRIEVAL.LOAD_FEATURES}")
     else:
-        query_feats, database_feats, epoch = compute_features(config, env, logger, ground_truth, name)
+        query_feats, database_feats, epoch = compute_features(config, env, logger, ground_truth, name, held)
         if config.RETRIEVAL.DUMP_FEATURES and env.is_main:
             save_features(config.RETRIEVAL.DUMP_FEATURES, name, ground_truth, query_feats, database_feats, config)
             logger.info(f"saved the features to {config.RETRIEVAL.DUMP_FEATURES}")
@@ -138,7 +133,7 @@ def main(config, env, logger):
 def parse_option(argv=None):
     parser = build_parser(
         "eval_retrieval.py", "Image retrieval (revisited Oxford / Paris) with the frozen features of a pretrained "
-        "encoder.", EXAMPLE, throughput=False,
+        "encoder.", EXAMPLE, data=False, training=False, throughput=False,
     )  # fmt: skip
     parser.add_argument("--dump-features", metavar="PATH", help="save the features to PATH (RETRIEVAL.DUMP_FEATURES)")
     parser.add_argument(
@@ -160,9 +155,9 @@ def setup(argv=None):
         raise ConfigError(f"RETRIEVAL.IMG_SIZE must be positive, got {config.RETRIEVAL.IMG_SIZE}")
     env = join_processes(config, args.local_rank)
     # saved features need no encoder, nor its checkpoint
-    inherited = [] if config.RETRIEVAL.LOAD_FEATURES else inherit_encoder_settings(config, args, env)
+    held, inherited = (None, []) if config.RETRIEVAL.LOAD_FEATURES else inherit_encoder_settings(config, args, env)
     logger = open_output(config, env, output_folder(config), f"{config.MODEL.NAME}_retrieval", inherited)
-    return config, env, logger
+    return config, env, logger, held
 
 
 if __name__ == "__main__":

@@ -19,23 +19,17 @@ import time
 import numpy as np
 import torch
 
+from cli import build_parser, open_output, run_cli
 from config import ConfigError, check_config, get_config
 from data.davis import davis_root, read_videos, write_palette_png
-from engine import (
-    amp_autocast,
-    build_parser,
-    inherit_encoder_settings,
-    join_processes,
-    load_run_encoder,
-    open_output,
-    run_cli,
-)
+from distributed import get_world_size, join_processes
 from evaluation.davis_metrics import score_frame, summarize
 from evaluation.video_segmentation import PropagationSettings, segment_video
 from metrics import MetricWriter
 from models import build_encoder
 from models.patch_features import PatchFeatures
-from utils import world_size
+from precision import amp_autocast
+from pretrained import inherit_encoder_settings, load_run_encoder
 
 EXAMPLE = (
     "torchrun --nproc_per_node=4 eval_video_segmentation.py --cfg configs/synco_vit_small.yaml "
@@ -65,13 +59,13 @@ def evaluate_video(video, features, settings, folder, device, autocast):
     return [(object_id, float(j), float(f)) for object_id, (j, f) in zip(object_ids, means)]
 
 
-def main(config, env, logger):
+def main(config, env, logger, held=None):
     device = env.device
     autocast = amp_autocast(config, device)
     split = config.DAVIS.SPLIT
     videos = read_videos(davis_root(config.DATA.TRANSFER_ROOT), split)
     encoder = build_encoder(config, drop_path_rate=0.0)
-    epoch = load_run_encoder(encoder, config, logger)
+    epoch = load_run_encoder(encoder, config, logger, held)
     try:
         features = PatchFeatures(encoder.to(device))
     except ValueError as e:
@@ -98,8 +92,8 @@ def main(config, env, logger):
     logger.info(f"rank {env.rank}: {frames} frames in {time.time() - start:.0f} s")
 
     gathered = [mine]
-    if world_size() > 1:
-        gathered = [None] * world_size()
+    if get_world_size() > 1:
+        gathered = [None] * get_world_size()
         torch.distributed.all_gather_object(gathered, mine)
     objects = sorted(obj for part in gathered for obj in part)
     if not objects:
@@ -125,6 +119,8 @@ def parse_option(argv=None):
         "eval_video_segmentation.py",
         "DAVIS 2017 video object segmentation by label propagation on the frozen features of a pretrained encoder.",
         EXAMPLE,
+        data=False,
+        training=False,
         throughput=False,
     )
     return parser.parse_args(argv)
@@ -146,9 +142,9 @@ def setup(argv=None):
     check_config(config)
     check_davis(config)
     env = join_processes(config, args.local_rank)
-    inherited = inherit_encoder_settings(config, args, env)
+    held, inherited = inherit_encoder_settings(config, args, env)
     logger = open_output(config, env, output_folder(config), f"{config.MODEL.NAME}_davis", inherited)
-    return config, env, logger
+    return config, env, logger, held
 
 
 if __name__ == "__main__":

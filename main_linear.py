@@ -8,40 +8,26 @@ Reads the online encoder (``encoder.*``) of the newest readable checkpoint of th
 ``.../linear_<dataset>_<linprob|ft>/``.
 """
 
-import datetime
 import os
-import time
 
 import torch
 import torch.nn as nn
-from timm.utils import AverageMeter
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from checkpoint import Checkpointer, restore, resume_point
+from cli import build_parser, open_output, run_cli
 from config import ConfigError, check_config, get_config, inert_settings
 from data import build_linear_loaders
 from data.linear import canonical_dataset_name
-from engine import (
-    NonFiniteLossError,
-    amp_autocast,
-    build_parser,
-    distribute,
-    inherit_encoder_settings,
-    join_processes,
-    load_run_encoder,
-    memory_mb,
-    open_output,
-    report_throughput,
-    run_cli,
-    save_checkpoints,
-    scale_learning_rates,
-    seed_epoch,
-    unwrap,
-)
+from distributed import distribute, join_processes, unwrap
+from engine import measure_throughput, train_classifier_one_epoch, validate
 from lr_scheduler import build_scheduler
-from metrics import NULL_WRITER, MetricWriter, count_correct
+from metrics import MetricWriter
 from models import build_encoder
 from optimizer import build_optimizer
-from utils import all_ranks, load_newest_checkpoint, read_checkpoint, seed_everything, world_size
+from precision import OptimizerStep, amp_autocast, make_grad_scaler
+from pretrained import inherit_encoder_settings, load_run_encoder
+from utils import scale_learning_rates, seed_epoch, seed_everything
 
 # The linear-evaluation recipe the original ran: defaults over the pretraining YAML, under --opts.
 # The keys only evaluation reads keep their defaults in config.py: MODEL.DROP_PATH_RATE 0.2,
@@ -124,77 +110,6 @@ def set_training_mode(model, freeze, backbone_train_mode):
         unwrap(model).get_classifier().train()
 
 
-def classification_loss(logits, targets, smoothing):
-    """Cross-entropy with label smoothing ``s``, in fp32: per sample
-    ``(1 - s) * -log p[target] + s * mean_k(-log p[k])`` (timm's LabelSmoothingCrossEntropy,
-    the original's loss), averaged over the batch. [B, C], [B] -> scalar."""
-    return nn.functional.cross_entropy(logits.float(), targets, label_smoothing=smoothing)
-
-
-# -----------------------------------------------------------------------------
-# Training and exact validation
-# -----------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def validate(model, data_loader, device, autocast):
-    """Exact top-1 / top-5 (in %) and mean loss over the whole validation set: the counts of
-    every rank are summed, so uneven shards weigh each sample once."""
-    model.eval()
-    totals = torch.zeros(4, dtype=torch.float64, device=device)  # correct1, correct5, n, loss sum
-    for images, targets in data_loader:
-        images = images.to(device, non_blocking=True)
-        targets = targets.to(device, non_blocking=True)
-        with autocast():
-            logits = model(images)
-        c1, c5 = count_correct(logits.float(), targets)
-        loss = nn.functional.cross_entropy(logits.float(), targets, reduction="sum")
-        totals += torch.tensor([c1, c5, targets.shape[0], loss.item()], dtype=torch.float64, device=device)
-    if world_size() > 1:
-        torch.distributed.all_reduce(totals)
-    c1, c5, n, loss_sum = totals.tolist()
-    n = max(n, 1)
-    return 100.0 * c1 / n, 100.0 * c5 / n, loss_sum / n
-
-
-def train_one_epoch(config, model, data_loader, optimizer, lr_scheduler, scaler, autocast, epoch, device, logger,
-                    freeze, writer=NULL_WRITER):  # fmt: skip
-    set_training_mode(model, freeze, config.LINEAR_EVAL.BACKBONE_TRAIN_MODE)
-    num_steps = len(data_loader)
-    params = [p for p in model.parameters() if p.requires_grad]
-    batch_time, loss_meter = AverageMeter(), AverageMeter()
-    start = end = time.time()
-    for idx, (images, targets) in enumerate(data_loader):
-        lr_scheduler.step_update(epoch * num_steps + idx)
-        images = images.to(device, non_blocking=True)
-        targets = targets.to(device, non_blocking=True)
-        with autocast():
-            loss = classification_loss(model(images), targets, config.MODEL.LABEL_SMOOTHING)
-        if not all_ranks(torch.isfinite(loss)):
-            raise NonFiniteLossError(f"non-finite loss at epoch {epoch} step {idx}")
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        if config.TRAIN.CLIP_GRAD:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(params, config.TRAIN.CLIP_GRAD)
-        scaler.step(optimizer)
-        scaler.update()
-        loss_meter.update(loss.item(), targets.shape[0])
-        batch_time.update(time.time() - end)
-        end = time.time()
-        if idx % config.PRINT_FREQ == 0 or idx + 1 == num_steps:
-            eta = datetime.timedelta(seconds=int(batch_time.avg * (num_steps - idx - 1)))
-            logger.info(
-                f"Train: [{epoch}/{config.TRAIN.EPOCHS}][{idx}/{num_steps}]\t"
-                f"eta {eta} lr {optimizer.param_groups[0]['lr']:.6f}\t"
-                f"time {batch_time.val:.4f} ({batch_time.avg:.4f})\t"
-                f"loss {loss_meter.val:.4f} ({loss_meter.avg:.4f})\tmem {memory_mb(device):.0f}MB"
-            )
-            lr = optimizer.param_groups[0]["lr"]
-            writer.scalars({"loss": loss_meter.val, "lr": lr}, epoch * num_steps + idx, prefix="train/")
-    logger.info(f"EPOCH {epoch} training took {datetime.timedelta(seconds=int(time.time() - start))}")
-
-
 @torch.no_grad()
 def throughput(config, model, device, autocast, logger):
     """Images/s of the backbone in inference at the configured batch and image size."""
@@ -206,7 +121,7 @@ def throughput(config, model, device, autocast, logger):
         with autocast():
             model(images)
 
-    report_throughput(config, inference_step, images.shape[0], device, logger)
+    measure_throughput(config, inference_step, images.shape[0], device, logger)
 
 
 # -----------------------------------------------------------------------------
@@ -214,7 +129,7 @@ def throughput(config, model, device, autocast, logger):
 # -----------------------------------------------------------------------------
 
 
-def main(config, env, logger, output_dir):
+def main(config, env, logger, output_dir, held=None):
     """Train (or with --eval, evaluate) the classifier; returns the best val top-1 in %."""
     device = env.device
     freeze = config.LINEAR_EVAL.WEIGHTS == "freeze"
@@ -231,7 +146,7 @@ def main(config, env, logger, output_dir):
     seed_everything(config.SEED)
     model = build_classifier(config, num_classes, freeze)
     if not config.THROUGHPUT_MODE:
-        load_run_encoder(model, config, logger)
+        load_run_encoder(model, config, logger, held)
     model.to(device)
     if config.THROUGHPUT_MODE:
         throughput(config, model, device, autocast, logger)
@@ -239,22 +154,18 @@ def main(config, env, logger, output_dir):
     optimizer = build_optimizer(config, model)
     model = distribute(model, env)  # fine-tuned BatchNorms (ResNets) normalise over the global batch
     lr_scheduler = build_scheduler(config, optimizer, len(train_loader))
-    scaler = torch.amp.GradScaler(device.type, enabled=config.AMP_OPT_LEVEL == "O1")
+    scaler = make_grad_scaler(config, device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer_step = OptimizerStep(
+        optimizer, params, scaler, config.TRAIN.CLIP_GRAD, config.TRAIN.ACCUMULATION_STEPS, track_norm=False
+    )
 
     # ---------------------------------------------------------------- resume
-    start_epoch, max_acc1 = 0, 0.0
-    if config.MODEL.RESUME:
-        path = config.MODEL.RESUME
-        if not os.path.isfile(path):
-            raise ConfigError(f"--resume {path}: no such file")
-        ckpt = read_checkpoint(path, config.TRUST_CHECKPOINT)
-    else:
-        path, ckpt = load_newest_checkpoint(output_dir, logger, config.TRUST_CHECKPOINT)
+    start_epoch, _, path, ckpt = resume_point(config, env, logger, output_dir)
+    max_acc1 = 0.0
     if ckpt is not None:
-        unwrap(model).load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
-        start_epoch, max_acc1 = ckpt["epoch"] + 1, ckpt["max_accuracy"]
+        restore(path, ckpt, model, optimizer=optimizer, scaler=scaler)
+        max_acc1 = ckpt["max_accuracy"]
         logger.info(f"resumed from {path} (epoch {ckpt['epoch']}, best top-1 {max_acc1:.2f}%)")
     elif config.EVAL_MODE:
         raise ConfigError(f"--eval: no trained classifier in {output_dir}; train it first or pass --resume")
@@ -272,13 +183,14 @@ def main(config, env, logger, output_dir):
 
     # ---------------------------------------------------------------- loop
     steps = len(train_loader)
-    last_good = path  # the checkpoint a restart would resume from
+    checkpointer = Checkpointer(env, logger, last_good=path)  # the checkpoint a restart would resume from
     writer = MetricWriter(output_dir, config.TENSORBOARD and env.is_main, logger, purge_step=start_epoch * steps)
     for epoch in range(start_epoch, config.TRAIN.EPOCHS):
         seed_epoch(config, epoch, env.rank)
         train_loader.sampler.set_epoch(epoch)
-        train_one_epoch(config, model, train_loader, optimizer, lr_scheduler, scaler, autocast, epoch, device,
-                        logger, freeze, writer)  # fmt: skip
+        set_training_mode(model, freeze, config.LINEAR_EVAL.BACKBONE_TRAIN_MODE)
+        train_classifier_one_epoch(config, model, train_loader, optimizer_step, lr_scheduler, autocast, epoch, logger,
+                                   writer)  # fmt: skip
         acc1, acc5, loss = validate(model, val_loader, device, autocast)
         max_acc1 = max(max_acc1, acc1)
         writer.scalars({"top1": acc1, "top5": acc5, "loss": loss}, (epoch + 1) * steps - 1, prefix="val/")
@@ -295,7 +207,7 @@ def main(config, env, logger, output_dir):
             "accuracy": {"top1": acc1, "top5": acc5},
             "config": config.dump(),
         }
-        last_good = save_checkpoints(state, [os.path.join(output_dir, "checkpoint.pth")], last_good, env, logger)
+        checkpointer.save(state, [os.path.join(output_dir, "checkpoint.pth")])
     writer.close()
     logger.info(f"best top-1 {max_acc1:.2f}%")
     return max_acc1
@@ -310,7 +222,7 @@ def setup(argv=None):
     if config.DATA.DATASET in ("imagenet", "imagenet100") and not config.DATA.DATA_PATH:
         raise ConfigError("no dataset given: pass --data-path <folder with train/ and val/>")
     env = join_processes(config, args.local_rank)
-    inherited = inherit_encoder_settings(config, args, env)
+    held, inherited = inherit_encoder_settings(config, args, env)
     scale_learning_rates(config, env.world_size)
     kind = "linprob" if config.LINEAR_EVAL.WEIGHTS == "freeze" else "ft"
     try:
@@ -321,7 +233,7 @@ def setup(argv=None):
     logger = open_output(
         config, env, output_dir, f"{config.MODEL.NAME}_linear", inherited, inert_settings(config, pretraining=False)
     )
-    return config, env, logger, output_dir
+    return config, env, logger, output_dir, held
 
 
 if __name__ == "__main__":

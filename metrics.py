@@ -8,10 +8,12 @@
 """
 
 import atexit
+import datetime
 import logging
+import time
 
 import torch
-from timm.utils import accuracy
+from timm.utils import AverageMeter, accuracy
 
 
 class MetricWriter:
@@ -110,6 +112,81 @@ class DeviceMeters:
         self._last = {name: value.to(device) for name, value in state["last"].items()}
         self._sum = {name: value.to(device) for name, value in state["sum"].items()}
         self._count = dict(state["count"])
+
+
+class MetricLogger:
+    """The bookkeeping of a training loop: per-step scalars kept on the device (``DeviceMeters``:
+    nothing waits for the device per step), the time of each step, and at the steps the loop
+    chooses (``due``: every ``print_freq``-th and the last) one log line and TensorBoard scalars::
+
+        metric_logger = MetricLogger(logger, f"Train: [{epoch}/{epochs}]", num_steps, config.PRINT_FREQ)
+        for idx, batch in metric_logger.log_every(batches):
+            ...
+            metric_logger.update(loss=loss)
+            if metric_logger.due(idx):
+                metric_logger.log(idx, lr=optimizer.param_groups[0]["lr"])
+
+    A loop resumed at ``start_step`` continues with the epoch's ``meters`` so far; ``steps_after``
+    (the steps of the run's later epochs) extends the ETA to the whole run; ``first_step``: the
+    global step of the epoch's step 0 (TensorBoard's x axis).
+    """
+
+    def __init__(self, logger, header, num_steps, print_freq, start_step=0, meters=None, steps_after=0,
+                 first_step=0, writer=None, memory=None):  # fmt: skip
+        self.logger, self.header, self.num_steps, self.print_freq = logger, header, num_steps, max(print_freq, 1)
+        self.start_step, self.steps_after, self.first_step = start_step, steps_after, first_step
+        self.meters = meters if meters is not None else DeviceMeters()
+        self.writer = writer or NULL_WRITER
+        self.memory = memory  # () -> peak memory in MiB, logged when given
+        self.step_time = AverageMeter()
+        self._step_start, self._timed = None, None
+
+    def log_every(self, iterable):
+        """Yield ``(idx, item)`` for the steps ``start_step ..`` of the epoch, timing each step."""
+        for idx, item in enumerate(iterable, start=self.start_step):
+            self._step_start, self._timed = time.time(), None
+            yield idx, item
+            self._time(idx)
+
+    def _time(self, idx):
+        if self._timed != idx:
+            self.step_time.update(time.time() - self._step_start)
+            self._timed = idx
+
+    def update(self, **values):
+        """Add the scalar tensors ``values`` of this step to the meters (no synchronisation)."""
+        self.meters.update(**values)
+
+    def due(self, idx):
+        """Whether step ``idx`` is logged: every ``print_freq``-th step and the last."""
+        return idx % self.print_freq == 0 or idx + 1 == self.num_steps
+
+    def log(self, idx, **host_values):
+        """One line for step ``idx``: ETA, ``host_values`` (``lr``, ...), the step time and each meter's
+        last value and epoch mean (one read of the device), the peak memory; the same as
+        TensorBoard scalars under ``train/``."""
+        self._time(idx)
+        read = self.meters.read()
+        steps_left = self.num_steps - idx - 1
+        eta = datetime.timedelta(seconds=int(self.step_time.avg * steps_left))
+        eta_run = datetime.timedelta(seconds=int(self.step_time.avg * (steps_left + self.steps_after)))
+        fields = [f"eta {eta} (run {eta_run})" + "".join(f" {k} {v:.4e}" for k, v in host_values.items())]
+        fields.append(f"time {self.step_time.val:.4f} ({self.step_time.avg:.4f})")
+        fields += [f"{name} {last:{_format(name)}} ({mean:{_format(name)}})" for name, (last, mean) in read.items()]
+        if self.memory is not None:
+            fields.append(f"mem {self.memory():.0f}MB")
+        self.logger.info(f"{self.header}[{idx}/{self.num_steps}]\t" + "\t".join(fields))
+        scalars = {**host_values, **{name: last for name, (last, _) in read.items()}}
+        self.writer.scalars(scalars, self.first_step + idx, prefix="train/")
+
+    def read(self):
+        """``{name: (last value, epoch mean)}`` of the meters (one read of the device)."""
+        return self.meters.read()
+
+
+def _format(name):
+    """Accuracies and shares in percent with 3 decimals, the rest (losses, norms) with 4."""
+    return ".3f" if name.startswith("contrast_") or name in SYNCO_METRICS else ".4f"
 
 
 # SynCo's metrics beside MoBY's contrast_acc1 / contrast_acc5, in this order in the log lines

@@ -37,7 +37,6 @@ import signal
 from collections.abc import Iterator, Sized
 
 import torch
-import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from data.augment import build_ssl_transform
@@ -50,36 +49,15 @@ from data.cached_image_folder import (
     pil_rgb_loader,
     shard_indices,
 )
+from distributed import get_rank, get_world_size
+from utils import derive_seed
 
 logger = logging.getLogger(__name__)
 
-_MASK64 = (1 << 64) - 1
 # Give up on a sample after this many unreadable images in a row: the data is broken.
 MAX_ATTEMPTS = 100
 # DATA.NUM_WORKERS -1 never starts more workers than this per process
 MAX_AUTO_WORKERS = 16
-
-
-def _splitmix64(x: int) -> int:
-    x = (x + 0x9E3779B97F4A7C15) & _MASK64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return x ^ (x >> 31)
-
-
-def derive_seed(*values: int) -> int:
-    """A 64-bit seed mixing integers, so nearby tuples give unrelated streams."""
-    h = len(values)
-    for value in values:
-        h = _splitmix64(h ^ (int(value) & _MASK64))
-    return h
-
-
-def dist_rank_world() -> tuple[int, int]:
-    """(rank, world size) of the default process group, (0, 1) without one."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 class ShardSampler(Sampler[int]):
@@ -213,15 +191,20 @@ def build_dataset(
     return LenientImageFolder(folder, transform=transform, loader=loader)
 
 
+def shuffling_sampler(config, dataset: Sized, rank: int = 0, world_size: int = 1) -> DistributedSampler | ShardSampler:
+    """This rank's share of ``dataset``, reshuffled each epoch (seeded with SEED + epoch), the same
+    number of samples on every rank: a ``DistributedSampler`` without padding, or for a zip
+    read with a 'part' cache the shard this rank holds in memory (``ShardSampler``)."""
+    if getattr(dataset, "cache_mode", None) == "part":
+        return ShardSampler(len(dataset), rank, world_size, seed=config.SEED)
+    return DistributedSampler(
+        dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=config.SEED, drop_last=True
+    )
+
+
 def build_sampler(config, dataset: Sized, rank: int = 0, world_size: int = 1) -> SeededSampler:
     """The shuffling sampler of this rank, yielding ``(index, augmentation seed)`` pairs."""
-    if config.DATA.ZIP_MODE and config.DATA.CACHE_MODE == "part":
-        sampler = ShardSampler(len(dataset), rank, world_size, seed=config.SEED)
-    else:
-        sampler = DistributedSampler(
-            dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=config.SEED, drop_last=True
-        )
-    return SeededSampler(sampler, seed=config.SEED, rank=rank)
+    return SeededSampler(shuffling_sampler(config, dataset, rank, world_size), seed=config.SEED, rank=rank)
 
 
 def cpus_per_process() -> int:
@@ -249,6 +232,28 @@ def ignore_stop_signals(worker_id: int) -> None:
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
 
+def make_loader(
+    config, dataset: Dataset, sampler: Sampler | None = None, drop_last: bool = False, **kwargs
+) -> DataLoader:
+    """The one DataLoader factory of every set: batches of DATA.BATCH_SIZE in ``sampler``'s order
+    (the dataset's own without one), DATA.NUM_WORKERS workers as run (``resolve_num_workers``),
+    kept between epochs, that leave stop signals to the training process; pinned memory with
+    DATA.PIN_MEMORY on CUDA."""
+    num_workers = resolve_num_workers(config.DATA.NUM_WORKERS)
+    return DataLoader(
+        dataset,
+        batch_size=config.DATA.BATCH_SIZE,
+        sampler=sampler,
+        shuffle=False,
+        num_workers=num_workers,
+        pin_memory=config.DATA.PIN_MEMORY and torch.cuda.is_available(),
+        drop_last=drop_last,
+        persistent_workers=num_workers > 0,
+        worker_init_fn=ignore_stop_signals,
+        **kwargs,
+    )
+
+
 def build_loader(config, rank: int | None = None, world_size: int | None = None) -> tuple[Dataset, DataLoader]:
     """The pretraining set ``DATA_PATH/train`` and its loader of ``((view1, view2), (params1, params2)), target``
     (see the module docstring). ``rank`` and ``world_size`` default to those of
@@ -258,7 +263,7 @@ def build_loader(config, rank: int | None = None, world_size: int | None = None)
     if (rank is None) != (world_size is None):
         raise ValueError("give both rank and world_size, or neither")
     if rank is None:
-        rank, world_size = dist_rank_world()
+        rank, world_size = get_rank(), get_world_size()
     if config.DATA.ZIP_MODE and config.DATA.CACHE_MODE not in CACHE_MODES:
         raise ValueError(f"unknown DATA.CACHE_MODE {config.DATA.CACHE_MODE!r}; valid: {', '.join(CACHE_MODES)}")
 
@@ -266,18 +271,7 @@ def build_loader(config, rank: int | None = None, world_size: int | None = None)
     sampler = build_sampler(config, dataset, rank, world_size)
     generator = torch.Generator()
     generator.manual_seed(derive_seed(config.SEED, 0, rank))
-    num_workers = resolve_num_workers(config.DATA.NUM_WORKERS)
-    data_loader = DataLoader(
-        _SeededDataset(dataset),
-        batch_size=config.DATA.BATCH_SIZE,
-        sampler=sampler,
-        num_workers=num_workers,
-        pin_memory=config.DATA.PIN_MEMORY and torch.cuda.is_available(),
-        drop_last=True,
-        persistent_workers=num_workers > 0,
-        generator=generator,
-        worker_init_fn=ignore_stop_signals,
-    )
+    data_loader = make_loader(config, _SeededDataset(dataset), sampler=sampler, drop_last=True, generator=generator)
     return dataset, data_loader
 
 

@@ -57,15 +57,15 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 
 import numpy as np
-import torch
 import torch.distributed as dist
 from PIL import Image
-from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSampler, Subset
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 from torchvision import datasets as tvd
 
-from data.build import ShardSampler, build_dataset, dist_rank_world, resolve_num_workers
+from data.build import build_dataset, make_loader, shuffling_sampler
 from data.cached_image_folder import CACHE_MODES, pil_rgb_loader
 from data.transforms import build_linear_transform
+from distributed import get_rank, get_world_size
 
 IMAGENET_DATASETS = ("imagenet", "imagenet100")
 TRANSFER_DATASETS = (
@@ -489,9 +489,8 @@ def build_linear_loaders(
     if (rank is None) != (world_size is None):
         raise ValueError("give both rank and world_size, or neither")
     if rank is None:
-        rank, world_size = dist_rank_world()
+        rank, world_size = get_rank(), get_world_size()
     name = canonical_dataset_name(config.DATA.DATASET)
-    part_cache = name in IMAGENET_DATASETS and config.DATA.ZIP_MODE and config.DATA.CACHE_MODE == "part"
     if name in IMAGENET_DATASETS and config.DATA.ZIP_MODE and config.DATA.CACHE_MODE not in CACHE_MODES:
         raise ValueError(f"unknown DATA.CACHE_MODE {config.DATA.CACHE_MODE!r}; valid: {', '.join(CACHE_MODES)}")
 
@@ -504,29 +503,17 @@ def build_linear_loaders(
     else:
         train_set, val_set, num_classes = build_transfer_sets(name, config.DATA.TRANSFER_ROOT, train_t, test_t)
 
-    num_workers = resolve_num_workers(config.DATA.NUM_WORKERS)
-    common = dict(
-        batch_size=config.DATA.BATCH_SIZE,
-        num_workers=num_workers,
-        pin_memory=config.DATA.PIN_MEMORY and torch.cuda.is_available(),
-        persistent_workers=num_workers > 0,
-    )
-    val_loader = DataLoader(Subset(val_set, range(rank, len(val_set), world_size)), shuffle=False, **common)
+    val_loader = make_loader(config, Subset(val_set, range(rank, len(val_set), world_size)))
     if for_features:
         train_shard = Subset(train_set, range(rank, len(train_set), world_size))
-        return train_set, val_set, DataLoader(train_shard, shuffle=False, **common), val_loader, num_classes
+        return train_set, val_set, make_loader(config, train_shard), val_loader, num_classes
 
-    if part_cache:  # read only the shard this rank holds in memory
-        train_sampler = ShardSampler(len(train_set), rank, world_size, seed=config.SEED)
-    else:
-        train_sampler = DistributedSampler(
-            train_set, num_replicas=world_size, rank=rank, shuffle=True, seed=config.SEED, drop_last=True
-        )
+    train_sampler = shuffling_sampler(config, train_set, rank, world_size)
     batch_size = config.DATA.BATCH_SIZE
     if len(train_sampler) < batch_size:
         raise ValueError(
             f"DATA.BATCH_SIZE {batch_size} is larger than this process's {len(train_sampler)} training images "
             f"({name}: {len(train_set)} over {world_size} processes); lower DATA.BATCH_SIZE"
         )
-    train_loader = DataLoader(train_set, sampler=train_sampler, drop_last=True, **common)
+    train_loader = make_loader(config, train_set, sampler=train_sampler, drop_last=True)
     return train_set, val_set, train_loader, val_loader, num_classes

@@ -19,8 +19,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from data.build import dist_rank_world
 from data.retrieval import retrieval_loader
+from distributed import get_rank, get_world_size
 from engine import extract_features
 
 SETTINGS = {  # setting -> (positive kinds, ignored kinds)
@@ -112,7 +112,7 @@ class MultiScale(nn.Module):
 def retrieval_features(encoder, dataset, batch_size, num_workers, device, autocast):
     """L2-normalised features [len(dataset), D] of every image of ``dataset`` (a ``RetrievalImages``),
     on every rank: each process extracts its share, in batches of one input size."""
-    rank, world_size = dist_rank_world()
+    rank, world_size = get_rank(), get_world_size()
     pin_memory = device.type == "cuda"
     loader, order = retrieval_loader(dataset, rank, world_size, batch_size, num_workers, pin_memory)
     feats, _ = extract_features(encoder, loader, len(dataset), rank, device, autocast, order=order)

@@ -3,7 +3,7 @@
 import torch
 import torch.nn.functional as F
 
-from utils import all_gather_cat
+from distributed import all_gather_cat
 
 from .base import MomentumFramework
 

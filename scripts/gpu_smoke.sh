@@ -59,7 +59,7 @@ import os
 import sys
 
 sys.path.insert(0, os.getcwd())
-from utils import read_checkpoint
+from checkpoint import read_checkpoint
 
 paths = sorted(glob.glob(os.path.join(sys.argv[1], "**", "*.pth"), recursive=True))
 assert paths, "no checkpoint written"

@@ -15,16 +15,17 @@ from yacs.config import CfgNode
 import eval_knn
 import main_linear
 import main_pretrain
+from checkpoint import Checkpointer, UnsafeCheckpointError, newest_checkpoint, read_checkpoint
 from config import get_config
-from engine import load_pretrained_encoder
+from distributed import DistEnv
 from lr_scheduler import build_scheduler
 from main_linear import build_classifier
 from models import build_model
 from models.swin_transformer import swin_tiny
 from models.vision_transformer import vit_tiny
 from optimizer import build_optimizer
+from pretrained import load_pretrained_encoder
 from tools import export_backbone
-from utils import DistEnv, UnsafeCheckpointError, load_newest_checkpoint, read_checkpoint
 
 LOGGER = logging.getLogger("test_checkpoint_safety")
 
@@ -54,7 +55,7 @@ def test_every_reader_refuses_it(tmp_path):
         load_pretrained_encoder(classifier, str(tmp_path / "checkpoint.pth"), "vit_tiny")
     assert_refused(error.value, "builtins.exec")
     with pytest.raises(UnsafeCheckpointError):  # a refused file is never skipped for an older one
-        load_newest_checkpoint(str(tmp_path), LOGGER)
+        newest_checkpoint(str(tmp_path), LOGGER)
 
     result = run_script(["tools/export_backbone.py", str(tmp_path / "checkpoint.pth"), str(tmp_path / "out")])
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
@@ -66,7 +67,7 @@ def test_every_reader_refuses_it(tmp_path):
 
 @pytest.mark.parametrize("optimizer, schedule", [("adamw", "cosine"), ("lars", "step")])
 def test_our_checkpoints_load_as_they_are(tmp_path, optimizer, schedule):
-    """What main_pretrain.Checkpointer writes, after a real step with a grad scaler."""
+    """What main_pretrain.py saves after an epoch, after a real step with a grad scaler."""
     config = small_config("synco", OUTPUT=str(tmp_path), TRAIN__OPTIMIZER__NAME=optimizer,
                           TRAIN__LR_SCHEDULER__NAME=schedule)  # fmt: skip
     model = build_model(config, steps_per_epoch=4)
@@ -78,8 +79,9 @@ def test_our_checkpoints_load_as_they_are(tmp_path, optimizer, schedule):
     scaler.step(opt)
     scaler.update()
     sched.step_update(1)
-    checkpointer = main_pretrain.Checkpointer(config, DistEnv(), model, opt, sched, scaler, None, LOGGER)
-    checkpointer.save(0)
+    checkpointer = Checkpointer(DistEnv(), LOGGER)
+    state = main_pretrain.training_state(config, model, opt, sched, scaler, epoch=0)
+    checkpointer.save(state, main_pretrain.checkpoint_paths(config, epoch=0))
     path = checkpointer.last_good
     ckpt = read_checkpoint(path)
     assert ckpt["config"] == config.dump() and ckpt["lr_scheduler"] == sched.state_dict()

@@ -12,7 +12,7 @@ import torch
 from conftest import run_script, save_code_running_checkpoint
 
 import main_pretrain
-from engine import run_cli
+from cli import run_cli
 
 BASE = ["main_pretrain.py", "--amp-opt-level", "O0"]
 SMALL = ["DATA.IMG_SIZE", "32", "DATA.NUM_WORKERS", "0", "MODEL.PROJ_HIDDEN_DIM", "64"]

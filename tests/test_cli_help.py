@@ -24,14 +24,18 @@ def script_help(script, monkeypatch, capsys):
     return capsys.readouterr().out
 
 
+DATA = ["--data-path", "--zip", "--cache-mode"]  # the image folders main_pretrain, main_linear and eval_knn read
+TRAINING = ["--resume", "--accumulation-steps", "--use-checkpoint"]  # the training runs'
+
+
 @pytest.mark.parametrize(
     "script, own_flags, foreign_flags, batch_size",
     [
-        (main_pretrain, ["--throughput"], ["--eval", "--lr"], get_config().DATA.BATCH_SIZE),
-        (main_linear, ["--throughput", "--eval", "--lr", "--drop-path-rate"], [], 64),  # its recipe's
-        (eval_knn, [], ["--throughput", "--eval", "--lr"], get_config().DATA.BATCH_SIZE),
-        (eval_retrieval, ["--dump-features", "--load-features"], ["--throughput", "--eval", "--lr"], None),
-        (eval_video_segmentation, [], ["--throughput", "--eval", "--lr"], None),
+        (main_pretrain, [*DATA, *TRAINING, "--throughput"], ["--eval", "--lr"], get_config().DATA.BATCH_SIZE),
+        (main_linear, [*DATA, *TRAINING, "--throughput", "--eval", "--lr", "--drop-path-rate"], [], 64),  # recipe's
+        (eval_knn, DATA, [*TRAINING, "--throughput", "--eval", "--lr"], get_config().DATA.BATCH_SIZE),
+        (eval_retrieval, ["--dump-features", "--load-features"], [*DATA, *TRAINING, "--throughput", "--eval"], None),
+        (eval_video_segmentation, [], [*DATA, *TRAINING, "--throughput", "--eval", "--lr"], None),
     ],
 )
 def test_help_names_the_program_shows_defaults_and_an_example(
@@ -62,8 +66,10 @@ def test_help_in_a_real_process_names_the_program_as_typed():
 @pytest.mark.parametrize("script", [main_pretrain, main_linear, eval_knn, eval_video_segmentation])
 def test_every_run_logs_and_records_its_precision(script, level, words, tmp_path, image_folder, capsys):
     """Without --amp-opt-level a run on this CPU computes in fp32; config.json records the level used."""
-    argv = ["--cfg", "configs/moby_vit_tiny.yaml", "--data-path", image_folder, "--output", str(tmp_path),
-            "--batch-size", "4", "--opts", "DATA.IMG_SIZE", "32"]  # fmt: skip
+    argv = ["--cfg", "configs/moby_vit_tiny.yaml", "--output", str(tmp_path), "--batch-size", "4",
+            "--opts", "DATA.IMG_SIZE", "32"]  # fmt: skip
+    if script is not eval_video_segmentation:  # DAVIS is read from DATA.TRANSFER_ROOT
+        argv += ["--data-path", image_folder]
     if level:
         argv += ["--amp-opt-level", level]
     script.setup(argv)

@@ -16,11 +16,11 @@ import torch.nn.functional as F
 from timm.models.swin_transformer import PatchMerging
 
 from config import get_config
-from engine import load_pretrained_encoder
 from main_linear import build_classifier
 from models.convert import convert_original_encoder
 from models.swin_transformer import swin_tiny
 from models.vision_transformer import vit_tiny
+from pretrained import load_pretrained_encoder
 
 SWIN_T = dict(embed_dim=96, depths=(2, 2, 6, 2), img_size=224, patch_size=4, window_size=7)
 

@@ -16,7 +16,7 @@ import torch
 from conftest import ROOT
 from test_pretrain_e2e import TINY
 
-from utils import load_newest_checkpoint, save_atomic
+from checkpoint import newest_checkpoint, remove_stale_tmp, save_atomic
 
 EPOCHS = 6
 CHECKPOINT = re.compile(r"(checkpoint|ckpt_epoch_\d+)\.pth")
@@ -144,7 +144,7 @@ def test_truncated_checkpoint_is_skipped_for_an_older_good_one(tmp_path, logger,
     save_atomic(dict(state, epoch=1), tmp_path / "checkpoint.pth")
     data = (tmp_path / "checkpoint.pth").read_bytes()
     (tmp_path / "checkpoint.pth").write_bytes(data[: len(data) // 2])
-    path, ckpt = load_newest_checkpoint(str(tmp_path), logger)
+    path, ckpt = newest_checkpoint(str(tmp_path), logger)
     assert path == str(tmp_path / "ckpt_epoch_0.pth") and ckpt["epoch"] == 0
     assert torch.equal(ckpt["model"]["weight"], state["model"]["weight"])
     (warning,) = [r for r in caplog.records if r.levelno == logging.WARNING]
@@ -155,7 +155,8 @@ def test_temporary_files_of_interrupted_saves_are_removed(tmp_path, logger, monk
     save_atomic({"epoch": 3}, tmp_path / "ckpt_epoch_3.pth")
     for name in ("checkpoint.pth.tmp.123", "ckpt_epoch_4.pth.tmp.456"):
         (tmp_path / name).write_bytes(b"torn")
-    path, ckpt = load_newest_checkpoint(str(tmp_path), logger)
+    remove_stale_tmp(str(tmp_path), logger)
+    path, ckpt = newest_checkpoint(str(tmp_path), logger)
     assert path == str(tmp_path / "ckpt_epoch_3.pth") and ckpt["epoch"] == 3
     assert sorted(os.listdir(tmp_path)) == ["ckpt_epoch_3.pth"]
 

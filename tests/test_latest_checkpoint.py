@@ -15,10 +15,12 @@ from conftest import run_script, small_config
 from test_pretrain_e2e import TINY, run_folder
 
 import main_pretrain
-from engine import inherit_encoder_settings, load_run_encoder, run_cli
+from checkpoint import read_run_checkpoint
+from cli import run_cli
+from distributed import DistEnv
 from main_linear import build_classifier
+from pretrained import inherit_encoder_settings, load_run_encoder
 from tools import export_backbone
-from utils import DistEnv, read_run_checkpoint
 
 EPOCHS = 3
 CFG = "configs/moby_vit_tiny.yaml"
@@ -155,7 +157,7 @@ def test_weights_come_from_the_file_whose_settings_were_taken(finished, tmp_path
     caplog.set_level(logging.INFO, logger.name)
     config = small_config("moby", OUTPUT=folder)
     args = argparse.Namespace(opts=None)
-    notes = inherit_encoder_settings(config, args, DistEnv())
+    held, notes = inherit_encoder_settings(config, args, DistEnv())
     latest = os.path.join(folder, "checkpoint.pth")
     assert notes == [f"encoder settings as in the config of {latest}: MODEL.ENCODER vit_tiny, DATA.IMG_SIZE 32"]
     assert caplog.records == []  # the skip is logged once, by the evaluation's own logger
@@ -163,7 +165,7 @@ def test_weights_come_from_the_file_whose_settings_were_taken(finished, tmp_path
     os.replace(newer + ".tmp", newer)
 
     model = build_classifier(config, num_classes=2, freeze=True)
-    assert load_run_encoder(model, config, logger) == 1
+    assert load_run_encoder(model, config, logger, held) == 1
     state = model.state_dict()
     assert all(torch.equal(state[k], v) for k, v in encoder_of(os.path.join(folder, "ckpt_epoch_1.pth")).items())
     messages = [r.getMessage() for r in caplog.records]
@@ -172,8 +174,8 @@ def test_weights_come_from_the_file_whose_settings_were_taken(finished, tmp_path
     assert messages[1] == f"loaded the encoder of {latest} (pretraining epoch 1)"
 
     # read once: a second evaluation in this process reads the folder anew, now epoch 2
-    inherit_encoder_settings(config, args, DistEnv())
-    assert load_run_encoder(model, config, logger) == 2
+    held, _ = inherit_encoder_settings(config, args, DistEnv())
+    assert load_run_encoder(model, config, logger, held) == 2
 
 
 def test_readers_leave_the_temporary_files_of_a_running_save(tmp_path):

@@ -18,21 +18,17 @@ from conftest import ROOT, run_script
 from test_pretrain_e2e import TINY
 
 import eval_knn
+from cli import run_cli
 from config import ConfigError, get_config
-from engine import amp_autocast, load_pretrained_encoder, run_cli, scale_learning_rates
+from engine import classification_loss, train_classifier_one_epoch, validate
 from eval_knn import knn_correct
 from lr_scheduler import build_scheduler
-from main_linear import (
-    LINEAR_RECIPE,
-    build_classifier,
-    classification_loss,
-    freeze_backbone,
-    parse_option,
-    train_one_epoch,
-    validate,
-)
+from main_linear import LINEAR_RECIPE, build_classifier, freeze_backbone, parse_option, set_training_mode
 from metrics import count_correct
 from optimizer import build_optimizer
+from precision import OptimizerStep, amp_autocast
+from pretrained import load_pretrained_encoder
+from utils import scale_learning_rates
 
 # no --amp-opt-level: the runs below use the default, fp32. The pretraining run's queue is in its
 # name, hence its folder; its image size (32) comes from the checkpoint
@@ -188,8 +184,8 @@ def knn_error(argv, capsys):
 
 def knn_run(argv):
     """(config, log) of a complete eval_knn.py run in this process."""
-    config, env, logger = eval_knn.setup(argv)
-    eval_knn.main(config, env, logger)
+    config, env, logger, held = eval_knn.setup(argv)
+    eval_knn.main(config, env, logger, held)
     return config, open(os.path.join(config.OUTPUT, "knn_imagenet", "log_rank0.txt")).read()
 
 
@@ -325,10 +321,11 @@ def probe_one_epoch(model, config, batches, freeze=True):
     hook = model.get_classifier().register_forward_pre_hook(lambda _, inputs: features.append(inputs[0].clone()))
     optimizer = build_optimizer(config, model)
     scheduler = build_scheduler(config, optimizer, len(batches))
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
-    cpu = torch.device("cpu")
-    train_one_epoch(config, model, batches, optimizer, scheduler, scaler, amp_autocast(config, cpu), 0, cpu,
-                    logging.getLogger("probe"), freeze)  # fmt: skip
+    params = [p for p in model.parameters() if p.requires_grad]
+    step = OptimizerStep(optimizer, params, torch.amp.GradScaler("cpu", enabled=False), config.TRAIN.CLIP_GRAD)
+    set_training_mode(model, freeze, config.LINEAR_EVAL.BACKBONE_TRAIN_MODE)
+    train_classifier_one_epoch(config, model, batches, step, scheduler, amp_autocast(config, torch.device("cpu")), 0,
+                               logging.getLogger("probe"))  # fmt: skip
     hook.remove()
     return features
 

@@ -22,9 +22,9 @@ from conftest import ROOT, run_script
 from PIL import Image
 
 import eval_retrieval
+from cli import run_cli
 from data.photometric import IMAGENET_MEAN, IMAGENET_STD
 from data.retrieval import RetrievalImages, read_ground_truth
-from engine import run_cli
 from evaluation.retrieval import (
     MultiScale,
     average_precision,
@@ -259,7 +259,7 @@ def test_the_encoder_settings_come_from_the_checkpoint(tmp_path):
     torch.save({"model": state, "epoch": 3, "config": "DATA:\n  IMG_SIZE: 32\nMODEL:\n  ENCODER: vit_tiny\n"}, ckpt)
     argv = retrieval_args(str(tmp_path), tmp_path / "out", "LINEAR_EVAL.PRETRAINED", str(ckpt))[1:]
     size = argv.index("DATA.IMG_SIZE")
-    config, env, logger = eval_retrieval.setup(argv[:size] + argv[size + 2 :])  # no DATA.IMG_SIZE given
+    config, env, logger, _ = eval_retrieval.setup(argv[:size] + argv[size + 2 :])  # no DATA.IMG_SIZE given
     assert config.DATA.IMG_SIZE == 32
 
 

@@ -17,8 +17,9 @@ from conftest import run_script, small_config
 from PIL import Image
 
 import eval_video_segmentation
+from checkpoint import save_atomic
+from cli import run_cli
 from data.davis import davis_root, read_videos
-from engine import run_cli
 from evaluation.davis_metrics import score_frame, summarize
 from evaluation.video_segmentation import (
     LabelPropagation,
@@ -33,7 +34,6 @@ from evaluation.video_segmentation import (
 from models import build_encoder, build_model
 from models.patch_features import PatchFeatures
 from models.swin_transformer import _swin
-from utils import save_atomic
 
 # DAVIS's palette starts black, dark red, dark green, ...
 PALETTE = [0, 0, 0, 128, 0, 0, 0, 128, 0, 128, 128, 0] + [0] * (768 - 12)

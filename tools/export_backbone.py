@@ -27,11 +27,11 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from checkpoint import read_run_checkpoint  # noqa: E402
 from config import ConfigError  # noqa: E402
 from models.convert import convert_original_encoder  # noqa: E402
 from models.resnet import DEPTHS as RESNET_DEPTHS  # noqa: E402
 from models.swin_transformer import WINDOW_SIZE, stage_window_sizes  # noqa: E402
-from utils import read_run_checkpoint  # noqa: E402
 
 # MODEL.ENCODER -> (timm model name, keyword arguments it needs beyond num_classes=0)
 TIMM_MODELS = {

@@ -1,0 +1,66 @@
+"""Precision (AMP_OPT_LEVEL) and the one optimisation step of every training loop.
+
+autocast = amp_autocast(config, device)        # with autocast(): out = model(x)
+step = OptimizerStep(optimizer, params, make_grad_scaler(config, device),
+                     clip_grad=config.TRAIN.CLIP_GRAD, accumulation=config.TRAIN.ACCUMULATION_STEPS)
+grad_norm = step(loss, update)                 # backward; on ``update`` the optimizer step
+"""
+
+from functools import partial
+
+import torch
+
+PRECISIONS = {"O0": "fp32", "O1": "fp16 autocast with a grad scaler", "O2": "bf16 autocast"}
+AMP_DTYPES = {"O1": torch.float16, "O2": torch.bfloat16}
+
+
+def amp_autocast(config, device):
+    """A context factory: autocast to AMP_OPT_LEVEL's dtype (O1 fp16, O2 bf16), or nothing."""
+    return partial(
+        torch.autocast,
+        device_type=device.type,
+        dtype=AMP_DTYPES.get(config.AMP_OPT_LEVEL),
+        enabled=config.AMP_OPT_LEVEL in AMP_DTYPES,
+    )
+
+
+def precision_line(config, device):
+    """The precision the run computes in (AMP_OPT_LEVEL, as config.json records it), as one line."""
+    return f"precision: AMP_OPT_LEVEL {config.AMP_OPT_LEVEL} ({PRECISIONS[config.AMP_OPT_LEVEL]}) on {device}"
+
+
+def make_grad_scaler(config, device):
+    """The grad scaler of fp16 (O1); a disabled one, whose calls pass through, otherwise."""
+    return torch.amp.GradScaler(device.type, enabled=config.AMP_OPT_LEVEL == "O1")
+
+
+class OptimizerStep:
+    """Backward of each loss, and every ``accumulation`` losses the optimizer step: unscale (fp16),
+    clip the gradient norm of ``params`` to ``clip_grad`` (0: no clipping), step, update the
+    grad scaler, zero the gradients.
+
+    ``step(loss, update)`` returns the gradient norm (a device tensor, no host synchronisation) on
+    an update when ``clip_grad`` is set or ``track_norm``, else None. ``loss`` is divided by
+    ``accumulation``, so an accumulated update equals one over the concatenated batch.
+    """
+
+    def __init__(self, optimizer, params, scaler, clip_grad=0.0, accumulation=1, track_norm=True):
+        self.optimizer, self.params, self.scaler = optimizer, list(params), scaler
+        self.clip_grad, self.accumulation, self.track_norm = clip_grad, max(accumulation, 1), track_norm
+
+    def __call__(self, loss, update=True):
+        self.scaler.scale(loss / self.accumulation).backward()
+        if not update:
+            return None
+        grad_norm = None
+        if self.clip_grad or self.track_norm:
+            self.scaler.unscale_(self.optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.clip_grad or float("inf"))
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        return grad_norm
+
+    def is_update(self, idx, num_steps):
+        """Whether step ``idx`` of an epoch of ``num_steps`` ends an accumulation (or the epoch)."""
+        return (idx + 1) % self.accumulation == 0 or idx + 1 == num_steps
