@@ -179,10 +179,13 @@ def main():
     parser.add_argument("--epochs", type=int, default=EPOCHS, help="pretraining epochs")
     parser.add_argument("--probe-epochs", type=int, default=PROBE_EPOCHS, help="linear-probe epochs")
     parser.add_argument("--out", default="demo_output")
+    parser.add_argument("--data-only", action="store_true", help="only write the dataset (ImageNet-style folders)")
     args = parser.parse_args()
     start = time.time()
     data = make_dataset(os.path.join(args.out, f"grey_patterns_{IMG_SIZE}px"))
     print(f"dataset: {data} ({len(CLASSES)} classes of {IMG_SIZE} px grey shapes: {', '.join(CLASSES)})", flush=True)
+    if args.data_only:
+        return
 
     pretrain_args = common_args(data, args.out, "demo") + [
         "--batch-size", "64", "--opts", "DATA.IMG_SIZE", str(IMG_SIZE), "DATA.NUM_WORKERS", "2",

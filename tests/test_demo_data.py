@@ -3,10 +3,12 @@ cue but the ink's layout (two grey levels per image, anti-aliased between them, 
 of either sign)."""
 
 import os
+import sys
 
 import numpy as np
 from PIL import Image
 
+import demo
 from demo import CLASSES, IMG_SIZE, MIN_CONTRAST, make_dataset
 
 
@@ -53,3 +55,13 @@ def test_images_are_two_grey_levels_with_either_sign_of_contrast(tmp_path):
     # sizes vary, but a dot is smaller than any disc, and a ring or stripes cover less than a disc
     assert max(ink_area["dot"]) < min(ink_area["disc"])
     assert np.mean(ink_area["ring"]) < np.mean(ink_area["disc"]) > np.mean(ink_area["stripes"])
+
+
+def test_data_only_writes_the_walkthroughs_folders_and_nothing_else(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["demo.py", "--data-only", "--out", str(tmp_path)])
+    demo.main()
+    assert os.listdir(tmp_path) == [f"grey_patterns_{IMG_SIZE}px"]  # no run folders
+    root = tmp_path / f"grey_patterns_{IMG_SIZE}px"
+    for split, n in (("train", 160), ("val", 40)):
+        assert sorted(os.listdir(root / split)) == sorted(CLASSES)
+        assert all(len(os.listdir(root / split / shape)) == n for shape in CLASSES)
