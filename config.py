@@ -128,6 +128,19 @@ _C.LINEAR_EVAL.WEIGHTS = "freeze"
 _C.LINEAR_EVAL.BACKBONE_TRAIN_MODE = True
 
 # -----------------------------------------------------------------------------
+# Weighted k-NN classification (eval_knn.py)
+# -----------------------------------------------------------------------------
+_C.KNN = CN()
+# The numbers of neighbours k scored (set by --nb-knn)
+_C.KNN.NB_KNN = [10, 20, 100, 200]
+# Temperature T of each neighbour's vote exp(cosine / T) (set by --temperature)
+_C.KNN.TEMPERATURE = 0.07
+# Save the train and val features and labels to this file (set by --dump-features)
+_C.KNN.DUMP_FEATURES = ""
+# Read them from this file instead of computing them: no encoder, no images (set by --load-features)
+_C.KNN.LOAD_FEATURES = ""
+
+# -----------------------------------------------------------------------------
 # Image retrieval (eval_retrieval.py; DATA.DATASET roxford5k or rparis6k under DATA.TRANSFER_ROOT)
 # -----------------------------------------------------------------------------
 _C.RETRIEVAL = CN()
@@ -293,6 +306,10 @@ _FLAG_KEYS = {
     "trust_checkpoint": "TRUST_CHECKPOINT",
     "dump_features": "RETRIEVAL.DUMP_FEATURES",
     "load_features": "RETRIEVAL.LOAD_FEATURES",
+    "nb_knn": "KNN.NB_KNN",
+    "temperature": "KNN.TEMPERATURE",
+    "knn_dump_features": "KNN.DUMP_FEATURES",
+    "knn_load_features": "KNN.LOAD_FEATURES",
 }
 
 

@@ -5,6 +5,7 @@ import json
 import logging
 import math
 import os
+import re
 import socket
 
 import pytest
@@ -226,6 +227,30 @@ def test_checkpoints_without_a_stored_config(pretrained, image_folder, tmp_path,
     assert "mismatched shapes ['pos_embed']" in knn_error(knn_argv(image_folder, tmp_path / "p224", plain), capsys)
 
 
+def test_knn_defaults_are_dinos():
+    config = get_config(eval_knn.parse_option(["--cfg", "configs/moby_vit_tiny.yaml"]))
+    assert list(config.KNN.NB_KNN) == [10, 20, 100, 200] and config.KNN.TEMPERATURE == 0.07
+
+
+def test_knn_flags_and_saved_features(pretrained, image_folder, tmp_path, capsys):
+    """--nb-knn and --temperature choose the votes; --load-features scores what --dump-features
+    saved to the same figures, without the encoder's checkpoint or the images."""
+    features = tmp_path / "features.pth"
+    argv = [*knn_argv(image_folder, tmp_path / "dumped", pretrained[1]), "--nb-knn", "1", "3", "--temperature", "0.5"]
+    config, log = knn_run([*argv, "--dump-features", str(features)])
+    assert list(config.KNN.NB_KNN) == [1, 3] and "3-NN (T=0.5): top-1" in log and "20-NN" not in log
+    computed = re.findall(r"(\d+-NN \(T=0.5\): top-1 \S+ top-5 \S+)", log)
+    saved = torch.load(features, weights_only=True)
+    assert saved["train_feats"].shape == (16, 192) and saved["num_classes"] == 2
+    loaded_argv = ["--cfg", "configs/moby_vit_tiny.yaml", "--output", str(tmp_path / "loaded"), "--nb-knn", "1", "3",
+                   "--temperature", "0.5", "--load-features", str(features), "--opts", "LINEAR_EVAL.PRETRAINED",
+                   str(tmp_path / "absent.pth")]  # fmt: skip
+    _, log = knn_run(loaded_argv)
+    assert re.findall(r"(\d+-NN \(T=0.5\): top-1 \S+ top-5 \S+)", log) == computed and len(computed) == 2
+    line = knn_error([*argv, "--temperature", "0"], capsys)
+    assert "KNN.TEMPERATURE 0.0" in line
+
+
 def test_a_missing_run_names_the_runs_with_its_tag(pretrained, image_folder, capsys):
     """Pretrained with --opts MODEL.CONTRAST_NUM_NEGATIVE 16, evaluated without it: the folder named
     by the queue of the --cfg file does not exist, the error says which does and why."""
@@ -279,9 +304,9 @@ def test_knn_weighted_votes():
     labels = torch.tensor([0, 1, 1, 1, 0])
     test = F.normalize(torch.tensor([[1.0, 0.01], [0.05, 1.0]]), dim=1)
     # k=5: three class-1 neighbours outvote two class-0 ones by count, but not by weight
-    c1, c5 = knn_correct(train, labels, test, torch.tensor([0, 1]), k=5, num_classes=2)
+    c1, c5 = knn_correct(train, labels, test, torch.tensor([0, 1]), k=5, num_classes=2, temperature=0.07)
     assert (c1, c5) == (2, 2)
-    c1, _ = knn_correct(train, labels, test, torch.tensor([1, 0]), k=1, num_classes=2)
+    c1, _ = knn_correct(train, labels, test, torch.tensor([1, 0]), k=1, num_classes=2, temperature=0.07)
     assert c1 == 0
 
 
