@@ -2,13 +2,22 @@
 
 An entry script (``main_pretrain.py``, ``main_linear.py``, ``eval_*.py``) reads::
 
-    def setup(argv):   # parse, configure, validate, join the processes, open the output folder
-        args = build_parser(...).parse_args(argv)
+    def parse_option(argv=None):
+        return build_parser(...).parse_args(argv)
+
+    if __name__ == "__main__":
+        parse_option()   # --help and a wrong flag answer before torch loads
+
+    import torch ...     # the library modules
+    def setup(argv):     # parse, configure, validate, join the processes, open the output folder
         ...
         return config, env, logger
     def main(config, env, logger): ...   # build, loop, save
     if __name__ == "__main__":
         run_cli(setup, main)
+
+This module imports torch and the modules built on it only inside ``open_output`` and
+``run_cli``, for the same reason.
 """
 
 import argparse
@@ -16,15 +25,9 @@ import json
 import os
 import sys
 
-import torch
 import yaml
 
-from checkpoint import CheckpointWriteError
 from config import ConfigError, get_config
-from distributed import DistEnv, launcher_env, mark_group_failed
-from faults import NonFiniteLossError, ProcessFaultError, end_loader_workers
-from logger import create_logger
-from precision import precision_line
 
 
 def build_parser(prog, description, example, defaults=None, data=True, training=True, throughput=True):
@@ -102,6 +105,9 @@ def open_output(config, env, folder, name, notes=(), warnings=()):
     """Create ``folder`` with the per-rank logger, and the resolved config.json on rank 0; log
     ``notes`` (lines about the configuration made before the logger existed) and, on rank 0,
     ``warnings`` (e.g. config.inert_settings) as WARNING lines."""
+    from logger import create_logger
+    from precision import precision_line
+
     try:
         os.makedirs(folder, exist_ok=True)
     except OSError as e:
@@ -124,6 +130,12 @@ def run_cli(setup_fn, main_fn, argv=None):
     """Run ``main_fn(*setup_fn(argv))``; expected failures print one line and exit 2. A process
     whose ``main_fn`` fails tells the others (``mark_group_failed`` in the store of the DistEnv
     ``setup_fn`` returned: see faults.StopSignal)."""
+    import torch
+
+    from checkpoint import CheckpointWriteError
+    from distributed import DistEnv, launcher_env, mark_group_failed
+    from faults import NonFiniteLossError, ProcessFaultError, end_loader_workers
+
     rank = launcher_env()[0]
     try:
         values = setup_fn(argv)

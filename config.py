@@ -10,8 +10,6 @@ import os
 import yaml
 from yacs.config import CfgNode as CN
 
-from models.build import ENCODERS, FRAMEWORKS
-
 _C = CN()
 
 # Base config files, merged before this file (paths relative to it)
@@ -333,7 +331,6 @@ def _update_config_from_file(config, cfg_file):
     for base in yaml_cfg.setdefault("BASE", [""]):
         if base:
             _update_config_from_file(config, os.path.join(os.path.dirname(cfg_file), base))
-    print(f"=> merge config from {cfg_file}")
     for alias, key in KEY_ALIASES.items():
         _rename_in_tree(yaml_cfg, alias, key, cfg_file)
     try:
@@ -448,6 +445,8 @@ def update_config(config, args, recipe=None):
 
 def check_config(config):
     """Raise ConfigError naming the key and the fix for settings that cannot work."""
+    from models.build import ENCODERS, FRAMEWORKS  # the registry; torch loads once the arguments are parsed
+
     if config.MODEL.TYPE not in FRAMEWORKS:
         raise ConfigError(f"unknown MODEL.TYPE {config.MODEL.TYPE!r}; valid: {', '.join(FRAMEWORKS)}")
     if config.MODEL.ENCODER not in ENCODERS:

@@ -10,12 +10,50 @@ T = KNN.TEMPERATURE (--temperature, default 0.07). --dump-features saves the fea
 --load-features scores saved ones without the encoder or the images.
 """
 
+from cli import build_parser
+
+EXAMPLE = (
+    "torchrun --nproc_per_node=4 eval_knn.py --cfg configs/synco_vit_small.yaml "
+    "--data-path /path/to/imagenet --output output --tag run1"
+)
+FEATURE_KEYS = ("train_feats", "train_labels", "val_feats", "val_labels")
+
+
+def parse_option(argv=None):
+    parser = build_parser(
+        "eval_knn.py", "Weighted k-NN classification on the frozen features of a pretrained encoder.", EXAMPLE,
+        training=False, throughput=False,
+    )  # fmt: skip
+    parser.add_argument(
+        "--nb-knn", "--nb_knn", dest="nb_knn", type=int, nargs="+", metavar="K",
+        help="numbers of nearest neighbours scored (KNN.NB_KNN; default 10 20 100 200)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--temperature",
+        type=float,
+        metavar="T",
+        help="temperature of the weighted votes (KNN.TEMPERATURE; default 0.07)",
+    )
+    parser.add_argument(
+        "--dump-features", "--dump_features", dest="knn_dump_features", metavar="PATH",
+        help="save the features to PATH (KNN.DUMP_FEATURES)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--load-features", "--load_features", dest="knn_load_features", metavar="PATH",
+        help="score the features saved in PATH; no encoder or images needed (KNN.LOAD_FEATURES)",
+    )  # fmt: skip
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    parse_option()  # --help and a wrong flag answer before torch loads
+
 import os
 
 import torch
 
 from checkpoint import read_checkpoint, save_atomic
-from cli import build_parser, open_output, run_cli
+from cli import open_output, run_cli
 from config import ConfigError, check_config, get_config
 from data import build_linear_loaders
 from data.linear import canonical_dataset_name
@@ -25,12 +63,6 @@ from metrics import count_correct
 from models import build_encoder
 from precision import amp_autocast
 from pretrained import inherit_encoder_settings, load_run_encoder
-
-EXAMPLE = (
-    "torchrun --nproc_per_node=4 eval_knn.py --cfg configs/synco_vit_small.yaml "
-    "--data-path /path/to/imagenet --output output --tag run1"
-)
-FEATURE_KEYS = ("train_feats", "train_labels", "val_feats", "val_labels")
 
 
 @torch.no_grad()
@@ -102,32 +134,6 @@ def main(config, env, logger, held=None):
         results[k] = (100 * counts / num_val).tolist()
         logger.info(f"{k}-NN (T={knn.TEMPERATURE}): top-1 {results[k][0]:.2f}% top-5 {results[k][1]:.2f}%")
     return results
-
-
-def parse_option(argv=None):
-    parser = build_parser(
-        "eval_knn.py", "Weighted k-NN classification on the frozen features of a pretrained encoder.", EXAMPLE,
-        training=False, throughput=False,
-    )  # fmt: skip
-    parser.add_argument(
-        "--nb-knn", "--nb_knn", dest="nb_knn", type=int, nargs="+", metavar="K",
-        help="numbers of nearest neighbours scored (KNN.NB_KNN; default 10 20 100 200)",
-    )  # fmt: skip
-    parser.add_argument(
-        "--temperature",
-        type=float,
-        metavar="T",
-        help="temperature of the weighted votes (KNN.TEMPERATURE; default 0.07)",
-    )
-    parser.add_argument(
-        "--dump-features", "--dump_features", dest="knn_dump_features", metavar="PATH",
-        help="save the features to PATH (KNN.DUMP_FEATURES)",
-    )  # fmt: skip
-    parser.add_argument(
-        "--load-features", "--load_features", dest="knn_load_features", metavar="PATH",
-        help="score the features saved in PATH; no encoder or images needed (KNN.LOAD_FEATURES)",
-    )  # fmt: skip
-    return parser.parse_args(argv)
 
 
 def setup(argv=None):

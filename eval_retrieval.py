@@ -10,12 +10,36 @@ ranked by cosine similarity to each query, and the revisited protocol's mAP is r
 Medium and Hard settings (evaluation/retrieval.py).
 """
 
+from cli import build_parser
+
+EXAMPLE = (
+    "torchrun --nproc_per_node=4 eval_retrieval.py --cfg configs/synco_vit_small.yaml --output output --tag run1 "
+    "--opts DATA.DATASET roxford5k DATA.TRANSFER_ROOT /path/to/revisitop"
+)
+
+
+def parse_option(argv=None):
+    parser = build_parser(
+        "eval_retrieval.py", "Image retrieval (revisited Oxford / Paris) with the frozen features of a pretrained "
+        "encoder.", EXAMPLE, data=False, training=False, throughput=False,
+    )  # fmt: skip
+    parser.add_argument("--dump-features", metavar="PATH", help="save the features to PATH (RETRIEVAL.DUMP_FEATURES)")
+    parser.add_argument(
+        "--load-features", metavar="PATH",
+        help="read the features from PATH instead of computing them; no encoder needed (RETRIEVAL.LOAD_FEATURES)",
+    )  # fmt: skip
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    parse_option()  # --help and a wrong flag answer before torch loads
+
 import math
 import os
 import time
 
 from checkpoint import read_checkpoint, save_atomic
-from cli import build_parser, open_output, run_cli
+from cli import open_output, run_cli
 from config import ConfigError, check_config, get_config
 from data.build import resolve_num_workers
 from data.retrieval import RetrievalImages, check_retrieval_name, read_ground_truth
@@ -32,11 +56,6 @@ from models import build_encoder
 from models.input_size import AnySizeEncoder
 from precision import amp_autocast
 from pretrained import inherit_encoder_settings, load_run_encoder
-
-EXAMPLE = (
-    "torchrun --nproc_per_node=4 eval_retrieval.py --cfg configs/synco_vit_small.yaml --output output --tag run1 "
-    "--opts DATA.DATASET roxford5k DATA.TRANSFER_ROOT /path/to/revisitop"
-)
 
 
 def output_folder(config):
@@ -128,19 +147,6 @@ def main(config, env, logger, held=None):
     with MetricWriter(output_folder(config), config.TENSORBOARD and env.is_main, logger) as writer:
         writer.scalars({f"mAP_{s}": v for s, v in results.items()}, epoch or 0, prefix=f"retrieval/{name}/")
     return results
-
-
-def parse_option(argv=None):
-    parser = build_parser(
-        "eval_retrieval.py", "Image retrieval (revisited Oxford / Paris) with the frozen features of a pretrained "
-        "encoder.", EXAMPLE, data=False, training=False, throughput=False,
-    )  # fmt: skip
-    parser.add_argument("--dump-features", metavar="PATH", help="save the features to PATH (RETRIEVAL.DUMP_FEATURES)")
-    parser.add_argument(
-        "--load-features", metavar="PATH",
-        help="read the features from PATH instead of computing them; no encoder needed (RETRIEVAL.LOAD_FEATURES)",
-    )  # fmt: skip
-    return parser.parse_args(argv)
 
 
 def setup(argv=None):

@@ -12,6 +12,29 @@ with the benchmark's J (region IoU), F (boundary F-measure) and J&F (``evaluatio
 The processes share the videos (video i on rank i mod world size) and gather the scores.
 """
 
+from cli import build_parser
+
+EXAMPLE = (
+    "torchrun --nproc_per_node=4 eval_video_segmentation.py --cfg configs/synco_vit_small.yaml "
+    "--output output --tag run1 --opts DATA.TRANSFER_ROOT ./data"
+)
+
+
+def parse_option(argv=None):
+    parser = build_parser(
+        "eval_video_segmentation.py",
+        "DAVIS 2017 video object segmentation by label propagation on the frozen features of a pretrained encoder.",
+        EXAMPLE,
+        data=False,
+        training=False,
+        throughput=False,
+    )
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    parse_option()  # --help and a wrong flag answer before torch loads
+
 import csv
 import os
 import time
@@ -19,7 +42,7 @@ import time
 import numpy as np
 import torch
 
-from cli import build_parser, open_output, run_cli
+from cli import open_output, run_cli
 from config import ConfigError, check_config, get_config
 from data.davis import davis_root, read_videos, write_palette_png
 from distributed import get_world_size, join_processes
@@ -30,11 +53,6 @@ from models import build_encoder
 from models.patch_features import PatchFeatures
 from precision import amp_autocast
 from pretrained import inherit_encoder_settings, load_run_encoder
-
-EXAMPLE = (
-    "torchrun --nproc_per_node=4 eval_video_segmentation.py --cfg configs/synco_vit_small.yaml "
-    "--output output --tag run1 --opts DATA.TRANSFER_ROOT ./data"
-)
 
 
 def output_folder(config):
@@ -112,18 +130,6 @@ def main(config, env, logger, held=None):
         with MetricWriter(output_folder(config), config.TENSORBOARD, logger) as writer:
             writer.scalars(results, step=epoch or 0, prefix=f"davis_{split}/")  # the pretraining epoch
     return results
-
-
-def parse_option(argv=None):
-    parser = build_parser(
-        "eval_video_segmentation.py",
-        "DAVIS 2017 video object segmentation by label propagation on the frozen features of a pretrained encoder.",
-        EXAMPLE,
-        data=False,
-        training=False,
-        throughput=False,
-    )
-    return parser.parse_args(argv)
 
 
 def check_davis(config):

@@ -1,4 +1,4 @@
-"""Rank-aware logging: colored console on rank 0, one plain file per rank."""
+"""Rank-aware logging: short lines on rank 0's console, full ones in one file per rank."""
 
 import functools
 import logging
@@ -6,6 +6,19 @@ import os
 import sys
 
 from termcolor import colored
+
+# log_rank{r}.txt: when, which run, where in the code, how severe, what
+FILE_FORMAT = "[%(asctime)s %(name)s] (%(filename)s %(lineno)d): %(levelname)s %(message)s"
+DATE_FORMAT = "%Y-%m-%d %H:%M:%S"
+
+
+class ConsoleFormatter(logging.Formatter):
+    """``[HH:MM:SS] message``; warnings and errors say so after the time."""
+
+    def format(self, record):
+        when = colored(f"[{self.formatTime(record, '%H:%M:%S')}]", "green")
+        level = f"{colored(record.levelname, 'red')} " if record.levelno >= logging.WARNING else ""
+        return f"{when} {level}{record.getMessage()}"
 
 
 @functools.lru_cache
@@ -16,22 +29,14 @@ def create_logger(output_dir, dist_rank=0, name=""):
     logger.propagate = False
     logger.handlers.clear()
 
-    fmt = "[%(asctime)s %(name)s] (%(filename)s %(lineno)d): %(levelname)s %(message)s"
-    color_fmt = (
-        colored("[%(asctime)s %(name)s]", "green")
-        + colored("(%(filename)s %(lineno)d)", "yellow")
-        + ": %(levelname)s %(message)s"
-    )
-    datefmt = "%Y-%m-%d %H:%M:%S"
-
     if dist_rank == 0:
         console = logging.StreamHandler(sys.stdout)
-        console.setFormatter(logging.Formatter(color_fmt, datefmt=datefmt))
+        console.setFormatter(ConsoleFormatter())
         logger.addHandler(console)
 
     os.makedirs(output_dir, exist_ok=True)
     file_handler = logging.FileHandler(os.path.join(output_dir, f"log_rank{dist_rank}.txt"), mode="a")
-    file_handler.setFormatter(logging.Formatter(fmt, datefmt=datefmt))
+    file_handler.setFormatter(logging.Formatter(FILE_FORMAT, datefmt=DATE_FORMAT))
     logger.addHandler(file_handler)
     # the data package's warnings (skipped images, ignored files) go to the same places
     data_logger = logging.getLogger("data")

@@ -8,26 +8,8 @@ Reads the online encoder (``encoder.*``) of the newest readable checkpoint of th
 ``.../linear_<dataset>_<linprob|ft>/``.
 """
 
-import os
-
-import torch
-import torch.nn as nn
-from torch.nn.modules.batchnorm import _BatchNorm
-
-from checkpoint import Checkpointer, restore, resume_point
-from cli import build_parser, open_output, run_cli
-from config import ConfigError, check_config, get_config, inert_settings
-from data import build_linear_loaders
-from data.linear import canonical_dataset_name
-from distributed import distribute, join_processes, unwrap
-from engine import measure_throughput, train_classifier_one_epoch, validate
-from lr_scheduler import build_scheduler
-from metrics import MetricWriter
-from models import build_encoder
-from optimizer import build_optimizer
-from precision import OptimizerStep, amp_autocast, make_grad_scaler
-from pretrained import inherit_encoder_settings, load_run_encoder
-from utils import scale_learning_rates, seed_epoch, seed_everything
+from cli import build_parser
+from config import get_config
 
 # The linear-evaluation recipe the original ran: defaults over the pretraining YAML, under --opts.
 # The keys only evaluation reads keep their defaults in config.py: MODEL.DROP_PATH_RATE 0.2,
@@ -68,6 +50,30 @@ def parse_option(argv=None):
     )
     return parser.parse_args(argv)
 
+
+if __name__ == "__main__":
+    parse_option()  # --help and a wrong flag answer before torch loads
+
+import os
+
+import torch
+import torch.nn as nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from checkpoint import Checkpointer, restore, resume_point
+from cli import open_output, run_cli
+from config import ConfigError, check_config, inert_settings
+from data import build_linear_loaders
+from data.linear import canonical_dataset_name
+from distributed import distribute, join_processes, unwrap
+from engine import measure_throughput, train_classifier_one_epoch, validate
+from lr_scheduler import build_scheduler
+from metrics import MetricWriter
+from models import build_encoder
+from optimizer import build_optimizer
+from precision import OptimizerStep, amp_autocast, make_grad_scaler
+from pretrained import inherit_encoder_settings, load_run_encoder
+from utils import scale_learning_rates, seed_epoch, seed_everything
 
 # -----------------------------------------------------------------------------
 # Pretrained weights

@@ -7,26 +7,8 @@
 (one process) work the same way.
 """
 
-import datetime
-import os
-import time
-
-import torch
-
-from checkpoint import LATEST, Checkpointer, restore, resume_point
-from cli import build_parser, open_output, run_cli
-from config import ConfigError, check_config, get_config, inert_settings
-from data import DeviceAugment, DeviceViews, build_loader, set_loader_epoch, skipped_samples
-from data.augment import synthetic_views
-from distributed import distribute, join_processes, unwrap
-from engine import measure_throughput, train_one_epoch
-from faults import NonFiniteLossError, StopSignal
-from lr_scheduler import build_scheduler
-from metrics import DeviceMeters, MetricWriter
-from models import build_model
-from optimizer import build_optimizer
-from precision import OptimizerStep, amp_autocast, make_grad_scaler
-from utils import scale_learning_rates, seed_everything
+from cli import build_parser
+from config import get_config
 
 EXAMPLE = (
     "torchrun --nproc_per_node=8 main_pretrain.py --cfg configs/synco_swin_tiny.yaml "
@@ -39,6 +21,31 @@ def parse_option(argv=None):
         "main_pretrain.py", "Self-supervised pretraining of a backbone with MoBY, BYOL or SynCo.", EXAMPLE
     )
     return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    parse_option()  # --help and a wrong flag answer before torch loads
+
+import datetime
+import os
+import time
+
+import torch
+
+from checkpoint import LATEST, Checkpointer, restore, resume_point
+from cli import open_output, run_cli
+from config import ConfigError, check_config, inert_settings
+from data import DeviceAugment, DeviceViews, build_loader, set_loader_epoch, skipped_samples
+from data.augment import synthetic_views
+from distributed import distribute, join_processes, unwrap
+from engine import measure_throughput, train_one_epoch
+from faults import NonFiniteLossError, StopSignal
+from lr_scheduler import build_scheduler
+from metrics import DeviceMeters, MetricWriter
+from models import build_model
+from optimizer import build_optimizer
+from precision import OptimizerStep, amp_autocast, make_grad_scaler
+from utils import scale_learning_rates, seed_everything
 
 
 def check_batch(config, world_size, dataset_size=None):

@@ -55,6 +55,25 @@ def test_help_names_the_program_shows_defaults_and_an_example(
         assert f"  {flag}" not in text
 
 
+def test_help_answers_before_torch_loads():
+    """Each entry script parses its arguments before it imports torch: --help never waits for it."""
+    code = (
+        "import runpy, sys\n"
+        "for script in ['main_pretrain.py', 'main_linear.py', 'eval_knn.py', 'eval_retrieval.py',\n"
+        "               'eval_video_segmentation.py']:\n"
+        "    sys.argv = [script, '--help']\n"
+        "    try:\n"
+        "        runpy.run_path(script, run_name='__main__')\n"
+        "    except SystemExit as e:\n"
+        "        assert e.code == 0, script\n"
+        "    assert 'torch' not in sys.modules, script\n"
+        "print('no torch')\n"
+    )
+    result = run_script(["-c", code])
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("usage: ") == 5 and result.stdout.endswith("no torch\n")
+
+
 def test_help_in_a_real_process_names_the_program_as_typed():
     result = run_script(["main_pretrain.py", "--help"], env={"COLUMNS": "300"})
     assert result.returncode == 0, result.stderr
