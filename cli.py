@@ -106,7 +106,7 @@ def open_output(config, env, folder, name, notes=(), warnings=()):
     ``notes`` (lines about the configuration made before the logger existed) and, on rank 0,
     ``warnings`` (e.g. config.inert_settings) as WARNING lines."""
     from logger import create_logger
-    from precision import precision_line
+    from precision import precision_line, set_tf32
 
     try:
         os.makedirs(folder, exist_ok=True)
@@ -118,6 +118,7 @@ def open_output(config, env, folder, name, notes=(), warnings=()):
             json.dump(yaml.safe_load(config.dump()), f, indent=2)
         logger.info(f"full config saved to {os.path.join(folder, 'config.json')}")
     logger.info(f"rank {env.rank} of {env.world_size} on {env.device}")
+    set_tf32(config, env.device)
     logger.info(precision_line(config, env.device))
     for line in notes:
         logger.info(line)

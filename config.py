@@ -185,6 +185,8 @@ _C.TRAIN.ACCUMULATION_STEPS = 0
 _C.TRAIN.USE_CHECKPOINT = False
 # torch.compile the online and target encoders (weights and checkpoints are unchanged)
 _C.TRAIN.COMPILE = False
+# On CUDA, fp32 matmuls and convolutions on TF32 tensor cores (every script; no effect on CPUs)
+_C.TRAIN.TF32 = True
 
 # Learning-rate schedule
 _C.TRAIN.LR_SCHEDULER = CN()

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from config import ConfigError
+
 
 @dataclass
 class DistEnv:
@@ -45,6 +47,23 @@ def launcher_env(local_rank=None):
     return rank, world, local
 
 
+def pick_device(local_rank, cuda=torch.cuda):
+    """This process's device: GPU ``local_rank`` of its node, or the only GPU it sees where the
+    scheduler gives each task one (SLURM's ``--gpus-per-task=1``: every task sees its GPU as
+    cuda:0); the CPU without CUDA. ``cuda``: ``torch.cuda`` (a test may pass another)."""
+    if not cuda.is_available():
+        return torch.device("cpu")
+    count = cuda.device_count()
+    if local_rank < count:
+        return torch.device("cuda", local_rank)
+    if count == 1:
+        return torch.device("cuda", 0)
+    raise ConfigError(
+        f"local rank {local_rank} but this process sees {count} GPUs: start one process per GPU "
+        "(--nproc_per_node, --ntasks-per-node) or give each process one GPU (--gpus-per-task=1)"
+    )
+
+
 def init_distributed(local_rank=None, timeout_s=None):
     """Join the process group (NCCL on CUDA, gloo on the CPU) when launched with
     several processes, and pick this process's device.
@@ -54,11 +73,9 @@ def init_distributed(local_rank=None, timeout_s=None):
     process down when a collective times out, as torchrun sets it by default.
     """
     rank, world, local = launcher_env(local_rank)
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local)
-        device = torch.device("cuda", local)
-    else:
-        device = torch.device("cpu")
+    device = pick_device(local)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     store = None
     if world > 1 and not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -199,4 +216,5 @@ def distribute(model, env, **ddp_kwargs):
     cuda = env.device.type == "cuda"
     if cuda:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    return torch.nn.parallel.DistributedDataParallel(model, device_ids=[env.local_rank] if cuda else None, **ddp_kwargs)
+    device_ids = [env.device.index] if cuda else None
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids, **ddp_kwargs)

@@ -90,7 +90,7 @@ def training_state(config, model, optimizer, lr_scheduler, scaler, epoch, step=N
     """The checkpoint after ``epoch``, or, with ``step``, after ``step`` steps of it (with the
     epoch's ``meters``). Raises NonFiniteLossError when the weights are not finite."""
     where = f"after epoch {epoch}" if step is None else f"at epoch {epoch} step {step}"
-    if not all(torch.isfinite(p).all() for p in model.parameters()):
+    if not torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all():  # one synchronisation
         raise NonFiniteLossError(f"non-finite weights {where}")
     state = {
         "model": unwrap(model).state_dict(),
@@ -134,6 +134,11 @@ def main(config, env, logger):
     # ---------------------------------------------------------------- data
     if config.THROUGHPUT_MODE:
         data_loader, steps_per_epoch = None, 10**9  # synthetic batches, all in epoch 0
+        if config.MODEL.TYPE == "synco":  # measure SynCo's steps, synthetic negatives on
+            config.defrost()
+            config.MODEL.SYNTHETIC_START_EPOCH, config.MODEL.SYNTHETIC_END_EPOCH = 0, config.TRAIN.EPOCHS - 1
+            config.freeze()
+            logger.info("throughput of SynCo's steps with synthetic negatives")
     else:
         dataset, data_loader = build_loader(config)
         batches = DeviceViews(data_loader, augment, device)

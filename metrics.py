@@ -10,6 +10,7 @@
 import atexit
 import datetime
 import logging
+import math
 import time
 
 import torch
@@ -81,27 +82,36 @@ NULL_WRITER = MetricWriter(None, enabled=False)
 
 class DeviceMeters:
     """Last values and running means of per-step scalar tensors, kept on their device:
-    ``update`` never synchronises the host with the device; ``read`` does, once for all."""
+    ``update`` never synchronises the host with the device; ``read`` does, once for all.
+
+    A mean is over the finite values only (an fp16 step the grad scaler skips has an infinite
+    gradient norm, which would make the mean infinite for the rest of the epoch); the last value
+    is the last one given, finite or not.
+    """
 
     def __init__(self):
         self._last: dict[str, torch.Tensor] = {}
         self._sum: dict[str, torch.Tensor] = {}
-        self._count: dict[str, int] = {}
+        self._count: dict[str, torch.Tensor] = {}
 
     def update(self, **values: torch.Tensor) -> None:
         for name, value in values.items():
             value = value.detach().float()
+            finite = torch.isfinite(value)
             self._last[name] = value
-            self._sum[name] = self._sum[name] + value if name in self._sum else value
-            self._count[name] = self._count.get(name, 0) + 1
+            self._sum[name] = torch.where(finite, value, 0.0) + self._sum.get(name, 0.0)
+            self._count[name] = finite.float() + self._count.get(name, 0.0)
 
     def read(self) -> dict[str, tuple[float, float]]:
-        """``{name: (last value, mean)}`` of every scalar updated so far."""
+        """``{name: (last value, mean of the finite values; nan without one)}`` of every scalar updated so far."""
         names = list(self._last)
         if not names:
             return {}
-        values = torch.stack([self._last[n] for n in names] + [self._sum[n] for n in names]).tolist()
-        return {n: (values[i], values[len(names) + i] / self._count[n]) for i, n in enumerate(names)}
+        n = len(names)
+        values = torch.stack([self._last[k] for k in names] + [self._sum[k] for k in names]
+                             + [self._count[k] for k in names]).tolist()  # fmt: skip
+        return {k: (values[i], values[n + i] / values[2 * n + i] if values[2 * n + i] else math.nan)
+                for i, k in enumerate(names)}  # fmt: skip
 
     def state_dict(self) -> dict:
         """The meters as they stand (tensors on their device), for a checkpoint inside an epoch."""
@@ -111,7 +121,9 @@ class DeviceMeters:
         """Continue from ``state_dict()``'s values, moved to ``device``."""
         self._last = {name: value.to(device) for name, value in state["last"].items()}
         self._sum = {name: value.to(device) for name, value in state["sum"].items()}
-        self._count = dict(state["count"])
+        # counts: tensors; plain ints in checkpoints of earlier versions
+        self._count = {name: torch.as_tensor(count, dtype=torch.float32, device=device)
+                       for name, count in state["count"].items()}  # fmt: skip
 
 
 class MetricLogger:

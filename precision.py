@@ -24,14 +24,36 @@ def amp_autocast(config, device):
     )
 
 
+def set_tf32(config, device):
+    """On CUDA, let fp32 matmuls and convolutions use TF32 tensor cores when TRAIN.TF32 (PyTorch's
+    defaults differ: matmuls off, convolutions on); nothing on other devices."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = config.TRAIN.TF32
+        torch.backends.cudnn.allow_tf32 = config.TRAIN.TF32
+
+
 def precision_line(config, device):
-    """The precision the run computes in (AMP_OPT_LEVEL, as config.json records it), as one line."""
-    return f"precision: AMP_OPT_LEVEL {config.AMP_OPT_LEVEL} ({PRECISIONS[config.AMP_OPT_LEVEL]}) on {device}"
+    """The precision the run computes in (AMP_OPT_LEVEL, as config.json records it, and on CUDA
+    TRAIN.TF32), as one line."""
+    what = PRECISIONS[config.AMP_OPT_LEVEL]
+    if device.type == "cuda":
+        what += ", fp32 matmuls on TF32 tensor cores" if config.TRAIN.TF32 else ", full-fp32 matmuls (TRAIN.TF32 False)"
+    return f"precision: AMP_OPT_LEVEL {config.AMP_OPT_LEVEL} ({what}) on {device}"
+
+
+class GradScaler(torch.amp.GradScaler):
+    """PyTorch's grad scaler, whose state may come from a run of another precision: a checkpoint
+    written under O0 or O2 holds the empty state of a disabled scaler, from which an fp16 (O1)
+    resume starts afresh (PyTorch's raises)."""
+
+    def load_state_dict(self, state_dict):
+        if state_dict:
+            super().load_state_dict(state_dict)
 
 
 def make_grad_scaler(config, device):
     """The grad scaler of fp16 (O1); a disabled one, whose calls pass through, otherwise."""
-    return torch.amp.GradScaler(device.type, enabled=config.AMP_OPT_LEVEL == "O1")
+    return GradScaler(device.type, enabled=config.AMP_OPT_LEVEL == "O1")
 
 
 class OptimizerStep:
@@ -40,8 +62,9 @@ class OptimizerStep:
     grad scaler, zero the gradients.
 
     ``step(loss, update)`` returns the gradient norm (a device tensor, no host synchronisation) on
-    an update when ``clip_grad`` is set or ``track_norm``, else None. ``loss`` is divided by
-    ``accumulation``, so an accumulated update equals one over the concatenated batch.
+    an update when ``clip_grad`` is set or ``track_norm``, else None; without clipping the
+    gradients are only measured, not rescaled. ``loss`` is divided by ``accumulation``, so an
+    accumulated update equals one over the concatenated batch.
     """
 
     def __init__(self, optimizer, params, scaler, clip_grad=0.0, accumulation=1, track_norm=True):
@@ -50,12 +73,17 @@ class OptimizerStep:
 
     def __call__(self, loss, update=True):
         self.scaler.scale(loss / self.accumulation).backward()
-        if not update:
-            return None
+        return self.update() if update else None
+
+    def update(self):
+        """The optimizer step on the gradients accumulated so far; returns the gradient norm or None."""
         grad_norm = None
         if self.clip_grad or self.track_norm:
             self.scaler.unscale_(self.optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.clip_grad or float("inf"))
+        if self.clip_grad:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.clip_grad)
+        elif self.track_norm:
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
