@@ -38,11 +38,9 @@ _C.DATA.ZIP_MODE = False
 _C.DATA.CACHE_MODE = "part"
 # Pin CPU memory in the DataLoader for faster host-to-device copies
 _C.DATA.PIN_MEMORY = True
-# DataLoader worker processes per training process; -1: one fewer than the CPU cores
-# available to each process (at most 16). More than the cores available is capped.
+# DataLoader workers per process; -1: its CPU cores minus one (at most 16); more than its cores is capped
 _C.DATA.NUM_WORKERS = -1
-# Pretraining: run flip, colour jitter, grayscale, blur and solarize batched on the training
-# device instead of in the workers, which then only decode, crop and resize
+# Pretraining: flip, colour jitter, grayscale, blur and solarize batched on the device, not in the workers
 _C.DATA.GPU_AUG = False
 
 # -----------------------------------------------------------------------------
@@ -53,9 +51,7 @@ _C.MODEL = CN()
 _C.MODEL.TYPE = "moby"
 # Backbone: swin_tiny, swin_small, swin_base, vit_tiny, vit_small, vit_base, resnet50, resnet101, resnet152, resnet200
 _C.MODEL.ENCODER = "swin_tiny"
-# Run name; the output folder is OUTPUT/NAME/TAG. Empty, or a --cfg name that spells the
-# file's own settings (run_name: every shipped config's), is computed from the effective
-# settings, --opts included; a name set by --opts, or any other --cfg name, is kept
+# Run name (the folder OUTPUT/NAME/TAG); empty or a shipped config's follows the effective settings (run_name)
 _C.MODEL.NAME = ""
 # Checkpoint to resume from (set by --resume)
 _C.MODEL.RESUME = ""
@@ -120,9 +116,8 @@ _C.LINEAR_EVAL = CN()
 _C.LINEAR_EVAL.PRETRAINED = ""
 # "freeze" trains the head on frozen features, "finetune" trains everything
 _C.LINEAR_EVAL.WEIGHTS = "freeze"
-# Probing: the frozen backbone runs in train mode while the head trains, so its drop path
-# perturbs the features (the original's protocol); False: in eval mode (MoCo v3's, DINO's).
-# BatchNorm layers of a frozen backbone stay in eval mode either way. Fine-tuning: train mode.
+# Probing: the frozen backbone in train mode, its drop path perturbing the features (the original's);
+# False: eval mode (MoCo v3, DINO). A frozen backbone's BatchNorms stay in eval mode either way.
 _C.LINEAR_EVAL.BACKBONE_TRAIN_MODE = True
 
 # -----------------------------------------------------------------------------

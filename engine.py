@@ -40,15 +40,15 @@ def sync_ranks(checks, epoch, stop_requested=False):
     ``checks``: {what: FirstNonFinite}. One collective and one synchronisation.
     """
     steps = [check.step for check in checks.values()]
-    go_on = torch.full_like(steps[0], 0 if stop_requested else 1)
-    state = torch.stack(steps + [go_on])
+    continuing = torch.full_like(steps[0], 0 if stop_requested else 1)
+    state = torch.stack(steps + [continuing])  # the minimum over the ranks of each
     if get_world_size() > 1:
         torch.distributed.all_reduce(state, op=torch.distributed.ReduceOp.MIN)
-    *first_bad, go_on = state.tolist()
-    for (what, check), bad in zip(checks.items(), first_bad):
-        if bad < check.num_steps:
-            raise NonFiniteLossError(f"non-finite {what} at epoch {epoch} step {bad}")
-    return not go_on
+    *first_non_finite, all_continue = state.tolist()
+    for (what, check), step in zip(checks.items(), first_non_finite):
+        if step < check.num_steps:
+            raise NonFiniteLossError(f"non-finite {what} at epoch {epoch} step {step}")
+    return not all_continue
 
 
 def _as_process_fault(error, config, epoch, step):
