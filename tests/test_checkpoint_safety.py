@@ -8,8 +8,7 @@ from fractions import Fraction
 
 import pytest
 import torch
-from conftest import run_script, save_code_running_checkpoint, small_config
-from test_convert import SWIN_T, perturbed, to_original_layout
+from conftest import SWIN_T, perturbed, run_script, save_code_running_checkpoint, small_config, to_original_layout
 from yacs.config import CfgNode
 
 import eval_knn

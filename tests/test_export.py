@@ -6,9 +6,8 @@ import os
 import pytest
 import timm
 import torch
-from conftest import run_script
+from conftest import SWIN_T, perturbed, run_script, to_original_layout
 from safetensors.torch import load_file
-from test_convert import SWIN_T, perturbed, to_original_layout
 
 from config import get_config
 from models import build_model

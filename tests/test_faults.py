@@ -12,8 +12,7 @@ import sys
 import time
 
 import torch
-from conftest import ROOT, run_script
-from test_pretrain_e2e import TINY, run_folder
+from conftest import ROOT, TINY, run_folder, run_script
 
 SHIMS = os.path.join(ROOT, "tests", "shims")
 

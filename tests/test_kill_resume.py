@@ -13,8 +13,7 @@ import time
 
 import pytest
 import torch
-from conftest import ROOT
-from test_pretrain_e2e import TINY
+from conftest import ROOT, TINY
 
 from utils import load_newest_checkpoint, save_atomic
 

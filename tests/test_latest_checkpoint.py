@@ -11,8 +11,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import run_script, small_config
-from test_pretrain_e2e import TINY, run_folder
+from conftest import TINY, run_folder, run_script, small_config
 
 import main_pretrain
 from engine import inherit_encoder_settings, load_run_encoder, run_cli

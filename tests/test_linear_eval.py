@@ -14,8 +14,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 import yaml
-from conftest import ROOT, run_script
-from test_pretrain_e2e import TINY
+from conftest import ROOT, TINY, run_script
 
 import eval_knn
 from config import ConfigError, get_config

@@ -4,8 +4,7 @@ import filecmp
 import os
 
 import torch
-from conftest import run_script
-from test_pretrain_e2e import TINY, run_folder
+from conftest import TINY, run_folder, run_script
 
 
 def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(image_folder, tmp_path):

@@ -1,6 +1,5 @@
 """main_pretrain.py end to end: real processes, real gloo process groups, real images."""
 
-import glob
 import json
 import os
 import re
@@ -9,18 +8,10 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, run_script
+from conftest import ROOT, TINY, run_folder, run_script
 
 import main_pretrain
 from tools.plot_log import parse_log, synthetic_epochs, synthetic_span
-
-TINY = [
-    "--batch-size", "4", "--amp-opt-level", "O0",
-    "--opts", "DATA.IMG_SIZE", "32", "DATA.NUM_WORKERS", "0", "MODEL.CONTRAST_NUM_NEGATIVE", "16",
-    "MODEL.PROJ_HIDDEN_DIM", "64", "TRAIN.EPOCHS", "2", "PRINT_FREQ", "1",
-    "MODEL.N_HARD", "8", "MODEL.N1", "2", "MODEL.N2", "2", "MODEL.N3", "2", "MODEL.N4", "2", "MODEL.N5", "2",
-    "MODEL.N6", "2", "MODEL.SYNTHETIC_START_EPOCH", "0",
-]  # fmt: skip
 
 TORCHRUN = ["-m", "torch.distributed.run", "--nproc_per_node=2"]
 LAUNCH = ["-m", "torch.distributed.launch", "--nproc_per_node=2"]
@@ -35,11 +26,6 @@ def pretrain(launcher, framework, image_folder, output, port, extra=()):
         [*args, "main_pretrain.py", "--cfg", f"configs/{framework}_vit_tiny.yaml", "--data-path", image_folder,
          "--output", str(output), "--tag", "t", *TINY, *extra]
     )  # fmt: skip
-
-
-def run_folder(output):
-    (folder,) = glob.glob(os.path.join(output, "*", "t"))
-    return folder
 
 
 def check_run(output, framework, world_size, steps_per_epoch):
