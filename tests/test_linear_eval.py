@@ -5,7 +5,6 @@ import json
 import logging
 import math
 import os
-import socket
 
 import pytest
 import timm
@@ -14,7 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 import yaml
-from conftest import ROOT, TINY, run_script
+from conftest import ROOT, TINY, free_port, run_script
 
 import eval_knn
 from config import ConfigError, get_config
@@ -92,10 +91,10 @@ def test_bad_checkpoints_are_clear_errors(pretrained, tmp_path):
         load_pretrained_encoder(model, str(foreign), "vit_tiny")
 
 
-@pytest.mark.parametrize("weights, port", [("freeze", 29631), ("finetune", 29632)])
-def test_linear_eval_two_processes(pretrained, image_folder, weights, port):
+@pytest.mark.parametrize("weights", ["freeze", "finetune"])
+def test_linear_eval_two_processes(pretrained, image_folder, weights):
     out, ckpt = pretrained
-    result = run_script(["-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+    result = run_script(["-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
                          "main_linear.py", "--cfg", "configs/moby_vit_tiny.yaml", "--data-path", image_folder,
                          "--output", out, "--tag", "t", *SMALL, "TRAIN.EPOCHS", "2",
                          "LINEAR_EVAL.WEIGHTS", weights])  # fmt: skip
@@ -268,10 +267,7 @@ def _validate_worker(rank, port, result_dir):
 
 
 def test_validation_counts_exactly_over_uneven_shards(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_validate_worker, args=(port, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_validate_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
     for rank in range(2):
         acc1, acc5 = torch.load(tmp_path / f"{rank}.pt")
         assert acc1 == pytest.approx(40.0) and acc5 == pytest.approx(100.0)

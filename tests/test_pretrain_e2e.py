@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, TINY, run_folder, run_script
+from conftest import ROOT, TINY, free_port, run_folder, run_script
 
 import main_pretrain
 from tools.plot_log import parse_log, synthetic_epochs, synthetic_span
@@ -72,15 +72,15 @@ def check_run(output, framework, world_size, steps_per_epoch):
 
 
 @pytest.mark.parametrize(
-    "framework, port, launcher, extra",
+    "framework, launcher, extra",
     [
-        ("moby", 29621, TORCHRUN, ["--amp-opt-level", "O1", "--accumulation-steps", "2"]),  # fp16 + grad scaler
-        ("byol", 29622, TORCHRUN, ["--amp-opt-level", "O2", "--use-checkpoint"]),  # bf16 autocast
-        ("synco", 29623, RENDEZVOUS, []),
+        ("moby", TORCHRUN, ["--amp-opt-level", "O1", "--accumulation-steps", "2"]),  # fp16 + grad scaler
+        ("byol", TORCHRUN, ["--amp-opt-level", "O2", "--use-checkpoint"]),  # bf16 autocast
+        ("synco", RENDEZVOUS, []),
     ],
 )
-def test_torchrun_two_processes(framework, image_folder, tmp_path, port, launcher, extra):
-    result = pretrain(launcher, framework, image_folder, tmp_path, port, extra)
+def test_torchrun_two_processes(framework, image_folder, tmp_path, launcher, extra):
+    result = pretrain(launcher, framework, image_folder, tmp_path, free_port(), extra)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "Cosine annealing scheduler will have no effect" not in result.stdout + result.stderr  # timm's
     # 16 images, global batch 8
@@ -90,7 +90,7 @@ def test_torchrun_two_processes(framework, image_folder, tmp_path, port, launche
 def test_slurm_tasks(image_folder, tmp_path):
     """Two processes started as srun starts them: ranks from SLURM_* variables."""
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env.update(CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="29625",
+    env.update(CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
                SLURM_NTASKS="2", SLURM_JOB_ID="1")  # fmt: skip
     args = ["main_pretrain.py", "--cfg", "configs/moby_vit_tiny.yaml", "--data-path", image_folder,
             "--output", str(tmp_path), "--tag", "t", *TINY]  # fmt: skip
@@ -111,7 +111,7 @@ def test_slurm_tasks(image_folder, tmp_path):
 
 
 def test_torch_distributed_launch(image_folder, tmp_path):
-    result = pretrain(LAUNCH, "synco", image_folder, tmp_path, 29624)
+    result = pretrain(LAUNCH, "synco", image_folder, tmp_path, free_port())
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     check_run(tmp_path, "synco", world_size=2, steps_per_epoch=2)
 
