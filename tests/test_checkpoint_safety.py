@@ -44,6 +44,7 @@ def test_code_running_checkpoint_is_refused_and_nothing_runs(tmp_path, legacy_fo
     assert not marker.exists()
 
 
+@pytest.mark.slow
 def test_every_reader_refuses_it(tmp_path):
     """main_linear.py and eval_knn.py (the pretrained encoder), auto-resume, export_backbone.py."""
     marker = tmp_path / "marker"

@@ -51,6 +51,7 @@ def test_help_names_the_program_shows_defaults_and_an_example(
         assert f"  {flag}" not in text
 
 
+@pytest.mark.slow
 def test_help_in_a_real_process_names_the_program_as_typed():
     result = run_script(["main_pretrain.py", "--help"], env={"COLUMNS": "300"})
     assert result.returncode == 0, result.stderr

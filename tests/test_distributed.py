@@ -2,6 +2,7 @@
 
 import os
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -9,6 +10,8 @@ import torch.nn.functional as F
 from conftest import free_port, small_config, views
 
 from models import build_model
+
+pytestmark = pytest.mark.slow  # two real processes (mp.spawn) in a gloo process group
 
 
 def _worker(rank, world_size, port, result_dir):

@@ -11,8 +11,11 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 from conftest import ROOT, TINY, free_port, run_folder, run_script
+
+pytestmark = pytest.mark.slow  # real training runs in other processes (torchrun, Popen), with faults injected
 
 SHIMS = os.path.join(ROOT, "tests", "shims")
 

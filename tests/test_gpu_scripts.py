@@ -5,8 +5,11 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 from conftest import ROOT, run_script
+
+pytestmark = pytest.mark.slow  # the benchmark and the smoke script in other processes
 
 
 def test_gpu_benchmark_says_it_needs_cuda():

@@ -49,6 +49,7 @@ def kill_when(kind, what, proc, log_path, folder, timeout=60.0):
         time.sleep(0.005)
 
 
+@pytest.mark.slow
 def test_runs_killed_at_random_moments_resume_and_finish(image_folder, tmp_path):
     rng = random.Random(0)
     output, folder = tmp_path / "out", str(tmp_path / "out" / "*" / "t")
@@ -87,6 +88,7 @@ def test_runs_killed_at_random_moments_resume_and_finish(image_folder, tmp_path)
     assert sorted(numbered) == list(range(EPOCHS))
 
 
+@pytest.mark.slow
 def test_killed_between_the_last_two_saves_the_restart_makes_checkpoint_current(image_folder, tmp_path):
     """SIGKILL the instant the last epoch's ckpt_epoch_{E}.pth appears, before checkpoint.pth
     follows: the restart makes checkpoint.pth that file, and trains nothing."""

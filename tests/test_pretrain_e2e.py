@@ -71,6 +71,7 @@ def check_run(output, framework, world_size, steps_per_epoch):
     return folder
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "framework, launcher, extra",
     [
@@ -87,6 +88,7 @@ def test_torchrun_two_processes(framework, image_folder, tmp_path, launcher, ext
     check_run(tmp_path, framework, world_size=2, steps_per_epoch=2)
 
 
+@pytest.mark.slow
 def test_slurm_tasks(image_folder, tmp_path):
     """Two processes started as srun starts them: ranks from SLURM_* variables."""
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
@@ -110,12 +112,14 @@ def test_slurm_tasks(image_folder, tmp_path):
     check_run(tmp_path, "moby", world_size=2, steps_per_epoch=2)
 
 
+@pytest.mark.slow
 def test_torch_distributed_launch(image_folder, tmp_path):
     result = pretrain(LAUNCH, "synco", image_folder, tmp_path, free_port())
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     check_run(tmp_path, "synco", world_size=2, steps_per_epoch=2)
 
 
+@pytest.mark.slow
 def test_plain_python_single_process_and_auto_resume(image_folder, tmp_path):
     result = pretrain(None, "synco", image_folder, tmp_path, None)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -128,6 +132,7 @@ def test_plain_python_single_process_and_auto_resume(image_folder, tmp_path):
     assert log.count("EPOCH 1 done") == 1 and log.count("start training") == 1
 
 
+@pytest.mark.slow
 def test_throughput_prints_images_per_second(tmp_path):
     # GPU_AUG: the step includes the batched photometric augmentation
     result = run_script(

@@ -8,6 +8,8 @@ import pytest
 import torch
 from conftest import TINY, run_folder, run_script
 
+pytestmark = pytest.mark.slow  # real training runs in other processes
+
 
 def pretrain(framework, image_folder, output, workers, gpu_aug):
     result = run_script(

@@ -218,6 +218,7 @@ def map_lines(out):
     return text, re.findall(r"roxford5k (?:medium|hard): mAP [\d.]+ over \d queries|mAP \(revisited.*", text)
 
 
+@pytest.mark.slow
 def test_eval_retrieval_end_to_end(buildings, tmp_path):
     torch.manual_seed(0)
     ckpt = tmp_path / "pretrained.pth"

@@ -642,6 +642,7 @@ def test_rank_zero_first_order(monkeypatch):
     assert calls == ["barrier"]
 
 
+@pytest.mark.slow
 def test_rank_zero_builds_first(tmp_path):
     write_dtd(tmp_path, np.random.default_rng(0))
     out = [str(tmp_path / f"rank{r}.pt") for r in range(2)]
