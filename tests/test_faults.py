@@ -169,6 +169,7 @@ def start_torchrun(args, port, log_path, *launcher_opts, extra_env=None):
                                 stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
 
 
+@pytest.mark.timeout(600)  # three torchrun runs, one after the other
 def test_preempted_mid_epoch_run_resumes_exactly(image_folder, tmp_path):
     # 2 processes x batch 2: 4 steps per epoch
     def args(output, *opts):
@@ -245,6 +246,7 @@ def test_killed_right_after_a_periodic_save_resumes_exactly(image_folder, tmp_pa
         torch.testing.assert_close(b["model"][key], value, rtol=0, atol=1e-6, msg=key)
 
 
+@pytest.mark.timeout(600)  # two torchrun runs at once, one of them restarted
 def test_torchrun_restarts_the_group_after_a_stalled_rank_and_resumes_exactly(image_folder, tmp_path):
     """torchrun --max-restarts=1: rank 1 hangs in its first step of epoch 1 in the first attempt
     only; rank 0 fails on the timeout, rank 1 ends at torchrun's SIGTERM, and the second attempt

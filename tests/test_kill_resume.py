@@ -50,6 +50,7 @@ def kill_when(kind, what, proc, log_path, folder, timeout=60.0):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(600)  # a run killed and restarted several times
 def test_runs_killed_at_random_moments_resume_and_finish(image_folder, tmp_path):
     rng = random.Random(0)
     output, folder = tmp_path / "out", str(tmp_path / "out" / "*" / "t")

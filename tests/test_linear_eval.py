@@ -94,6 +94,7 @@ def test_bad_checkpoints_are_clear_errors(pretrained, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(600)  # three script runs, the first through torchrun
 @pytest.mark.parametrize("weights", ["freeze", "finetune"])
 def test_linear_eval_two_processes(pretrained, image_folder, weights):
     out, ckpt = pretrained
