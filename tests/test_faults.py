@@ -62,6 +62,7 @@ def flip_a_tensor_byte(path, tensor):
     open(path, "wb").write(bytes(data))
 
 
+@pytest.mark.timeout(600)  # three runs, one after the other
 def test_checkpoints_with_a_flipped_byte_are_refused_or_skipped(image_folder, tmp_path):
     args = pretrain_args("moby", image_folder, tmp_path / "run")
     first = run_script(args)
@@ -204,6 +205,7 @@ def test_preempted_mid_epoch_run_resumes_exactly(image_folder, tmp_path):
         torch.testing.assert_close(b["model"][key], value, rtol=0, atol=1e-6, msg=key)
 
 
+@pytest.mark.timeout(600)  # three runs, one after the other
 def test_killed_right_after_a_periodic_save_resumes_exactly(image_folder, tmp_path):
     """TRAIN.SAVE_EVERY_STEPS 2 (4 steps per epoch): SIGKILL as soon as the save after epoch 1's
     step 1 is logged; the restart goes on from step 2 and ends as an uninterrupted run."""

@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import TINY, run_folder, run_script
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]  # two training runs in other processes per test
+pytestmark = pytest.mark.slow  # real training runs in other processes
 
 
 def pretrain(framework, image_folder, output, workers, gpu_aug):
