@@ -1,4 +1,10 @@
+"""Fixtures and helpers shared by the test modules (imported as ``from conftest import ...``;
+no test module imports another)."""
+
+import glob
 import os
+import re
+import socket
 import subprocess
 import sys
 
@@ -6,10 +12,19 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from yacs.config import CfgNode as CN
 
 from config import get_config
+from data import set_loader_epoch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def free_port():
+    """A TCP port on 127.0.0.1 that nothing listens on right now (the system picks it)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def write_image_folder(root, classes=2, per_class=8, size=(40, 36), seed=0):
@@ -101,3 +116,115 @@ def save_code_running_checkpoint(path, marker, legacy_format=False):
     payload = RunsCode(f"open({str(marker)!r}, 'w').write('ran')")
     state = {"model": {"encoder.pos_embed": torch.zeros(1, 5, 8)}, "epoch": 0, "config": payload}
     torch.save(state, path, _use_new_zipfile_serialization=not legacy_format)
+
+
+# ----------------------------------------------------------------------------
+# Tiny main_pretrain.py runs
+# ----------------------------------------------------------------------------
+TINY = [
+    "--batch-size", "4", "--amp-opt-level", "O0",
+    "--opts", "DATA.IMG_SIZE", "32", "DATA.NUM_WORKERS", "0", "MODEL.CONTRAST_NUM_NEGATIVE", "16",
+    "MODEL.PROJ_HIDDEN_DIM", "64", "TRAIN.EPOCHS", "2", "PRINT_FREQ", "1",
+    "MODEL.N_HARD", "8", "MODEL.N1", "2", "MODEL.N2", "2", "MODEL.N3", "2", "MODEL.N4", "2", "MODEL.N5", "2",
+    "MODEL.N6", "2", "MODEL.SYNTHETIC_START_EPOCH", "0",
+]  # fmt: skip
+
+
+def run_folder(output):
+    (folder,) = glob.glob(os.path.join(output, "*", "t"))
+    return folder
+
+
+# ----------------------------------------------------------------------------
+# The pretraining data package's config and epochs
+# ----------------------------------------------------------------------------
+def make_config(data_root: str, **data) -> CN:
+    cfg = CN()
+    cfg.SEED = 7
+    cfg.DATA = CN()
+    cfg.DATA.DATA_PATH = data_root
+    cfg.DATA.BATCH_SIZE = 4
+    cfg.DATA.IMG_SIZE = 32
+    cfg.DATA.INTERPOLATION = "bicubic"
+    cfg.DATA.ZIP_MODE = False
+    cfg.DATA.CACHE_MODE = "no"
+    cfg.DATA.PIN_MEMORY = False
+    cfg.DATA.NUM_WORKERS = 0
+    cfg.DATA.GPU_AUG = False
+    cfg.AUG = CN()
+    cfg.AUG.SSL_AUG_TYPE = "byol"
+    cfg.AUG.SSL_AUG_CROP = 0.08
+    cfg.AUG.SSL_AUG_INTERPOLATION = "bilinear"
+    for key, value in data.items():
+        setattr(cfg.DATA, key, value)
+    return cfg
+
+
+def epoch_batches(data_loader, epoch: int) -> list:
+    set_loader_epoch(data_loader, epoch)
+    return list(data_loader)
+
+
+def assert_same_batches(a: list, b: list) -> None:
+    assert len(a) == len(b)
+    for ((a_views, a_params), at), ((b_views, b_params), bt) in zip(a, b, strict=True):
+        assert torch.equal(at, bt)
+        for x, y in zip((*a_views, *a_params), (*b_views, *b_params), strict=True):
+            assert torch.equal(x, y)
+
+
+# ----------------------------------------------------------------------------
+# Swin Transformer weights in the original code's layout
+# ----------------------------------------------------------------------------
+SWIN_T = dict(embed_dim=96, depths=(2, 2, 6, 2), img_size=224, patch_size=4, window_size=7)
+
+
+def perturbed(model, seed=0):
+    """``model`` in eval mode with every weight moved off its initialisation (LayerNorms included)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn(p.shape, generator=g))
+    return model.eval()
+
+
+def original_relative_position_index(win):
+    """The original WindowAttention's saved buffer: [win * win, win * win] indices into the bias table."""
+    coords = torch.stack(torch.meshgrid(torch.arange(win), torch.arange(win), indexing="ij")).flatten(1)  # [2, N]
+    rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + (win - 1)  # [N, N, 2], from 0
+    return rel[..., 0] * (2 * win - 1) + rel[..., 1]
+
+
+def original_attn_mask(res, win, shift):
+    """The original shifted-window block's saved buffer: [num windows, win * win, win * win] of 0 / -100."""
+    regions = torch.zeros(res, res)
+    spans = (slice(0, -win), slice(-win, -shift), slice(-shift, None))
+    for i, (h, w) in enumerate((h, w) for h in spans for w in spans):
+        regions[h, w] = i
+    windows = regions.view(res // win, win, res // win, win).permute(0, 2, 1, 3).reshape(-1, win * win)
+    mask = windows[:, None, :] - windows[:, :, None]
+    return mask.masked_fill(mask != 0, -100.0)
+
+
+def to_original_layout(state, embed_dim, depths, img_size, patch_size, window_size):
+    """A timm / project Swin state dict as the original Swin Transformer saved it."""
+    original = {}
+    for key, value in state.items():
+        match = re.fullmatch(r"layers\.(\d+)\.downsample\.(.+)", key)
+        if match:  # merging before stage i in timm = after stage i - 1 in the original
+            key = f"layers.{int(match.group(1)) - 1}.downsample.{match.group(2)}"
+        original[key] = value
+    res = img_size // patch_size
+    for i, depth in enumerate(depths):
+        win = min(window_size, res)  # the original's rule: one window, no shift, once the map is no larger
+        for j in range(depth):
+            original[f"layers.{i}.blocks.{j}.attn.relative_position_index"] = original_relative_position_index(win)
+            if j % 2 == 1 and res > window_size:
+                original[f"layers.{i}.blocks.{j}.attn_mask"] = original_attn_mask(res, win, win // 2)
+        if i < len(depths) - 1:  # the original's key names and shapes
+            dim = embed_dim * 2**i
+            assert original[f"layers.{i}.downsample.reduction.weight"].shape == (2 * dim, 4 * dim)
+            assert original[f"layers.{i}.downsample.norm.weight"].shape == (4 * dim,)
+        res //= 2
+    assert not any(k.startswith(f"layers.{len(depths) - 1}.downsample") for k in original)
+    return original

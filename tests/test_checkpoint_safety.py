@@ -8,8 +8,7 @@ from fractions import Fraction
 
 import pytest
 import torch
-from conftest import run_script, save_code_running_checkpoint, small_config
-from test_convert import SWIN_T, perturbed, to_original_layout
+from conftest import SWIN_T, perturbed, run_script, save_code_running_checkpoint, small_config, to_original_layout
 from yacs.config import CfgNode
 
 import eval_knn
@@ -46,6 +45,7 @@ def test_code_running_checkpoint_is_refused_and_nothing_runs(tmp_path, legacy_fo
     assert not marker.exists()
 
 
+@pytest.mark.slow
 def test_every_reader_refuses_it(tmp_path):
     """main_linear.py and eval_knn.py (the pretrained encoder), auto-resume, export_backbone.py."""
     marker = tmp_path / "marker"

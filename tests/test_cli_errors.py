@@ -41,6 +41,7 @@ def run(tmp_path, image_folder, capsys):
     return _run
 
 
+@pytest.mark.slow
 def test_missing_data_path_in_a_real_process(tmp_path):
     missing = str(tmp_path / "nowhere")
     result = run_script([*BASE, "--cfg", "configs/moby_vit_tiny.yaml", "--output", str(tmp_path), "--data-path",
@@ -115,6 +116,7 @@ def test_zip_mode_without_map_file(run, tmp_path):
     assert_clean_error(run("--zip", "--batch-size", "4", "--opts", *SMALL, data=str(folder)), "train_map.txt")
 
 
+@pytest.mark.slow
 def test_output_folder_that_cannot_be_created(run, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("")

@@ -55,6 +55,7 @@ def test_help_names_the_program_shows_defaults_and_an_example(
         assert f"  {flag}" not in text
 
 
+@pytest.mark.slow
 def test_help_answers_before_torch_loads():
     """Each entry script parses its arguments before it imports torch: --help never waits for it."""
     code = (
@@ -74,6 +75,7 @@ def test_help_answers_before_torch_loads():
     assert result.stdout.count("usage: ") == 5 and result.stdout.endswith("no torch\n")
 
 
+@pytest.mark.slow
 def test_help_in_a_real_process_names_the_program_as_typed():
     result = run_script(["main_pretrain.py", "--help"], env={"COLUMNS": "300"})
     assert result.returncode == 0, result.stderr

@@ -1,18 +1,18 @@
 """models/convert.py: encoders of the original MoBY / SynCo-v2 code load with identical features.
 
-The original layout is written here from the original Swin Transformer's code (patch
+The original layout is written in conftest.py from the original Swin Transformer's code (patch
 merging at the end of each stage, saved index and mask buffers), independently of the
 conversion it checks, and so is a reference forward pass of the original SynCo-v2 Swin
 (its block structure and its LayerNorm eps) straight from such a state dict.
 """
 
-import re
 from functools import partial
 
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from conftest import SWIN_T, original_attn_mask, original_relative_position_index, perturbed, to_original_layout
 from timm.models.swin_transformer import PatchMerging
 
 from config import get_config
@@ -22,17 +22,6 @@ from models.swin_transformer import swin_tiny
 from models.vision_transformer import vit_tiny
 from pretrained import load_pretrained_encoder
 
-SWIN_T = dict(embed_dim=96, depths=(2, 2, 6, 2), img_size=224, patch_size=4, window_size=7)
-
-
-def perturbed(model, seed=0):
-    """``model`` in eval mode with every weight moved off its initialisation (LayerNorms included)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.02 * torch.randn(p.shape, generator=g))
-    return model.eval()
-
 
 def original_patch_merging(x, norm, reduction):
     """The original Swin's PatchMerging: [B, H, W, C] (H, W even) -> [B, H/2, W/2, 2C]."""
@@ -41,48 +30,6 @@ def original_patch_merging(x, norm, reduction):
     x2 = x[:, 0::2, 1::2]
     x3 = x[:, 1::2, 1::2]
     return reduction(norm(torch.cat([x0, x1, x2, x3], dim=-1)))
-
-
-def original_relative_position_index(win):
-    """The original WindowAttention's saved buffer: [win * win, win * win] indices into the bias table."""
-    coords = torch.stack(torch.meshgrid(torch.arange(win), torch.arange(win), indexing="ij")).flatten(1)  # [2, N]
-    rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + (win - 1)  # [N, N, 2], from 0
-    return rel[..., 0] * (2 * win - 1) + rel[..., 1]
-
-
-def original_attn_mask(res, win, shift):
-    """The original shifted-window block's saved buffer: [num windows, win * win, win * win] of 0 / -100."""
-    regions = torch.zeros(res, res)
-    spans = (slice(0, -win), slice(-win, -shift), slice(-shift, None))
-    for i, (h, w) in enumerate((h, w) for h in spans for w in spans):
-        regions[h, w] = i
-    windows = regions.view(res // win, win, res // win, win).permute(0, 2, 1, 3).reshape(-1, win * win)
-    mask = windows[:, None, :] - windows[:, :, None]
-    return mask.masked_fill(mask != 0, -100.0)
-
-
-def to_original_layout(state, embed_dim, depths, img_size, patch_size, window_size):
-    """A timm / project Swin state dict as the original Swin Transformer saved it."""
-    original = {}
-    for key, value in state.items():
-        match = re.fullmatch(r"layers\.(\d+)\.downsample\.(.+)", key)
-        if match:  # merging before stage i in timm = after stage i - 1 in the original
-            key = f"layers.{int(match.group(1)) - 1}.downsample.{match.group(2)}"
-        original[key] = value
-    res = img_size // patch_size
-    for i, depth in enumerate(depths):
-        win = min(window_size, res)  # the original's rule: one window, no shift, once the map is no larger
-        for j in range(depth):
-            original[f"layers.{i}.blocks.{j}.attn.relative_position_index"] = original_relative_position_index(win)
-            if j % 2 == 1 and res > window_size:
-                original[f"layers.{i}.blocks.{j}.attn_mask"] = original_attn_mask(res, win, win // 2)
-        if i < len(depths) - 1:  # the original's key names and shapes
-            dim = embed_dim * 2**i
-            assert original[f"layers.{i}.downsample.reduction.weight"].shape == (2 * dim, 4 * dim)
-            assert original[f"layers.{i}.downsample.norm.weight"].shape == (4 * dim,)
-        res //= 2
-    assert not any(k.startswith(f"layers.{len(depths) - 1}.downsample") for k in original)
-    return original
 
 
 def original_norm(x, state, name, eps):

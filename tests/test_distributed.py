@@ -1,21 +1,17 @@
 """Two real gloo processes: ranks stay identical and the queues hold every rank's keys in rank order."""
 
 import os
-import socket
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from conftest import small_config, views
+from conftest import free_port, small_config, views
 
 from models import build_model
 
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+pytestmark = pytest.mark.slow  # two real processes (mp.spawn) in a gloo process group
 
 
 def _worker(rank, world_size, port, result_dir):

@@ -6,9 +6,8 @@ import os
 import pytest
 import timm
 import torch
-from conftest import run_script
+from conftest import SWIN_T, perturbed, run_script, to_original_layout
 from safetensors.torch import load_file
-from test_convert import SWIN_T, perturbed, to_original_layout
 
 from config import get_config
 from models import build_model
@@ -77,6 +76,7 @@ def assert_same_backbone(model, encoder, stem, img_size):
         torch.testing.assert_close(model(x), encoder.eval()(x), rtol=0, atol=atol)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("encoder, timm_name", [("vit_tiny", "vit_tiny_patch16_224"),
                                                ("swin_tiny", "swin_tiny_patch4_window7_224"),
                                                ("resnet50", "resnet50")])  # fmt: skip
@@ -158,6 +158,7 @@ def test_resnet_depth_inferred_without_framework_entry(name):
     assert export_backbone.infer_encoder_name(state) == name
 
 
+@pytest.mark.slow
 def test_errors_are_one_line(tmp_path, capsys):
     missing = run_script(["tools/export_backbone.py", str(tmp_path / "none.pth"), str(tmp_path / "out")])
     assert missing.returncode == 2 and "Traceback" not in missing.stderr

@@ -11,9 +11,11 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
-from conftest import ROOT, run_script
-from test_pretrain_e2e import TINY, run_folder
+from conftest import ROOT, TINY, free_port, run_folder, run_script
+
+pytestmark = pytest.mark.slow  # real training runs in other processes (torchrun, Popen), with faults injected
 
 SHIMS = os.path.join(ROOT, "tests", "shims")
 
@@ -60,6 +62,7 @@ def flip_a_tensor_byte(path, tensor):
     open(path, "wb").write(bytes(data))
 
 
+@pytest.mark.timeout(600)  # three runs, one after the other
 def test_checkpoints_with_a_flipped_byte_are_refused_or_skipped(image_folder, tmp_path):
     args = pretrain_args("moby", image_folder, tmp_path / "run")
     first = run_script(args)
@@ -99,7 +102,8 @@ def test_a_stalled_rank_turns_into_an_error_on_the_other_within_the_timeout(imag
     # rank 1 hangs for 10 minutes in its third step (epoch 1 step 0)
     stall = {"PYTHONPATH": os.path.join(SHIMS, "stall"), "STALL_RANK": "1", "STALL_AT": "3", "STALL_SECONDS": "600"}
     logs = [tmp_path / f"rank{r}.txt" for r in range(2)]
-    procs = [start_rank(r, args, 29631, stall, logs[r]) for r in range(2)]
+    port = free_port()  # the two ranks meet at one port
+    procs = [start_rank(r, args, port, stall, logs[r]) for r in range(2)]
     try:
         assert procs[0].wait(timeout=120) == 2, logs[0].read_text()[-3000:]
         assert procs[1].poll() is None  # still asleep
@@ -166,16 +170,17 @@ def start_torchrun(args, port, log_path, *launcher_opts, extra_env=None):
                                 stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
 
 
+@pytest.mark.timeout(600)  # three torchrun runs, one after the other
 def test_preempted_mid_epoch_run_resumes_exactly(image_folder, tmp_path):
     # 2 processes x batch 2: 4 steps per epoch
     def args(output, *opts):
         return [*pretrain_args("synco", image_folder, output, *opts), "--batch-size", "2"]
 
-    straight = start_torchrun(args(tmp_path / "straight"), 29641, tmp_path / "straight.txt")
+    straight = start_torchrun(args(tmp_path / "straight"), free_port(), tmp_path / "straight.txt")
     assert straight.wait(timeout=300) == 0, (tmp_path / "straight.txt").read_text()[-3000:]
 
     log = tmp_path / "preempted.txt"
-    preempted = start_torchrun(args(tmp_path / "preempted"), 29642, log)
+    preempted = start_torchrun(args(tmp_path / "preempted"), free_port(), log)
     try:
         wait_for(f"Train: [1/2][{random.Random(0).randrange(3)}/4]", log, preempted)
         os.killpg(preempted.pid, signal.SIGTERM)  # as a scheduler signals every process of a job
@@ -187,7 +192,7 @@ def test_preempted_mid_epoch_run_resumes_exactly(image_folder, tmp_path):
     assert ckpt["epoch"] == 0 and 0 < ckpt["epoch_step"] < 4, log.read_text()[-3000:]
     assert f"stopped by a signal at epoch 1 step {ckpt['epoch_step']}" in log.read_text()
 
-    resumed = start_torchrun(args(tmp_path / "preempted"), 29643, tmp_path / "resumed.txt")
+    resumed = start_torchrun(args(tmp_path / "preempted"), free_port(), tmp_path / "resumed.txt")
     assert resumed.wait(timeout=300) == 0, (tmp_path / "resumed.txt").read_text()[-3000:]
     expected = open(os.path.join(run_folder(tmp_path / "straight"), "log_rank0.txt")).read()
     got = open(os.path.join(folder, "log_rank0.txt")).read()
@@ -200,6 +205,7 @@ def test_preempted_mid_epoch_run_resumes_exactly(image_folder, tmp_path):
         torch.testing.assert_close(b["model"][key], value, rtol=0, atol=1e-6, msg=key)
 
 
+@pytest.mark.timeout(600)  # three runs, one after the other
 def test_killed_right_after_a_periodic_save_resumes_exactly(image_folder, tmp_path):
     """TRAIN.SAVE_EVERY_STEPS 2 (4 steps per epoch): SIGKILL as soon as the save after epoch 1's
     step 1 is logged; the restart goes on from step 2 and ends as an uninterrupted run."""
@@ -242,6 +248,7 @@ def test_killed_right_after_a_periodic_save_resumes_exactly(image_folder, tmp_pa
         torch.testing.assert_close(b["model"][key], value, rtol=0, atol=1e-6, msg=key)
 
 
+@pytest.mark.timeout(600)  # two torchrun runs at once, one of them restarted
 def test_torchrun_restarts_the_group_after_a_stalled_rank_and_resumes_exactly(image_folder, tmp_path):
     """torchrun --max-restarts=1: rank 1 hangs in its first step of epoch 1 in the first attempt
     only; rank 0 fails on the timeout, rank 1 ends at torchrun's SIGTERM, and the second attempt
@@ -251,9 +258,10 @@ def test_torchrun_restarts_the_group_after_a_stalled_rank_and_resumes_exactly(im
              "STALL_ATTEMPT": "0", "STALL_LATE_START": "2"}  # fmt: skip
     log = tmp_path / "restarted.txt"
     args = pretrain_args("moby", image_folder, tmp_path / "restarted", "DIST_TIMEOUT", "8")
-    restarted = start_torchrun(args, 29652, log, "--max-restarts=1", extra_env=stall)
+    restarted = start_torchrun(args, free_port(), log, "--max-restarts=1", extra_env=stall)
     # meanwhile (the restarted run mostly waits), the same run uninterrupted
-    straight = start_torchrun(pretrain_args("moby", image_folder, tmp_path / "straight"), 29651, tmp_path / "s.txt")
+    straight_args = pretrain_args("moby", image_folder, tmp_path / "straight")
+    straight = start_torchrun(straight_args, free_port(), tmp_path / "s.txt")
     try:
         assert straight.wait(timeout=300) == 0, (tmp_path / "s.txt").read_text()[-3000:]
         assert restarted.wait(timeout=300) == 0, log.read_text()[-3000:]

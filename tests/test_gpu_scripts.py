@@ -5,8 +5,11 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 from conftest import ROOT, run_script
+
+pytestmark = pytest.mark.slow  # the benchmark and the smoke script in other processes
 
 
 def test_gpu_benchmark_says_it_needs_cuda():
@@ -17,6 +20,7 @@ def test_gpu_benchmark_says_it_needs_cuda():
     ]
 
 
+@pytest.mark.timeout(600)  # pretraining, linear evaluation and k-NN, each through torchrun
 def test_smoke_script_dry_run_on_the_cpu(tmp_path):
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", FRAMEWORKS="byol", PYTHON=sys.executable)
     result = subprocess.run(

@@ -13,8 +13,7 @@ import time
 
 import pytest
 import torch
-from conftest import ROOT
-from test_pretrain_e2e import TINY
+from conftest import ROOT, TINY
 
 from checkpoint import newest_checkpoint, remove_stale_tmp, save_atomic
 
@@ -50,6 +49,8 @@ def kill_when(kind, what, proc, log_path, folder, timeout=60.0):
         time.sleep(0.005)
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(600)  # a run killed and restarted several times
 def test_runs_killed_at_random_moments_resume_and_finish(image_folder, tmp_path):
     rng = random.Random(0)
     output, folder = tmp_path / "out", str(tmp_path / "out" / "*" / "t")
@@ -88,6 +89,7 @@ def test_runs_killed_at_random_moments_resume_and_finish(image_folder, tmp_path)
     assert sorted(numbered) == list(range(EPOCHS))
 
 
+@pytest.mark.slow
 def test_killed_between_the_last_two_saves_the_restart_makes_checkpoint_current(image_folder, tmp_path):
     """SIGKILL the instant the last epoch's ckpt_epoch_{E}.pth appears, before checkpoint.pth
     follows: the restart makes checkpoint.pth that file, and trains nothing."""

@@ -11,8 +11,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import run_script, small_config
-from test_pretrain_e2e import TINY, run_folder
+from conftest import TINY, run_folder, run_script, small_config
 
 import main_pretrain
 from checkpoint import read_run_checkpoint
@@ -86,6 +85,7 @@ def export_loaded(folder, out, capsys):
     return os.path.basename(path), int(epoch)
 
 
+@pytest.mark.slow
 def test_behind_at_the_last_epoch(finished, image_folder, tmp_path, capsys):
     output, folder = copy_run(finished, tmp_path, behind=EPOCHS - 2)
     latest, last = os.path.join(folder, "checkpoint.pth"), os.path.join(folder, f"ckpt_epoch_{EPOCHS - 1}.pth")
@@ -102,6 +102,7 @@ def test_behind_at_the_last_epoch(finished, image_folder, tmp_path, capsys):
     assert all(torch.equal(exported[k], v) for k, v in encoder_of(last).items())
 
 
+@pytest.mark.slow
 def test_behind_at_a_middle_epoch(finished, image_folder, tmp_path, capsys):
     # killed after ckpt_epoch_1.pth, before checkpoint.pth followed: epoch 2 never ran
     output, folder = copy_run(finished, tmp_path, behind=0, remove=[2])
@@ -126,6 +127,7 @@ def test_behind_at_a_middle_epoch(finished, image_folder, tmp_path, capsys):
     assert export_loaded(folder, tmp_path / "after", capsys) == ("checkpoint.pth", 2)
 
 
+@pytest.mark.slow
 def test_an_explicit_checkpoint_is_read_as_it_is(finished, tmp_path, caplog):
     output, folder = copy_run(finished, tmp_path, behind=0)
     logger = logging.getLogger("test_latest_checkpoint")
@@ -145,6 +147,7 @@ def test_an_explicit_checkpoint_is_read_as_it_is(finished, tmp_path, caplog):
     ]
 
 
+@pytest.mark.slow
 def test_weights_come_from_the_file_whose_settings_were_taken(finished, tmp_path, caplog):
     # the folder holds epoch 1 and a torn ckpt_epoch_2.pth; once evaluation has taken the settings,
     # a running save puts a good epoch 2 there: the weights stay those of the file read for them
@@ -188,6 +191,7 @@ def test_readers_leave_the_temporary_files_of_a_running_save(tmp_path):
     assert read_run_checkpoint(str(tmp_path / "none.pth"), logger) == (None, None)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("resume", [True, False])
 def test_a_start_older_than_the_folders_newest_is_refused(finished, image_folder, tmp_path, capsys, resume):
     """--resume of an older checkpoint, or TRAIN.AUTO_RESUME False, into a run folder: the run's saves

@@ -6,7 +6,6 @@ import logging
 import math
 import os
 import re
-import socket
 
 import pytest
 import timm
@@ -15,8 +14,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 import yaml
-from conftest import ROOT, run_script
-from test_pretrain_e2e import TINY
+from conftest import ROOT, TINY, free_port, run_script
 
 import eval_knn
 from cli import run_cli
@@ -63,6 +61,7 @@ def encoder_state(ckpt_path):
     return {k[len("encoder.") :]: v for k, v in state.items() if k.startswith("encoder.")}
 
 
+@pytest.mark.slow
 def test_loaded_encoder_equals_checkpoint(pretrained):
     model = build_classifier(small_config(), num_classes=3, freeze=True)
     load_pretrained_encoder(model, pretrained[1], "vit_tiny")
@@ -72,6 +71,7 @@ def test_loaded_encoder_equals_checkpoint(pretrained):
     assert [n for n, p in model.named_parameters() if p.requires_grad] == ["head.weight", "head.bias"]
 
 
+@pytest.mark.slow
 def test_bad_checkpoints_are_clear_errors(pretrained, tmp_path):
     model = build_classifier(small_config(), num_classes=3, freeze=True)
     missing = str(tmp_path / "none.pth")
@@ -90,10 +90,12 @@ def test_bad_checkpoints_are_clear_errors(pretrained, tmp_path):
         load_pretrained_encoder(model, str(foreign), "vit_tiny")
 
 
-@pytest.mark.parametrize("weights, port", [("freeze", 29631), ("finetune", 29632)])
-def test_linear_eval_two_processes(pretrained, image_folder, weights, port):
+@pytest.mark.slow
+@pytest.mark.timeout(600)  # three script runs, the first through torchrun
+@pytest.mark.parametrize("weights", ["freeze", "finetune"])
+def test_linear_eval_two_processes(pretrained, image_folder, weights):
     out, ckpt = pretrained
-    result = run_script(["-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+    result = run_script(["-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
                          "main_linear.py", "--cfg", "configs/moby_vit_tiny.yaml", "--data-path", image_folder,
                          "--output", out, "--tag", "t", *SMALL, "TRAIN.EPOCHS", "2",
                          "LINEAR_EVAL.WEIGHTS", weights])  # fmt: skip
@@ -146,6 +148,7 @@ def test_linear_eval_two_processes(pretrained, image_folder, weights, port):
     assert open(os.path.join(folder, "checkpoint.pth"), "rb").read() == before
 
 
+@pytest.mark.slow
 def test_knn_eval_runs(pretrained, image_folder):
     out, ckpt = pretrained
     result = run_script(["eval_knn.py", "--cfg", "configs/moby_vit_tiny.yaml", "--data-path", image_folder,
@@ -157,6 +160,7 @@ def test_knn_eval_runs(pretrained, image_folder):
         assert f"{k}-NN (T=0.07): top-1" in log
 
 
+@pytest.mark.slow
 def test_missing_pretrained_checkpoint_is_one_line(image_folder, tmp_path):
     result = run_script(["main_linear.py", "--cfg", "configs/moby_vit_tiny.yaml", "--data-path", image_folder,
                          "--output", str(tmp_path), *SMALL])  # fmt: skip
@@ -190,6 +194,7 @@ def knn_run(argv):
     return config, open(os.path.join(config.OUTPUT, "knn_imagenet", "log_rank0.txt")).read()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "opts, given, stored",
     [(["DATA.IMG_SIZE", "64"], "DATA.IMG_SIZE 64", "DATA.IMG_SIZE 32"),
@@ -201,6 +206,7 @@ def test_opts_contradicting_the_checkpoint_are_one_line(pretrained, image_folder
     assert f"--opts {given} contradicts {pretrained[1]}, pretrained with {stored}" in line
 
 
+@pytest.mark.slow
 def test_cfg_values_give_way_to_the_checkpoint(pretrained, image_folder, tmp_path):
     cfg = tmp_path / "at64.yaml"
     cfg.write_text(f"BASE: ['{os.path.abspath('configs/moby_vit_tiny.yaml')}']\nDATA:\n  IMG_SIZE: 64\n")
@@ -211,6 +217,7 @@ def test_cfg_values_give_way_to_the_checkpoint(pretrained, image_folder, tmp_pat
     assert f"encoder settings as in the config of {pretrained[1]}: MODEL.ENCODER vit_tiny, DATA.IMG_SIZE 32" in log
 
 
+@pytest.mark.slow
 def test_checkpoints_without_a_stored_config(pretrained, image_folder, tmp_path, capsys):
     ckpt = torch.load(pretrained[1], map_location="cpu", weights_only=False)
     stored = yaml.safe_load(ckpt["config"])
@@ -232,6 +239,7 @@ def test_knn_defaults_are_dinos():
     assert list(config.KNN.NB_KNN) == [10, 20, 100, 200] and config.KNN.TEMPERATURE == 0.07
 
 
+@pytest.mark.slow
 def test_knn_flags_and_saved_features(pretrained, image_folder, tmp_path, capsys):
     """--nb-knn and --temperature choose the votes; --load-features scores what --dump-features
     saved to the same figures, without the encoder's checkpoint or the images."""
@@ -251,6 +259,7 @@ def test_knn_flags_and_saved_features(pretrained, image_folder, tmp_path, capsys
     assert "KNN.TEMPERATURE 0.0" in line
 
 
+@pytest.mark.slow
 def test_a_missing_run_names_the_runs_with_its_tag(pretrained, image_folder, capsys):
     """Pretrained with --opts MODEL.CONTRAST_NUM_NEGATIVE 16, evaluated without it: the folder named
     by the queue of the --cfg file does not exist, the error says which does and why."""
@@ -289,11 +298,9 @@ def _validate_worker(rank, port, result_dir):
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_validation_counts_exactly_over_uneven_shards(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_validate_worker, args=(port, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_validate_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
     for rank in range(2):
         acc1, acc5 = torch.load(tmp_path / f"{rank}.pt")
         assert acc1 == pytest.approx(40.0) and acc5 == pytest.approx(100.0)
@@ -411,6 +418,7 @@ def test_label_smoothed_loss_closed_form():
     assert classification_loss(uniform, torch.tensor([0, 3, 4]), 0.3).item() == pytest.approx(math.log(5), rel=1e-6)
 
 
+@pytest.mark.slow
 def test_a_full_disk_stops_with_one_line_and_the_restart_resumes(pretrained, image_folder, tmp_path):
     args = ["main_linear.py", "--cfg", "configs/moby_vit_tiny.yaml", "--data-path", image_folder,
             "--output", str(tmp_path), "--tag", "t", *SMALL, "TRAIN.EPOCHS", "2",

@@ -3,9 +3,11 @@
 import filecmp
 import os
 
+import pytest
 import torch
-from conftest import run_script
-from test_pretrain_e2e import TINY, run_folder
+from conftest import TINY, run_folder, run_script
+
+pytestmark = pytest.mark.slow  # real training runs in other processes
 
 
 def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(image_folder, tmp_path):

@@ -110,6 +110,7 @@ def test_parse_linear_log(tmp_path):
     assert parsed["val"][3] == (55.0, 85.0, pytest.approx(1.2))
 
 
+@pytest.mark.slow
 def test_pretrain_run_cli(tmp_path):
     folder = write_pretrain_log(tmp_path / "synco__vit_tiny__t" / "t")
     result = run_script(["tools/plot_log.py", str(folder)], timeout=120)

@@ -1,6 +1,5 @@
 """main_pretrain.py end to end: real processes, real gloo process groups, real images."""
 
-import glob
 import json
 import os
 import re
@@ -9,18 +8,10 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, run_script
+from conftest import ROOT, TINY, free_port, run_folder, run_script
 
 import main_pretrain
 from tools.plot_log import parse_log, synthetic_epochs, synthetic_span
-
-TINY = [
-    "--batch-size", "4", "--amp-opt-level", "O0",
-    "--opts", "DATA.IMG_SIZE", "32", "DATA.NUM_WORKERS", "0", "MODEL.CONTRAST_NUM_NEGATIVE", "16",
-    "MODEL.PROJ_HIDDEN_DIM", "64", "TRAIN.EPOCHS", "2", "PRINT_FREQ", "1",
-    "MODEL.N_HARD", "8", "MODEL.N1", "2", "MODEL.N2", "2", "MODEL.N3", "2", "MODEL.N4", "2", "MODEL.N5", "2",
-    "MODEL.N6", "2", "MODEL.SYNTHETIC_START_EPOCH", "0",
-]  # fmt: skip
 
 TORCHRUN = ["-m", "torch.distributed.run", "--nproc_per_node=2"]
 LAUNCH = ["-m", "torch.distributed.launch", "--nproc_per_node=2"]
@@ -35,11 +26,6 @@ def pretrain(launcher, framework, image_folder, output, port, extra=()):
         [*args, "main_pretrain.py", "--cfg", f"configs/{framework}_vit_tiny.yaml", "--data-path", image_folder,
          "--output", str(output), "--tag", "t", *TINY, *extra]
     )  # fmt: skip
-
-
-def run_folder(output):
-    (folder,) = glob.glob(os.path.join(output, "*", "t"))
-    return folder
 
 
 def check_run(output, framework, world_size, steps_per_epoch):
@@ -85,26 +71,28 @@ def check_run(output, framework, world_size, steps_per_epoch):
     return folder
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
-    "framework, port, launcher, extra",
+    "framework, launcher, extra",
     [
-        ("moby", 29621, TORCHRUN, ["--amp-opt-level", "O1", "--accumulation-steps", "2"]),  # fp16 + grad scaler
-        ("byol", 29622, TORCHRUN, ["--amp-opt-level", "O2", "--use-checkpoint"]),  # bf16 autocast
-        ("synco", 29623, RENDEZVOUS, []),
+        ("moby", TORCHRUN, ["--amp-opt-level", "O1", "--accumulation-steps", "2"]),  # fp16 + grad scaler
+        ("byol", TORCHRUN, ["--amp-opt-level", "O2", "--use-checkpoint"]),  # bf16 autocast
+        ("synco", RENDEZVOUS, []),
     ],
 )
-def test_torchrun_two_processes(framework, image_folder, tmp_path, port, launcher, extra):
-    result = pretrain(launcher, framework, image_folder, tmp_path, port, extra)
+def test_torchrun_two_processes(framework, image_folder, tmp_path, launcher, extra):
+    result = pretrain(launcher, framework, image_folder, tmp_path, free_port(), extra)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "Cosine annealing scheduler will have no effect" not in result.stdout + result.stderr  # timm's
     # 16 images, global batch 8
     check_run(tmp_path, framework, world_size=2, steps_per_epoch=2)
 
 
+@pytest.mark.slow
 def test_slurm_tasks(image_folder, tmp_path):
     """Two processes started as srun starts them: ranks from SLURM_* variables."""
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env.update(CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="29625",
+    env.update(CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
                SLURM_NTASKS="2", SLURM_JOB_ID="1")  # fmt: skip
     args = ["main_pretrain.py", "--cfg", "configs/moby_vit_tiny.yaml", "--data-path", image_folder,
             "--output", str(tmp_path), "--tag", "t", *TINY]  # fmt: skip
@@ -124,12 +112,14 @@ def test_slurm_tasks(image_folder, tmp_path):
     check_run(tmp_path, "moby", world_size=2, steps_per_epoch=2)
 
 
+@pytest.mark.slow
 def test_torch_distributed_launch(image_folder, tmp_path):
-    result = pretrain(LAUNCH, "synco", image_folder, tmp_path, 29624)
+    result = pretrain(LAUNCH, "synco", image_folder, tmp_path, free_port())
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     check_run(tmp_path, "synco", world_size=2, steps_per_epoch=2)
 
 
+@pytest.mark.slow
 def test_plain_python_single_process_and_auto_resume(image_folder, tmp_path):
     result = pretrain(None, "synco", image_folder, tmp_path, None)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -142,6 +132,7 @@ def test_plain_python_single_process_and_auto_resume(image_folder, tmp_path):
     assert log.count("EPOCH 1 done") == 1 and log.count("start training") == 1
 
 
+@pytest.mark.slow
 def test_throughput_prints_images_per_second(tmp_path):
     # GPU_AUG: the step includes the batched photometric augmentation
     result = run_script(

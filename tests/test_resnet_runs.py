@@ -9,6 +9,9 @@ import torch
 import main_linear
 import main_pretrain
 
+# ResNet-50 pretraining and linear evaluation runs in this process: about 7 s on 2 idle cores, a minute on busy ones
+pytestmark = pytest.mark.slow
+
 SMALL = ["--batch-size", "4", "--amp-opt-level", "O0", "--opts", "DATA.IMG_SIZE", "32", "DATA.NUM_WORKERS", "0",
          "MODEL.PROJ_HIDDEN_DIM", "64", "PRINT_FREQ", "1"]  # fmt: skip
 CFG = "configs/byol_resnet50.yaml"

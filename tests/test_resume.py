@@ -6,8 +6,9 @@ import shutil
 
 import pytest
 import torch
-from conftest import run_script
-from test_pretrain_e2e import TINY, run_folder
+from conftest import TINY, run_folder, run_script
+
+pytestmark = pytest.mark.slow  # real training runs in other processes
 
 
 def pretrain(framework, image_folder, output, workers, gpu_aug):

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-from conftest import ROOT, run_script
+from conftest import ROOT, free_port, run_script
 from PIL import Image
 
 import eval_retrieval
@@ -218,6 +218,7 @@ def map_lines(out):
     return text, re.findall(r"roxford5k (?:medium|hard): mAP [\d.]+ over \d queries|mAP \(revisited.*", text)
 
 
+@pytest.mark.slow
 def test_eval_retrieval_end_to_end(buildings, tmp_path):
     torch.manual_seed(0)
     ckpt = tmp_path / "pretrained.pth"
@@ -242,7 +243,7 @@ def test_eval_retrieval_end_to_end(buildings, tmp_path):
     assert f"medium: mAP {100 * medium[0]:.2f} over 3 queries" in lines[0]
 
     # two processes, each a shard of both sets: the same features, so the same figures
-    two = run_script(["-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29651",
+    two = run_script(["-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
                       *retrieval_args(buildings, tmp_path / "two", *pretrained)])  # fmt: skip
     assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
     assert map_lines(tmp_path / "two")[1] == lines

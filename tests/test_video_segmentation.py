@@ -273,6 +273,7 @@ def test_resnet_patch_features_are_layer3():
 # -----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_eval_video_segmentation_runs_end_to_end(tmp_path):
     squares = [(1, RED, 0, 0, 16), (2, GREEN, 32, 96, -16)]
     root = write_davis(str(tmp_path / "data"), {

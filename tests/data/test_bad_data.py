@@ -10,8 +10,8 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
+from conftest import assert_same_batches, epoch_batches, make_config
 from PIL import Image, ImageFile
-from test_pretrain_data import assert_same_batches, epoch_batches, make_config
 
 from data import build_loader, set_loader_epoch, skipped_samples
 from data.build import MAX_ATTEMPTS, replacement_index

@@ -21,6 +21,7 @@ import scipy.io
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import free_port
 from PIL import Image
 from torch.utils.data import ConcatDataset, DistributedSampler, Subset
 from torchvision import datasets as tvd
@@ -592,12 +593,6 @@ def test_zip_part_cache_holds_each_rank_shard(tmp_path):
 # -----------------------------------------------------------------------------
 # Two processes: rank 0 builds (and may download) first, the others after it
 # -----------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _dist_worker(rank, world_size, port, root, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -647,10 +642,11 @@ def test_rank_zero_first_order(monkeypatch):
     assert calls == ["barrier"]
 
 
+@pytest.mark.slow
 def test_rank_zero_builds_first(tmp_path):
     write_dtd(tmp_path, np.random.default_rng(0))
     out = [str(tmp_path / f"rank{r}.pt") for r in range(2)]
-    mp.spawn(_dist_worker, args=(2, _free_port(), str(tmp_path), out), nprocs=2, join=True)
+    mp.spawn(_dist_worker, args=(2, free_port(), str(tmp_path), out), nprocs=2, join=True)
     r0, r1 = (torch.load(path) for path in out)
     assert r0["events"][0][2] is True and r1["events"][0][2] is False  # only rank 0 may download
     assert r1["events"][0][1] >= r0["events"][1][1]  # rank 1 starts after rank 0 finished

@@ -7,12 +7,12 @@ import zipfile
 import numpy as np
 import pytest
 import torch
+from conftest import assert_same_batches, epoch_batches, make_config
 from PIL import Image
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
-from yacs.config import CfgNode as CN
 
-from data import build_loader, set_loader_epoch, zipreader
+from data import build_loader, zipreader
 from data.augment import TwoViewAugment, ViewRecipe, build_recipes, build_ssl_transform, decode_crops, draft_for_crops
 from data.build import ShardSampler, build_dataset, build_sampler, resolve_num_workers
 from data.cached_image_folder import CachedImageFolder, pil_rgb_loader
@@ -61,41 +61,6 @@ def data_root(tmp_path_factory) -> str:
     with open(root / "train_map.txt", "w") as f:
         f.writelines(f"{member}\t{c}\n" for member, c in sorted(members))
     return str(root)
-
-
-def make_config(data_root: str, **data) -> CN:
-    cfg = CN()
-    cfg.SEED = 7
-    cfg.DATA = CN()
-    cfg.DATA.DATA_PATH = data_root
-    cfg.DATA.BATCH_SIZE = 4
-    cfg.DATA.IMG_SIZE = 32
-    cfg.DATA.INTERPOLATION = "bicubic"
-    cfg.DATA.ZIP_MODE = False
-    cfg.DATA.CACHE_MODE = "no"
-    cfg.DATA.PIN_MEMORY = False
-    cfg.DATA.NUM_WORKERS = 0
-    cfg.DATA.GPU_AUG = False
-    cfg.AUG = CN()
-    cfg.AUG.SSL_AUG_TYPE = "byol"
-    cfg.AUG.SSL_AUG_CROP = 0.08
-    cfg.AUG.SSL_AUG_INTERPOLATION = "bilinear"
-    for key, value in data.items():
-        setattr(cfg.DATA, key, value)
-    return cfg
-
-
-def epoch_batches(data_loader, epoch: int) -> list:
-    set_loader_epoch(data_loader, epoch)
-    return list(data_loader)
-
-
-def assert_same_batches(a: list, b: list) -> None:
-    assert len(a) == len(b)
-    for ((a_views, a_params), at), ((b_views, b_params), bt) in zip(a, b, strict=True):
-        assert torch.equal(at, bt)
-        for x, y in zip((*a_views, *a_params), (*b_views, *b_params), strict=True):
-            assert torch.equal(x, y)
 
 
 # ----------------------------------------------------------------------------
