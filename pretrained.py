@@ -52,6 +52,7 @@ def load_pretrained_encoder(model, path, encoder_name, ckpt=None, trust=False):
                 "first, or set LINEAR_EVAL.PRETRAINED"
             )
         ckpt = read_checkpoint(path, trust)
+    check_original_encoder(path, ckpt)
     found = ckpt.get("framework", {}).get("encoder", encoder_name)
     if found != encoder_name:
         raise ConfigError(f"{path} holds a {found} encoder, but MODEL.ENCODER is {encoder_name}")
@@ -101,6 +102,38 @@ def pretrained_source(config):
     return config.LINEAR_EVAL.PRETRAINED or config.OUTPUT
 
 
+def runs_with_tag(config):
+    """The run folders <output>/*/<tag> other than OUTPUT that hold checkpoints, sorted."""
+    root = os.path.dirname(os.path.dirname(config.OUTPUT))
+    return [
+        folder
+        for folder in sorted(glob.glob(os.path.join(glob.escape(root), "*", glob.escape(config.TAG))))
+        if folder != config.OUTPUT and glob.glob(os.path.join(glob.escape(folder), "*.pth"))
+    ]
+
+
+def the_only_run_with_tag(config):
+    """The one run folder with this config's tag, framework and encoder (``runs_with_tag``, by their
+    config.json) when there is exactly one, else None: a run pretrained with a setting that names
+    the run (``--opts MODEL.CONTRAST_NUM_NEGATIVE 64``) and evaluated without it."""
+    matching = [
+        folder
+        for folder in runs_with_tag(config)
+        if (_lookup(_run_config(folder), "MODEL.TYPE"), _lookup(_run_config(folder), "MODEL.ENCODER"))
+        == (config.MODEL.TYPE, config.MODEL.ENCODER)
+    ]
+    return matching[0] if len(matching) == 1 else None
+
+
+def _run_config(folder):
+    """The config.json of a run folder as nested dicts; {} without a readable one."""
+    try:
+        with open(os.path.join(folder, "config.json")) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
+
+
 def missing_checkpoint_error(config):
     """The ConfigError for a pretrained checkpoint that is not there; when the run folder was
     expected at OUTPUT (<output>/<MODEL.NAME>/<tag>), it names the run folders with the same
@@ -109,12 +142,7 @@ def missing_checkpoint_error(config):
     source = pretrained_source(config)
     others = ""
     if not config.LINEAR_EVAL.PRETRAINED:
-        root = os.path.dirname(os.path.dirname(source))
-        runs = [
-            folder
-            for folder in sorted(glob.glob(os.path.join(glob.escape(root), "*", glob.escape(config.TAG))))
-            if folder != source and glob.glob(os.path.join(glob.escape(folder), "*.pth"))
-        ]
+        runs = runs_with_tag(config)
         described = [f"{folder}{_named_differences(config, folder)}" for folder in runs[:3]]
         if runs:
             more = f" and {len(runs) - 3} more" if len(runs) > 3 else ""
@@ -129,11 +157,7 @@ def missing_checkpoint_error(config):
 def _named_differences(config, folder):
     """`` (pretrained with --opts KEY VALUE ...)``: the settings of MODEL.NAME (NAME_KEYS) in which the
     run ``folder``'s config.json differs from ``config``; empty without a readable config.json."""
-    try:
-        with open(os.path.join(folder, "config.json")) as f:
-            theirs = json.load(f)
-    except (OSError, ValueError):
-        return ""
+    theirs = _run_config(folder)
     differences = []
     for key in NAME_KEYS:
         value = _lookup(theirs, key)
@@ -167,26 +191,44 @@ def inherit_encoder_settings(config, args, env):
     """
     if config.THROUGHPUT_MODE:
         return None, []
-    found = None  # rank 0: (path, stored settings) of the checkpoint, None without one, or the error
+    # rank 0: (path, stored settings, the run folder taken instead of OUTPUT or None) of the
+    # checkpoint, or the error
+    found = None
     held = None
     if env.is_main:
         try:
             held = _read_quietly(pretrained_source(config), config.TRUST_CHECKPOINT)
-            found = None if held.ckpt is None else (held.path, _stored_encoder_settings(held.ckpt))
+            other_run = None
+            if held.ckpt is None and not config.LINEAR_EVAL.PRETRAINED:
+                other_run = the_only_run_with_tag(config)
+                if other_run is not None:
+                    held = _read_quietly(other_run, config.TRUST_CHECKPOINT)
+            if held.ckpt is None:
+                raise missing_checkpoint_error(config)
+            check_original_encoder(held.path, held.ckpt)
+            found = (held.path, _stored_encoder_settings(held.ckpt), other_run)
         except Exception as e:  # the other ranks raise it too
             found = e
     found = broadcast_object(found, env)
     if isinstance(found, Exception):
         raise found
-    if found is None:
-        return held, []
-    path, stored = found
+    path, stored, other_run = found
+    notes = []
+    if other_run is not None:
+        notes.append(
+            f"no run at {config.OUTPUT}; the only {config.MODEL.TYPE} / {config.MODEL.ENCODER} run with tag "
+            f"{config.TAG!r} under the output folder is {other_run}{_named_differences(config, other_run)}: "
+            "evaluating it, its results in its folder"
+        )
+        config.defrost()
+        config.OUTPUT, config.MODEL.NAME = other_run, os.path.basename(os.path.dirname(other_run))
+        config.freeze()
     if not env.is_main:
         held = HeldCheckpoint(path)
     current = {key: _lookup(config, key) for key in ENCODER_SHAPE_KEYS}
     settings = ", ".join(f"{key} {value}" for key, value in current.items())
     if stored is None:
-        return held, [f"{path} stores no config: the encoder is built from --cfg and --opts ({settings})"]
+        return held, [*notes, f"{path} stores no config: the encoder is built from --cfg and --opts ({settings})"]
     explicit = opts_keys(args)
     changes = {key: value for key, value in stored.items() if value != current[key]}
     for key, value in changes.items():
@@ -196,13 +238,14 @@ def inherit_encoder_settings(config, args, env):
                 "drop it from --opts (evaluation takes the checkpoint's), or evaluate another checkpoint"
             )
     if not changes:
-        return held, [f"encoder settings as in the config of {path}: {settings}"]
+        return held, [*notes, f"encoder settings as in the config of {path}: {settings}"]
     config.defrost()
     config.merge_from_list([item for key_value in changes.items() for item in key_value])
     config.freeze()
     taken = ", ".join(f"{key}: {current[key]} -> {value}" for key, value in changes.items())
     return held, [
-        f"from the config of {path}: {taken} (the checkpoint's settings replace those of --cfg and the defaults)"
+        *notes,
+        f"from the config of {path}: {taken} (the checkpoint's settings replace those of --cfg and the defaults)",
     ]
 
 
@@ -216,12 +259,33 @@ def _read_quietly(source, trust):
     return HeldCheckpoint(path, ckpt, skipped.buffer)
 
 
+def check_original_encoder(path, ckpt):
+    """Refuse MoBY's released DeiT-S checkpoints (Transformer-SSL: MODEL.MOBY.ENCODER deit_small):
+    their 6-head attention has the parameter shapes of this project's 12-head vit_small (MoCo v3's),
+    so its weights would load without an error and give wrong features."""
+    stored = _stored_config(ckpt) or {}
+    encoder = _lookup(stored, "MODEL.MOBY.ENCODER") or _lookup(stored, "MODEL.ENCODER")
+    if isinstance(encoder, str) and encoder.startswith("deit"):
+        raise ConfigError(
+            f"{path} holds a {encoder} encoder (MoBY's DeiT with 6 attention heads), which no encoder of this "
+            "project has: vit_small has MoCo v3's 12 heads, and the weights would load into it with a wrong "
+            "attention layout"
+        )
+
+
+def _stored_config(ckpt):
+    """The config stored in a checkpoint as nested dicts (ours: a YAML dump; the original code's: its
+    CfgNode, read back as dicts); None without one."""
+    stored = ckpt.get("config") if isinstance(ckpt, dict) else None
+    if isinstance(stored, str):
+        stored = yaml.safe_load(stored)
+    return stored if isinstance(stored, dict) else None
+
+
 def _stored_encoder_settings(ckpt):
     """{key: value} of ENCODER_SHAPE_KEYS in the checkpoint's stored config; None when it stores none."""
-    stored = ckpt.get("config") if isinstance(ckpt, dict) else None
-    if isinstance(stored, str):  # ours: the yacs dump
-        stored = yaml.safe_load(stored)
-    if not isinstance(stored, dict):
+    stored = _stored_config(ckpt)
+    if stored is None:
         return None
     values = {key: _lookup(stored, key) for key in ENCODER_SHAPE_KEYS}
     return {key: value for key, value in values.items() if value is not None} or None

@@ -15,11 +15,11 @@ import torch.nn.functional as F
 from conftest import SWIN_T, original_attn_mask, original_relative_position_index, perturbed, to_original_layout
 from timm.models.swin_transformer import PatchMerging
 
-from config import get_config
+from config import ConfigError, get_config
 from main_linear import build_classifier
 from models.convert import convert_original_encoder
 from models.swin_transformer import swin_tiny
-from models.vision_transformer import vit_tiny
+from models.vision_transformer import vit_small, vit_tiny
 from pretrained import load_pretrained_encoder
 
 
@@ -169,3 +169,21 @@ def test_project_and_vit_weights_are_unchanged(name):
     with torch.device("meta"):
         state = (swin_tiny if name == "swin_tiny" else vit_tiny)(img_size=224).state_dict()
     assert convert_original_encoder(state, name) is state
+
+
+def test_mobys_deit_small_is_refused_not_loaded_into_12_heads(tmp_path):
+    """MoBY's released DeiT-S (Transformer-SSL, MODEL.MOBY.ENCODER deit_small) has 6 heads and the parameter
+    shapes of vit_small's 12: it must not load silently."""
+    encoder = {f"encoder.{k}": v for k, v in vit_small(img_size=224).state_dict().items()}
+    moby_config = {"MODEL": {"TYPE": "moby", "NAME": "moby__deit_small", "MOBY": {"ENCODER": "deit_small"}}}
+    path = tmp_path / "moby_deit_small_300ep.pth"
+    torch.save({"model": encoder, "epoch": 299, "config": moby_config}, path)
+    config = get_config()
+    config.defrost()
+    config.merge_from_list(["MODEL.ENCODER", "vit_small"])
+    classifier = build_classifier(config, num_classes=3, freeze=True)
+    with pytest.raises(ConfigError, match="holds a deit_small encoder .MoBY's DeiT with 6 attention heads"):
+        load_pretrained_encoder(classifier, str(path), "vit_small")
+    # the same weights with our own config load
+    torch.save({"model": encoder, "epoch": 299, "config": {"MODEL": {"TYPE": "moby", "ENCODER": "vit_small"}}}, path)
+    assert load_pretrained_encoder(classifier, str(path), "vit_small") == 299

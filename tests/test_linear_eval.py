@@ -6,6 +6,7 @@ import logging
 import math
 import os
 import re
+import shutil
 
 import pytest
 import timm
@@ -166,6 +167,7 @@ def test_missing_pretrained_checkpoint_is_one_line(image_folder, tmp_path):
                          "--output", str(tmp_path), *SMALL])  # fmt: skip
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "no pretrained checkpoint at" in result.stderr and "checkpoint.pth" in result.stderr
+    assert os.listdir(tmp_path) == []  # no run folder, no linear_imagenet_linprob/ left behind
 
 
 # -----------------------------------------------------------------------------
@@ -260,18 +262,31 @@ def test_knn_flags_and_saved_features(pretrained, image_folder, tmp_path, capsys
 
 
 @pytest.mark.slow
-def test_a_missing_run_names_the_runs_with_its_tag(pretrained, image_folder, capsys):
-    """Pretrained with --opts MODEL.CONTRAST_NUM_NEGATIVE 16, evaluated without it: the folder named
-    by the queue of the --cfg file does not exist, the error says which does and why."""
-    out, ckpt = pretrained
-    argv = ["--cfg", "configs/moby_vit_tiny.yaml", "--data-path", image_folder, "--output", out, "--tag", "t"]
-    line = knn_error(argv, capsys)
+def test_evaluation_finds_the_only_run_with_its_tag(pretrained, image_folder, tmp_path, capsys):
+    """Pretrained with --opts MODEL.CONTRAST_NUM_NEGATIVE 16, evaluated without it: the folder the --cfg
+    file's queue names does not exist, and the one moby / vit_tiny run with tag 't' is evaluated, its
+    results in its folder. With a second such run the error names both, and nothing is written."""
+    out = tmp_path / "out"
+    shutil.copytree(pretrained[0], out)
+    run = os.path.join(out, os.path.relpath(os.path.dirname(pretrained[1]), pretrained[0]))
+    argv = ["--cfg", "configs/moby_vit_tiny.yaml", "--data-path", image_folder, "--output", str(out), "--tag", "t",
+            "--batch-size", "4", "--opts", "DATA.NUM_WORKERS", "0"]  # fmt: skip
+    config, log = knn_run(argv)
+    assert config.OUTPUT == run and "20-NN (T=0.07): top-1" in log
     assert (
-        "no pretrained checkpoint at "
-        + os.path.join(out, "moby__vit_tiny__odpr02_tdpr0_cm099_ct02_queue4096_proj2_pred2", "t")
-        in line
+        f"the only moby / vit_tiny run with tag 't' under the output folder is {run} "
+        "(pretrained with --opts MODEL.CONTRAST_NUM_NEGATIVE 16): evaluating it" in log
     )
-    assert f"runs with tag 't': {os.path.dirname(ckpt)} (pretrained with --opts MODEL.CONTRAST_NUM_NEGATIVE 16)" in line
+    names = os.listdir(out)
+    assert names == [os.path.basename(os.path.dirname(run))]  # no folder for the queue of the --cfg file
+
+    second = os.path.join(out, "moby__vit_tiny__odpr02_tdpr0_cm099_ct02_queue32_proj2_pred2", "t")
+    shutil.copytree(run, second)
+    line = knn_error(argv, capsys)
+    expected = os.path.join(out, "moby__vit_tiny__odpr02_tdpr0_cm099_ct02_queue4096_proj2_pred2", "t")
+    assert f"no pretrained checkpoint at {expected}" in line
+    assert f"runs with tag 't': {run} (pretrained with --opts MODEL.CONTRAST_NUM_NEGATIVE 16), {second}" in line
+    assert sorted(os.listdir(out)) == sorted([*names, os.path.basename(os.path.dirname(second))])
 
 
 # -----------------------------------------------------------------------------
