@@ -18,6 +18,7 @@ import shutil
 from collections import OrderedDict
 
 import torch
+import yaml
 
 from config import ConfigError
 from distributed import all_ranks, unwrap
@@ -296,6 +297,42 @@ class Checkpointer:
         self.last_good = paths[-1]
 
 
+def lookup(tree, key):
+    """The value of the dotted ``key`` in nested dicts (a config), or None."""
+    for part in key.split("."):
+        if not isinstance(tree, dict) or part not in tree:
+            return None
+        tree = tree[part]
+    return tree
+
+
+def stored_config(ckpt):
+    """The config stored in a checkpoint as nested dicts (ours: a YAML dump; the original code's: its
+    CfgNode, read back as dicts); None without one."""
+    stored = ckpt.get("config") if isinstance(ckpt, dict) else None
+    if isinstance(stored, str):
+        stored = yaml.safe_load(stored)
+    return stored if isinstance(stored, dict) else None
+
+
+# What a resumed run must share with its checkpoint: its model, data, batch and schedule (learning
+# rates as scaled by the global batch)
+RESUME_KEYS = (
+    "MODEL.TYPE", "MODEL.ENCODER", "DATA.DATASET", "DATA.IMG_SIZE", "DATA.BATCH_SIZE", "TRAIN.ACCUMULATION_STEPS",
+    "TRAIN.EPOCHS", "TRAIN.WARMUP_EPOCHS", "TRAIN.BASE_LR", "TRAIN.WARMUP_LR", "TRAIN.MIN_LR", "TRAIN.WEIGHT_DECAY",
+    "TRAIN.OPTIMIZER.NAME", "TRAIN.LR_SCHEDULER.NAME", "LINEAR_EVAL.WEIGHTS",
+    "MODEL.SYNTHETIC_START_EPOCH", "MODEL.SYNTHETIC_END_EPOCH",
+)  # fmt: skip
+
+
+def changed_settings(config, ckpt):
+    """{key: (the checkpoint's value, this config's)} of the RESUME_KEYS that differ; {} for a
+    checkpoint without a stored config."""
+    stored = stored_config(ckpt) or {}
+    changes = {key: (lookup(stored, key), lookup(config, key)) for key in RESUME_KEYS}
+    return {key: (old, new) for key, (old, new) in changes.items() if old is not None and old != new}
+
+
 def resume_point(config, env, logger, output_dir):
     """(first epoch to train, first step of it, path, checkpoint) a run in ``output_dir`` continues
     from: ``--resume`` (MODEL.RESUME), else with TRAIN.AUTO_RESUME the folder's newest readable
@@ -307,7 +344,9 @@ def resume_point(config, env, logger, output_dir):
     save left behind. A start at an epoch not newer than that checkpoint (``--resume`` of an older
     file, or TRAIN.AUTO_RESUME False) is refused: the folder would name that checkpoint, not this
     run's, as its newest until this run caught up. A checkpoint of another framework or encoder
-    (its ``framework`` entry) is refused too.
+    (its ``framework`` entry) is refused too, and so is one whose RESUME_KEYS differ from the
+    config's (a finished run started again with another schedule would overwrite what it saved)
+    unless ACCEPT_CHANGES (``--accept-changes``).
     """
     trust = config.TRUST_CHECKPOINT
     if config.MODEL.RESUME and not os.path.isfile(config.MODEL.RESUME):
@@ -344,6 +383,16 @@ def resume_point(config, env, logger, output_dir):
             raise ConfigError(
                 f"{path} was written by {found['type']} / {found['encoder']}, but the config asks for "
                 f"{expected['type']} / {expected['encoder']}: pick the matching --cfg or another --output/--tag"
+            )
+    if ckpt is not None and not config.ACCEPT_CHANGES and not config.EVAL_MODE:
+        changes = changed_settings(config, ckpt)
+        if changes:
+            was = " ".join(f"{key} {old}" for key, (old, _) in changes.items())
+            now = ", ".join(f"{key} {new}" for key, (_, new) in changes.items())
+            raise ConfigError(
+                f"{path} was trained with {was}, but this run asks for {now}: run it with its own settings "
+                f"(--opts {was}), start another run with another --tag, or pass --accept-changes to continue it "
+                "with the new ones"
             )
     start_epoch = ckpt["epoch"] + 1 if ckpt is not None else config.TRAIN.START_EPOCH
     start_step = ckpt.get("epoch_step", 0) if ckpt is not None else 0  # a checkpoint saved inside an epoch

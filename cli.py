@@ -76,6 +76,11 @@ def build_parser(prog, description, example, defaults=None, data=True, training=
             help=f"gradient accumulation steps ({default('TRAIN.ACCUMULATION_STEPS')})",
         )  # fmt: skip
         parser.add_argument("--use-checkpoint", action="store_true", help="gradient checkpointing to save memory")
+        parser.add_argument(
+            "--accept-changes", action="store_true",
+            help="resume a run whose schedule, batch or model settings differ from its checkpoint's "
+            "(e.g. more TRAIN.EPOCHS to extend it); without it such a restart is refused (ACCEPT_CHANGES)",
+        )  # fmt: skip
     parser.add_argument(
         "--amp-opt-level", type=str, choices=["O0", "O1", "O2"],
         help="precision: O0 fp32, O1 fp16 autocast with a grad scaler, O2 bf16 autocast (AMP_OPT_LEVEL; "
@@ -154,6 +159,9 @@ def run_cli(setup_fn, main_fn, argv=None):
     except ProcessFaultError as e:  # the rank that met it says so
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
+    except KeyboardInterrupt:  # Ctrl-C where no StopSignal saves first (evaluations, start-up)
+        print(f"error: rank {rank} stopped by SIGINT (Ctrl-C)", file=sys.stderr, flush=True)
+        sys.exit(130)
     finally:
         end_loader_workers()
         if torch.distributed.is_initialized():

@@ -5,6 +5,7 @@ files with ``BASE: ['other.yaml']``. ``get_config(args)`` clones the defaults,
 merges the YAML file, then the command-line flags, then ``--opts``, and freezes.
 """
 
+import difflib
 import os
 
 import yaml
@@ -278,6 +279,8 @@ _C.EVAL_MODE = False
 _C.THROUGHPUT_MODE = False
 # Local rank of this process (from the launcher)
 _C.LOCAL_RANK = 0
+# Resume a run whose schedule, batch or model settings differ from its checkpoint's (set by --accept-changes)
+_C.ACCEPT_CHANGES = False
 
 AMP_LEVELS = ("", "O0", "O1", "O2")
 SSL_AUG_TYPES = ("byol", "simclr")
@@ -299,6 +302,7 @@ _FLAG_KEYS = {
     "eval": "EVAL_MODE",
     "throughput": "THROUGHPUT_MODE",
     "trust_checkpoint": "TRUST_CHECKPOINT",
+    "accept_changes": "ACCEPT_CHANGES",
     "dump_features": "RETRIEVAL.DUMP_FEATURES",
     "load_features": "RETRIEVAL.LOAD_FEATURES",
     "nb_knn": "KNN.NB_KNN",
@@ -333,8 +337,27 @@ def _update_config_from_file(config, cfg_file):
     try:
         config.merge_from_other_cfg(CN(yaml_cfg))
     except (KeyError, ValueError, AssertionError) as e:
-        raise ConfigError(f"{cfg_file}: {e.args[0]}") from None
+        raise ConfigError(f"{cfg_file}: {with_nearest_keys(e.args[0])}") from None
     config.freeze()
+
+
+def leaf_keys(node=_C, prefix=""):
+    """The dotted names of every setting of the config tree."""
+    for name, value in node.items():
+        if isinstance(value, CN):
+            yield from leaf_keys(value, f"{prefix}{name}.")
+        else:
+            yield f"{prefix}{name}"
+
+
+def with_nearest_keys(message):
+    """yacs's ``Non-existent (config) key: X`` with the nearest valid keys appended; others unchanged."""
+    unknown = next((p for p in ("Non-existent config key: ", "Non-existent key: ") if message.startswith(p)), None)
+    if unknown is None:
+        return message
+    key = message[len(unknown) :]
+    nearest = difflib.get_close_matches(key, list(leaf_keys()), n=3, cutoff=0.6)
+    return f"{message}" + (f"; did you mean {' or '.join(nearest)}?" if nearest else "")
 
 
 def _rename_in_tree(tree, alias, key, where):
@@ -419,7 +442,7 @@ def update_config(config, args, recipe=None):
     try:
         config.merge_from_list(opts)
     except (KeyError, ValueError, AssertionError) as e:
-        raise ConfigError(f"--opts: {e.args[0]}") from None
+        raise ConfigError(f"--opts: {with_nearest_keys(e.args[0])}") from None
     if name_follows_settings and "MODEL.NAME" not in opts[0::2]:
         config.MODEL.NAME = run_name(config)
 

@@ -161,9 +161,10 @@ def classification_loss(logits, targets, smoothing):
 
 
 def train_classifier_one_epoch(config, model, data_loader, optimizer_step, lr_scheduler, autocast, epoch, logger,
-                               writer=NULL_WRITER):  # fmt: skip
+                               writer=NULL_WRITER, stop=None):  # fmt: skip
     """One epoch of the classifier ``model`` (its modules' modes set by the caller) with
-    label-smoothed cross-entropy. A non-finite loss stops every rank at the next logged step."""
+    label-smoothed cross-entropy. At the logged steps the ranks meet: a non-finite loss stops
+    every rank, and so does ``stop`` (a StopSignal). Returns (steps done, whether the run stops)."""
     device = next(model.parameters()).device
     num_steps = len(data_loader)
     metric_logger = MetricLogger(
@@ -173,7 +174,7 @@ def train_classifier_one_epoch(config, model, data_loader, optimizer_step, lr_sc
     )  # fmt: skip
     checks = {"loss": FirstNonFinite(num_steps, device)}
     start = time.time()
-    step = 0
+    step, stopping = 0, False
     try:
         for idx, (images, targets) in metric_logger.log_every(data_loader):
             lr_scheduler.step_update(epoch * num_steps + idx)
@@ -185,8 +186,10 @@ def train_classifier_one_epoch(config, model, data_loader, optimizer_step, lr_sc
             checks["loss"].check(loss, idx)
             metric_logger.update(loss=loss)
             if metric_logger.due(idx):
-                sync_ranks(checks, epoch)
+                stopping = sync_ranks(checks, epoch, stop is not None and stop.requested)
                 metric_logger.log(idx, lr=optimizer_step.optimizer.param_groups[0]["lr"])
+                if stopping and idx + 1 < num_steps:
+                    return idx + 1, True
             step = idx + 1
     except RuntimeError as e:
         fault = _as_process_fault(e, config, epoch, step)
@@ -194,6 +197,7 @@ def train_classifier_one_epoch(config, model, data_loader, optimizer_step, lr_sc
             raise
         raise fault from None
     logger.info(f"EPOCH {epoch} training took {datetime.timedelta(seconds=int(time.time() - start))}")
+    return num_steps, stopping
 
 
 @torch.no_grad()

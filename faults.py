@@ -24,8 +24,10 @@ class ProcessFaultError(RuntimeError):
 
 
 class StopSignal:
-    """SIGTERM or SIGUSR1 (a scheduler's notice of preemption) only sets ``requested``: a host
-    flag, read where the ranks meet anyway (``sync_ranks``), so all stop after the same step.
+    """SIGTERM or SIGUSR1 (a scheduler's notice of preemption) and SIGINT (Ctrl-C) only set
+    ``requested`` (and ``name``, the signal's): a host flag, read where the ranks meet anyway
+    (``sync_ranks``), so all stop after the same step and save. A second SIGINT ends the process
+    at once, with one line and exit code 130.
 
     But when another process of the group has already ended with an error (``mark_group_failed``;
     torchrun then stops the others with SIGTERM, to restart the group), the ranks can no longer
@@ -33,10 +35,11 @@ class StopSignal:
     (``signal.set_wakeup_fd``), so this holds while the training thread hangs in a step.
     """
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
     def __init__(self, store=None):
-        self.requested, self.store = False, store  # store: the group's (DistEnv.store), None in one process
+        self.requested, self.name = False, None
+        self.store = store  # the group's (DistEnv.store), None in one process
         read_end, write_end = os.pipe()
         os.set_blocking(write_end, False)
         signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
@@ -47,13 +50,19 @@ class StopSignal:
     def _watch(self, read_end):
         while True:
             signum = os.read(read_end, 1)[0]
-            if signum not in self.SIGNALS:  # any other signal with a Python handler (SIGCHLD, SIGINT)
+            if signum not in self.SIGNALS:  # any other signal with a Python handler (SIGCHLD)
                 continue
-            self.requested = True
+            name = signal.Signals(signum).name
+            if self.requested and signum == signal.SIGINT:
+                print(f"error: rank {get_rank()} stopped at once by a second SIGINT, without saving its last steps",
+                      file=sys.stderr, flush=True)  # fmt: skip
+                end_loader_workers()
+                os._exit(128 + signal.SIGINT)
+            self.requested, self.name = True, self.name or name
             failure = group_failure(self.store)
             if failure is not None:
                 print(
-                    f"error: rank {get_rank()} stopped by {signal.Signals(signum).name} without saving: "
+                    f"error: rank {get_rank()} stopped by {name} without saving: "
                     f"another process failed: {failure[:300]}",
                     file=sys.stderr,
                     flush=True,

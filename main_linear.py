@@ -67,6 +67,7 @@ from data import build_linear_loaders
 from data.linear import canonical_dataset_name
 from distributed import distribute, join_processes, unwrap
 from engine import measure_throughput, train_classifier_one_epoch, validate
+from faults import StopSignal
 from lr_scheduler import build_scheduler
 from metrics import MetricWriter
 from models import build_encoder
@@ -191,12 +192,21 @@ def main(config, env, logger, output_dir, held=None):
     steps = len(train_loader)
     checkpointer = Checkpointer(env, logger, last_good=path)  # the checkpoint a restart would resume from
     writer = MetricWriter(output_dir, config.TENSORBOARD and env.is_main, logger, purge_step=start_epoch * steps)
+    stop = StopSignal(env.store)
     for epoch in range(start_epoch, config.TRAIN.EPOCHS):
         seed_epoch(config, epoch, env.rank)
         train_loader.sampler.set_epoch(epoch)
         set_training_mode(model, freeze, config.LINEAR_EVAL.BACKBONE_TRAIN_MODE)
-        train_classifier_one_epoch(config, model, train_loader, optimizer_step, lr_scheduler, autocast, epoch, logger,
-                                   writer)  # fmt: skip
+        steps_done, stopping = train_classifier_one_epoch(
+            config, model, train_loader, optimizer_step, lr_scheduler, autocast, epoch, logger, writer, stop
+        )
+        if steps_done < steps:  # stopped inside the epoch, which is trained again from its start
+            saved = f"the last checkpoint is {checkpointer.last_good}" if checkpointer.last_good else "nothing saved"
+            logger.info(
+                f"stopped by {stop.name} at epoch {epoch} step {steps_done}: {saved}; the same command trains "
+                f"epoch {epoch} again"
+            )
+            break
         acc1, acc5, loss = validate(model, val_loader, device, autocast)
         max_acc1 = max(max_acc1, acc1)
         writer.scalars({"top1": acc1, "top5": acc5, "loss": loss}, (epoch + 1) * steps - 1, prefix="val/")
@@ -214,6 +224,9 @@ def main(config, env, logger, output_dir, held=None):
             "config": config.dump(),
         }
         checkpointer.save(state, [os.path.join(output_dir, "checkpoint.pth")])
+        if stopping:
+            logger.info(f"stopped by {stop.name} after epoch {epoch}: the same command resumes from epoch {epoch + 1}")
+            break
     writer.close()
     logger.info(f"best top-1 {max_acc1:.2f}%")
     return max_acc1

@@ -37,6 +37,7 @@ from cli import open_output, run_cli
 from config import ConfigError, check_config, inert_settings
 from data import DeviceAugment, DeviceViews, build_loader, set_loader_epoch, skipped_samples
 from data.augment import synthetic_views
+from data.build import check_split
 from distributed import distribute, join_processes, unwrap
 from engine import measure_throughput, train_one_epoch
 from faults import NonFiniteLossError, StopSignal
@@ -145,6 +146,13 @@ def main(config, env, logger):
         check_batch(config, env.world_size, len(dataset))
         steps_per_epoch = len(data_loader)
         logger.info(f"{len(dataset)} training images, {steps_per_epoch} steps per epoch per process")
+        queue = config.MODEL.CONTRAST_NUM_NEGATIVE
+        if config.MODEL.TYPE in ("moby", "synco") and queue > len(dataset) and env.is_main:
+            logger.warning(
+                f"MODEL.CONTRAST_NUM_NEGATIVE {queue} is larger than the training set ({len(dataset)} images): the "
+                "queue holds several keys of each image, its own positive's among a query's negatives; set it to "
+                f"at most {len(dataset)} (a multiple of the global batch)"
+            )
 
     # ---------------------------------------------------------------- model
     seed_everything(config.SEED)  # same initial weights and queues on every rank
@@ -205,7 +213,7 @@ def main(config, env, logger):
             ) from None
         if stopping:
             logger.info(
-                f"stopped by a signal at epoch {epoch} step {steps_done}: saved {checkpointer.last_good}; "
+                f"stopped by {stop.name} at epoch {epoch} step {steps_done}: saved {checkpointer.last_good}; "
                 "the same command resumes there"
             )
             break
@@ -225,6 +233,8 @@ def setup(argv=None):
         raise ConfigError("pretraining needs the two-view augmentation: set AUG.SSL_AUG True")
     if not config.THROUGHPUT_MODE and not config.DATA.DATA_PATH:
         raise ConfigError("no dataset given: pass --data-path <folder with train/ and val/>")
+    if not config.THROUGHPUT_MODE:
+        check_split(config, "train")  # before the run folder exists: a wrong --data-path leaves nothing
     env = join_processes(config, args.local_rank)
     check_batch(config, env.world_size)
     scale_learning_rates(config, env.world_size)

@@ -14,9 +14,7 @@ import logging.handlers
 import os
 from dataclasses import dataclass, field
 
-import yaml
-
-from checkpoint import read_checkpoint, read_run_checkpoint
+from checkpoint import lookup, read_checkpoint, read_run_checkpoint, stored_config
 from config import NAME_KEYS, ConfigError, opts_keys
 from distributed import broadcast_object
 from models.build import ENCODER_SHAPE_KEYS
@@ -119,7 +117,7 @@ def the_only_run_with_tag(config):
     matching = [
         folder
         for folder in runs_with_tag(config)
-        if (_lookup(_run_config(folder), "MODEL.TYPE"), _lookup(_run_config(folder), "MODEL.ENCODER"))
+        if (lookup(_run_config(folder), "MODEL.TYPE"), lookup(_run_config(folder), "MODEL.ENCODER"))
         == (config.MODEL.TYPE, config.MODEL.ENCODER)
     ]
     return matching[0] if len(matching) == 1 else None
@@ -160,19 +158,10 @@ def _named_differences(config, folder):
     theirs = _run_config(folder)
     differences = []
     for key in NAME_KEYS:
-        value = _lookup(theirs, key)
-        if value is not None and value != _lookup(config, key):
+        value = lookup(theirs, key)
+        if value is not None and value != lookup(config, key):
             differences.append(f"{key} {value}")
     return f" (pretrained with --opts {' '.join(differences)})" if differences else ""
-
-
-def _lookup(tree, key):
-    """The value of the dotted ``key`` in nested dicts (a config), or None."""
-    for part in key.split("."):
-        if not isinstance(tree, dict) or part not in tree:
-            return None
-        tree = tree[part]
-    return tree
 
 
 def inherit_encoder_settings(config, args, env):
@@ -225,7 +214,7 @@ def inherit_encoder_settings(config, args, env):
         config.freeze()
     if not env.is_main:
         held = HeldCheckpoint(path)
-    current = {key: _lookup(config, key) for key in ENCODER_SHAPE_KEYS}
+    current = {key: lookup(config, key) for key in ENCODER_SHAPE_KEYS}
     settings = ", ".join(f"{key} {value}" for key, value in current.items())
     if stored is None:
         return held, [*notes, f"{path} stores no config: the encoder is built from --cfg and --opts ({settings})"]
@@ -263,8 +252,8 @@ def check_original_encoder(path, ckpt):
     """Refuse MoBY's released DeiT-S checkpoints (Transformer-SSL: MODEL.MOBY.ENCODER deit_small):
     their 6-head attention has the parameter shapes of this project's 12-head vit_small (MoCo v3's),
     so its weights would load without an error and give wrong features."""
-    stored = _stored_config(ckpt) or {}
-    encoder = _lookup(stored, "MODEL.MOBY.ENCODER") or _lookup(stored, "MODEL.ENCODER")
+    stored = stored_config(ckpt) or {}
+    encoder = lookup(stored, "MODEL.MOBY.ENCODER") or lookup(stored, "MODEL.ENCODER")
     if isinstance(encoder, str) and encoder.startswith("deit"):
         raise ConfigError(
             f"{path} holds a {encoder} encoder (MoBY's DeiT with 6 attention heads), which no encoder of this "
@@ -273,19 +262,10 @@ def check_original_encoder(path, ckpt):
         )
 
 
-def _stored_config(ckpt):
-    """The config stored in a checkpoint as nested dicts (ours: a YAML dump; the original code's: its
-    CfgNode, read back as dicts); None without one."""
-    stored = ckpt.get("config") if isinstance(ckpt, dict) else None
-    if isinstance(stored, str):
-        stored = yaml.safe_load(stored)
-    return stored if isinstance(stored, dict) else None
-
-
 def _stored_encoder_settings(ckpt):
     """{key: value} of ENCODER_SHAPE_KEYS in the checkpoint's stored config; None when it stores none."""
-    stored = _stored_config(ckpt)
+    stored = stored_config(ckpt)
     if stored is None:
         return None
-    values = {key: _lookup(stored, key) for key in ENCODER_SHAPE_KEYS}
+    values = {key: lookup(stored, key) for key in ENCODER_SHAPE_KEYS}
     return {key: value for key, value in values.items() if value is not None} or None

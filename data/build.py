@@ -163,6 +163,26 @@ def build_dataset(
         FileNotFoundError: ``DATA_PATH/<split>`` (folder mode, or it holds no image) or
             ``DATA_PATH/<split>.zip`` or ``DATA_PATH/<split>_map.txt`` (zip mode) is missing.
     """
+    check_split(config, split)
+    root = config.DATA.DATA_PATH
+    if config.DATA.ZIP_MODE:
+        zip_path = os.path.join(root, f"{split}.zip")
+        map_path = os.path.join(root, f"{split}_map.txt")
+        return CachedImageFolder(
+            zip_path,
+            map_path,
+            transform=transform,
+            cache_mode=config.DATA.CACHE_MODE,
+            rank=rank,
+            world_size=world_size,
+            loader=loader,
+        )
+    return LenientImageFolder(os.path.join(root, split), transform=transform, loader=loader)
+
+
+def check_split(config, split: str = "train") -> None:
+    """Raise FileNotFoundError naming the layout when ``split`` of DATA.DATA_PATH is missing: the
+    folder ``<split>/`` or, with DATA.ZIP_MODE, ``<split>.zip`` and ``<split>_map.txt``."""
     root = config.DATA.DATA_PATH
     if config.DATA.ZIP_MODE:
         zip_path = os.path.join(root, f"{split}.zip")
@@ -173,22 +193,13 @@ def build_dataset(
                     f"{path} not found: DATA.ZIP_MODE expects {zip_path} (the images) and "
                     f"{map_path} (lines '<path inside the zip>\\t<class index>')"
                 )
-        return CachedImageFolder(
-            zip_path,
-            map_path,
-            transform=transform,
-            cache_mode=config.DATA.CACHE_MODE,
-            rank=rank,
-            world_size=world_size,
-            loader=loader,
-        )
-    folder = os.path.join(root, split)
-    if not os.path.isdir(folder):
-        raise FileNotFoundError(
-            f"{folder} not found: expected an ImageNet-style folder {folder}/<class>/<image> "
-            f"(or set DATA.ZIP_MODE for {split}.zip + {split}_map.txt)"
-        )
-    return LenientImageFolder(folder, transform=transform, loader=loader)
+    else:
+        folder = os.path.join(root, split)
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(
+                f"{folder} not found: expected an ImageNet-style folder {folder}/<class>/<image> "
+                f"(or set DATA.ZIP_MODE for {split}.zip + {split}_map.txt)"
+            )
 
 
 def shuffling_sampler(config, dataset: Sized, rank: int = 0, world_size: int = 1) -> DistributedSampler | ShardSampler:
@@ -226,10 +237,11 @@ def resolve_num_workers(requested: int) -> int:
 
 
 def ignore_stop_signals(worker_id: int) -> None:
-    """Leave SIGTERM / SIGUSR1, which a scheduler sends to every process of a job, to the
-    training process: it stops the workers itself once it has saved."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    """Leave SIGTERM / SIGUSR1, which a scheduler sends to every process of a job, and SIGINT,
+    which Ctrl-C sends to every process of the terminal's, to the training process: it stops the
+    workers itself once it has saved."""
+    for signum in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        signal.signal(signum, signal.SIG_IGN)
 
 
 def make_loader(

@@ -4,6 +4,7 @@ Most cases call the script's entry point in this process (fast); two run it as a
 real subprocess to see exactly what a user sees.
 """
 
+import os
 import subprocess
 import zipfile
 
@@ -47,6 +48,12 @@ def test_missing_data_path_in_a_real_process(tmp_path):
     result = run_script([*BASE, "--cfg", "configs/moby_vit_tiny.yaml", "--output", str(tmp_path), "--data-path",
                          missing, "--batch-size", "4", "--opts", *SMALL])  # fmt: skip
     assert_clean_error(result, missing)
+    assert os.listdir(tmp_path) == []  # no run folder left behind
+
+
+def test_a_wrong_data_path_leaves_no_run_folder(run, tmp_path):
+    assert_clean_error(run(data=str(tmp_path / "nowhere")), f"{tmp_path / 'nowhere' / 'train'} not found")
+    assert os.listdir(tmp_path) == []
 
 
 def test_no_data_path_given(run):
@@ -55,12 +62,13 @@ def test_no_data_path_given(run):
 
 def test_unknown_key_in_opts(run):
     assert_clean_error(run("--opts", "MODEL.NOT_A_KEY", "1"), "MODEL.NOT_A_KEY")
+    assert_clean_error(run("--opts", "TRAIN.EPOCH", "1"), "TRAIN.EPOCH; did you mean TRAIN.EPOCHS or ")
 
 
 def test_unknown_key_in_yaml(run, tmp_path):
     cfg = tmp_path / "bad.yaml"
     cfg.write_text("TRAIN:\n  EPOCHZ: 3\n")
-    assert_clean_error(run(cfg=str(cfg)), "EPOCHZ", "bad.yaml")
+    assert_clean_error(run(cfg=str(cfg)), "EPOCHZ; did you mean TRAIN.EPOCHS", "bad.yaml")
 
 
 def test_missing_cfg_file(run, tmp_path):
@@ -117,9 +125,9 @@ def test_zip_mode_without_map_file(run, tmp_path):
 
 
 @pytest.mark.slow
-def test_output_folder_that_cannot_be_created(run, tmp_path):
+def test_output_folder_that_cannot_be_created(run, tmp_path, image_folder):
     blocker = tmp_path / "file"
     blocker.write_text("")
-    result = run_script([*BASE, "--cfg", "configs/moby_vit_tiny.yaml", "--data-path", "x", "--output",
+    result = run_script([*BASE, "--cfg", "configs/moby_vit_tiny.yaml", "--data-path", image_folder, "--output",
                          str(blocker / "out")])  # fmt: skip
     assert_clean_error(result, "output folder", str(blocker))
