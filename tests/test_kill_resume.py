@@ -22,7 +22,7 @@ CHECKPOINT = re.compile(r"(checkpoint|ckpt_epoch_\d+)\.pth")
 # When each run is killed: ("log", text, d) a random 0-d s after the text shows in its
 # output; ("tmp", name, 0) as soon as it opens the temporary file of that checkpoint;
 # ("file", name, 0) as soon as that file appears.
-KILLS = [("log", "INFO saved", 1.0), ("tmp", "checkpoint.pth", 0), ("tmp", "ckpt_epoch_*.pth", 0)]
+KILLS = [("log", "] saved ", 1.0), ("tmp", "checkpoint.pth", 0), ("tmp", "ckpt_epoch_*.pth", 0)]
 
 
 def start(image_folder, output, log_path, epochs=EPOCHS):
