@@ -7,6 +7,7 @@ import re
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -128,6 +129,15 @@ TINY = [
     "MODEL.N_HARD", "8", "MODEL.N1", "2", "MODEL.N2", "2", "MODEL.N3", "2", "MODEL.N4", "2", "MODEL.N5", "2",
     "MODEL.N6", "2", "MODEL.SYNTHETIC_START_EPOCH", "0",
 ]  # fmt: skip
+
+
+def wait_for(text, log_path, proc, timeout=120.0):
+    """Wait until ``text`` shows in the output file ``log_path`` of the running process ``proc``."""
+    deadline = time.monotonic() + timeout
+    while text not in log_path.read_text():
+        assert proc.poll() is None, f"the run ended before {text!r}:\n{log_path.read_text()[-3000:]}"
+        assert time.monotonic() < deadline, f"timed out waiting for {text!r}"
+        time.sleep(0.01)
 
 
 def run_folder(output):

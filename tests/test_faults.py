@@ -13,7 +13,7 @@ import time
 
 import pytest
 import torch
-from conftest import ROOT, TINY, free_port, run_folder, run_script
+from conftest import ROOT, TINY, free_port, run_folder, run_script, wait_for
 
 pytestmark = pytest.mark.slow  # real training runs in other processes (torchrun, Popen), with faults injected
 
@@ -118,14 +118,6 @@ def test_a_stalled_rank_turns_into_an_error_on_the_other_within_the_timeout(imag
         line.startswith("error: rank 0 at epoch 1 step ")
         and "waited more than DIST_TIMEOUT 5 s for the other processes in a collective" in line
     ), line
-
-
-def wait_for(text, log_path, proc, timeout=120.0):
-    deadline = time.monotonic() + timeout
-    while text not in log_path.read_text():
-        assert proc.poll() is None, f"the run ended before {text!r}:\n{log_path.read_text()[-3000:]}"
-        assert time.monotonic() < deadline, f"timed out waiting for {text!r}"
-        time.sleep(0.01)
 
 
 def test_a_killed_loader_worker_ends_the_run_with_one_line_and_the_resume_continues(image_folder, tmp_path):

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import ROOT, TINY, run_folder, run_script, small_config
+from conftest import ROOT, TINY, run_folder, run_script, small_config, wait_for
 
 from checkpoint import resume_point, save_atomic
 from config import ConfigError
@@ -64,14 +64,6 @@ def start(args, log_path, **extra_env):
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **extra_env)
     with open(log_path, "w") as log:
         return subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-
-
-def wait_for(text, log_path, proc, timeout=120.0):
-    deadline = time.monotonic() + timeout
-    while text not in log_path.read_text():
-        assert proc.poll() is None, f"the run ended before {text!r}:\n{log_path.read_text()[-3000:]}"
-        assert time.monotonic() < deadline, f"timed out waiting for {text!r}"
-        time.sleep(0.01)
 
 
 def pretrain_args(image_folder, output):
