@@ -25,7 +25,7 @@ def script_help(script, monkeypatch, capsys):
 
 
 DATA = ["--data-path", "--zip", "--cache-mode"]  # the image folders main_pretrain, main_linear and eval_knn read
-TRAINING = ["--resume", "--accumulation-steps", "--use-checkpoint"]  # the training runs'
+TRAINING = ["--resume", "--accumulation-steps", "--use-checkpoint", "--accept-changes"]  # the training runs'
 
 
 @pytest.mark.parametrize(
