@@ -5,6 +5,7 @@ import json
 import os
 
 import pytest
+import torch
 from conftest import run_script
 
 import eval_knn
@@ -89,6 +90,9 @@ def test_every_run_logs_and_records_its_precision(script, level, words, tmp_path
     """Without --amp-opt-level a run on this CPU computes in fp32; config.json records the level used."""
     argv = ["--cfg", "configs/moby_vit_tiny.yaml", "--output", str(tmp_path), "--batch-size", "4",
             "--opts", "DATA.IMG_SIZE", "32"]  # fmt: skip
+    if script is not main_pretrain:  # evaluations need a checkpoint to read the encoder from
+        torch.save({"model": {}, "epoch": 0}, tmp_path / "pretrained.pth")
+        argv += ["LINEAR_EVAL.PRETRAINED", str(tmp_path / "pretrained.pth")]
     if script is not eval_video_segmentation:  # DAVIS is read from DATA.TRANSFER_ROOT
         argv += ["--data-path", image_folder]
     if level:
