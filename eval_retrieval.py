@@ -120,12 +120,8 @@ def load_features(path, name, ground_truth, device):
     return saved["queries"].to(device), saved["database"].to(device)
 
 
-def main(config, env, logger, held=None):
+def main(config, env, logger, ground_truth, held=None):
     name = config.DATA.DATASET.lower()
-    try:
-        ground_truth = read_ground_truth(config.DATA.TRANSFER_ROOT, name)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
     epoch = None
     if config.RETRIEVAL.LOAD_FEATURES:
         query_feats, database_feats = load_features(config.RETRIEVAL.LOAD_FEATURES, name, ground_truth, env.device)
@@ -159,11 +155,15 @@ def setup(argv=None):
         raise ConfigError(f"{e} (--opts DATA.DATASET roxford5k)") from None
     if config.RETRIEVAL.IMG_SIZE <= 0:
         raise ConfigError(f"RETRIEVAL.IMG_SIZE must be positive, got {config.RETRIEVAL.IMG_SIZE}")
+    try:  # before the checkpoint and any folder: missing data leaves nothing behind
+        ground_truth = read_ground_truth(config.DATA.TRANSFER_ROOT, config.DATA.DATASET.lower())
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     env = join_processes(config, args.local_rank)
     # saved features need no encoder, nor its checkpoint
     held, inherited = (None, []) if config.RETRIEVAL.LOAD_FEATURES else inherit_encoder_settings(config, args, env)
     logger = open_output(config, env, output_folder(config), f"{config.MODEL.NAME}_retrieval", inherited)
-    return config, env, logger, held
+    return config, env, logger, ground_truth, held
 
 
 if __name__ == "__main__":

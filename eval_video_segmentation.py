@@ -77,11 +77,10 @@ def evaluate_video(video, features, settings, folder, device, autocast):
     return [(object_id, float(j), float(f)) for object_id, (j, f) in zip(object_ids, means)]
 
 
-def main(config, env, logger, held=None):
+def main(config, env, logger, videos, held=None):
     device = env.device
     autocast = amp_autocast(config, device)
     split = config.DAVIS.SPLIT
-    videos = read_videos(davis_root(config.DATA.TRANSFER_ROOT), split)
     encoder = build_encoder(config, drop_path_rate=0.0)
     epoch = load_run_encoder(encoder, config, logger, held)
     try:
@@ -147,10 +146,12 @@ def setup(argv=None):
     config = get_config(args)
     check_config(config)
     check_davis(config)
+    # before the checkpoint and any folder: missing data leaves nothing behind
+    videos = read_videos(davis_root(config.DATA.TRANSFER_ROOT), config.DAVIS.SPLIT)
     env = join_processes(config, args.local_rank)
     held, inherited = inherit_encoder_settings(config, args, env)
     logger = open_output(config, env, output_folder(config), f"{config.MODEL.NAME}_davis", inherited)
-    return config, env, logger, held
+    return config, env, logger, videos, held
 
 
 if __name__ == "__main__":

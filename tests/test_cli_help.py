@@ -93,7 +93,13 @@ def test_every_run_logs_and_records_its_precision(script, level, words, tmp_path
     if script is not main_pretrain:  # evaluations need a checkpoint to read the encoder from
         torch.save({"model": {}, "epoch": 0}, tmp_path / "pretrained.pth")
         argv += ["LINEAR_EVAL.PRETRAINED", str(tmp_path / "pretrained.pth")]
-    if script is not eval_video_segmentation:  # DAVIS is read from DATA.TRANSFER_ROOT
+    if script is eval_video_segmentation:  # DAVIS's layout under DATA.TRANSFER_ROOT (setup checks it)
+        davis = tmp_path / "data" / "DAVIS"
+        for path in ("ImageSets/2017/val.txt", "JPEGImages/480p/v/00000.jpg", "Annotations/480p/v/00000.png"):
+            (davis / path).parent.mkdir(parents=True, exist_ok=True)
+            (davis / path).write_text("v\n")
+        argv += ["DATA.TRANSFER_ROOT", str(tmp_path / "data")]
+    else:
         argv += ["--data-path", image_folder]
     if level:
         argv += ["--amp-opt-level", level]

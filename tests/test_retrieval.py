@@ -254,13 +254,13 @@ def test_eval_retrieval_end_to_end(buildings, tmp_path):
     assert map_lines(tmp_path / "again")[1] == lines and results["medium"] == pytest.approx(100 * medium[0])
 
 
-def test_the_encoder_settings_come_from_the_checkpoint(tmp_path):
+def test_the_encoder_settings_come_from_the_checkpoint(buildings, tmp_path):
     ckpt = tmp_path / "pretrained.pth"
     state = {f"encoder.{k}": v for k, v in vit_tiny(img_size=32).state_dict().items()}
     torch.save({"model": state, "epoch": 3, "config": "DATA:\n  IMG_SIZE: 32\nMODEL:\n  ENCODER: vit_tiny\n"}, ckpt)
-    argv = retrieval_args(str(tmp_path), tmp_path / "out", "LINEAR_EVAL.PRETRAINED", str(ckpt))[1:]
+    argv = retrieval_args(buildings, tmp_path / "out", "LINEAR_EVAL.PRETRAINED", str(ckpt))[1:]
     size = argv.index("DATA.IMG_SIZE")
-    config, env, logger, _ = eval_retrieval.setup(argv[:size] + argv[size + 2 :])  # no DATA.IMG_SIZE given
+    config, env, logger, *_ = eval_retrieval.setup(argv[:size] + argv[size + 2 :])  # no DATA.IMG_SIZE given
     assert config.DATA.IMG_SIZE == 32
 
 
@@ -271,3 +271,4 @@ def test_missing_data_is_one_error_naming_the_layout(tmp_path, capsys):
     assert stop.value.code == 2 and err.startswith("error: roxford5k is not under") and "Traceback" not in err
     assert f"{tmp_path}/none/roxford5k/gnd_roxford5k.pkl  - the revisited ground truth" in err
     assert f"{tmp_path}/none/roxford5k/jpg  - folder of every image it names" in err
+    assert not (tmp_path / "out").exists()  # checked before any folder is made
