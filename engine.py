@@ -223,10 +223,13 @@ def validate(model, data_loader, device, autocast):
 
 
 @torch.no_grad()
-def extract_features(model, data_loader, num_samples, rank, device, autocast, order=None):
+def extract_features(model, data_loader, num_samples, rank, device, autocast, order=None, gather=True):
     """Normalised features [num_samples, D] and labels [num_samples] of the whole dataset on
     every rank, from a loader over this rank's samples: ``order``, the dataset index of each
-    sample in the order the loader yields them, by default ``rank, rank + world, ...``."""
+    sample in the order the loader yields them, by default ``rank, rank + world, ...``.
+
+    ``gather=False``: only this rank's shard, as (features [n, D], labels [n], dataset index
+    [n]); nothing is exchanged, and no rank holds more than its share."""
     model.eval()
     feats, labels = [], []
     for images, targets in data_loader:
@@ -236,12 +239,14 @@ def extract_features(model, data_loader, num_samples, rank, device, autocast, or
         labels.append(targets.to(device))
     feats, labels = torch.cat(feats), torch.cat(labels)
     world = get_world_size()
-    if world == 1 and order is None:
+    if world == 1 and order is None and gather:
         return feats, labels
     if order is None:
         index = torch.arange(rank, num_samples, world, device=device)
     else:
         index = torch.as_tensor(order, dtype=torch.long, device=device)
+    if not gather:
+        return feats, labels, index
     all_feats = feats.new_zeros(num_samples, feats.shape[1])
     all_labels = labels.new_zeros(num_samples)
     all_feats[index], all_labels[index] = feats, labels
