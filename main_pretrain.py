@@ -66,9 +66,18 @@ def check_batch(config, world_size, dataset_size=None):
         )
 
 
-def throughput(config, model, augment, optimizer_step, autocast, device, logger):
-    """Images/s of full training steps (the device's share of the augmentation, forward,
-    backward, optimizer step, momentum update) on synthetic batches of the configured size."""
+def build_optimizer_step(config, model, optimizer, device):
+    """Pretraining's precision.OptimizerStep: ``model``'s trainable parameters, the grad scaler of
+    AMP_OPT_LEVEL, TRAIN.CLIP_GRAD and TRAIN.ACCUMULATION_STEPS."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    scaler = make_grad_scaler(config, device)
+    return OptimizerStep(optimizer, params, scaler, config.TRAIN.CLIP_GRAD, config.TRAIN.ACCUMULATION_STEPS)
+
+
+def synthetic_train_step(config, model, augment, optimizer_step, autocast, device):
+    """A full training step (the device's share of the augmentation, forward, backward, optimizer
+    step, momentum update) on synthetic batches of the configured size, as a function of no
+    arguments: what --throughput and benchmarks/bench_gpu.py time."""
     model.train()
     views = [(images.to(device), params) for images, params in synthetic_views(config)]
 
@@ -78,7 +87,13 @@ def throughput(config, model, augment, optimizer_step, autocast, device, logger)
             loss = model(x1, x2)["loss"]
         optimizer_step(loss)
 
-    measure_throughput(config, train_step, config.DATA.BATCH_SIZE, device, logger)
+    return train_step
+
+
+def throughput(config, model, augment, optimizer_step, autocast, device, logger):
+    """Images/s of ``synthetic_train_step``."""
+    step = synthetic_train_step(config, model, augment, optimizer_step, autocast, device)
+    measure_throughput(config, step, config.DATA.BATCH_SIZE, device, logger)
 
 
 # -----------------------------------------------------------------------------
@@ -157,9 +172,8 @@ def main(config, env, logger):
     optimizer = build_optimizer(config, model)
     model = distribute(model, env, broadcast_buffers=False)
     lr_scheduler = build_scheduler(config, optimizer, steps_per_epoch)
-    scaler = make_grad_scaler(config, device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer_step = OptimizerStep(optimizer, params, scaler, config.TRAIN.CLIP_GRAD, config.TRAIN.ACCUMULATION_STEPS)
+    optimizer_step = build_optimizer_step(config, model, optimizer, device)
+    scaler = optimizer_step.scaler
 
     if config.THROUGHPUT_MODE:
         throughput(config, model, augment, optimizer_step, autocast, device, logger)

@@ -18,6 +18,46 @@ def test_gpu_benchmark_says_it_needs_cuda():
     ]
 
 
+@pytest.mark.slow
+def test_gpu_benchmark_dry_run_has_a_row_per_precision(tmp_path):
+    out = tmp_path / "gpu.md"
+    result = run_script(["benchmarks/bench_gpu.py", "--dry-run", "--batch", "2", "--steps", "1", "--img-size", "32",
+                         "--encoders", "vit_tiny", "--frameworks", "byol", "--loss-batches", "4", "--loader-images",
+                         "8", "--out", str(out)])  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [line.split(" | ") for line in out.read_text().splitlines() if line.startswith("| vit_tiny | byol |")]
+    assert [row[2] for row in rows] == [
+        "fp32, TF32 matmuls (O0, default)",
+        "full fp32 (O0, TRAIN.TF32 False)",
+        "fp16 + grad scaler (O1)",
+        "bf16 (O2)",
+    ]
+    assert all(float(row[3]) > 0 and row[6] == "n/a |" for row in rows)  # images/s; no MFU on the CPU
+
+
+def test_gpu_peaks_by_part_and_mig_slices():
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    from bench_gpu import peak_tflops
+
+    peaks = {
+        "NVIDIA H100 80GB HBM3": 989.0,
+        "NVIDIA H100 PCIe": 756.0,
+        "NVIDIA H100 NVL": 835.0,
+        "NVIDIA H200": 989.0,
+        "NVIDIA H200 NVL": 835.0,
+        "NVIDIA A100-SXM4-80GB": 312.0,
+        "NVIDIA A10G": 70.0,
+        "NVIDIA A10": 125.0,
+        "NVIDIA L4": None,  # not listed
+    }
+    assert {name: peak_tflops(name)[1] for name in peaks} == peaks
+    assert peak_tflops("NVIDIA H100 80GB HBM3", 132) == ("989 TFLOP/s (H100)", 989.0)
+    # a MIG slice: by its name, or by its multiprocessors
+    words, peak = peak_tflops("NVIDIA A100-SXM4-40GB MIG 3g.20gb", 42)
+    assert peak is None and words.startswith("unknown: a MIG slice of an A100 (42 of its 108 multiprocessors)")
+    assert peak_tflops("NVIDIA H100 80GB HBM3", 16)[1] is None
+
+
 def run_smoke(folder, frameworks, legs):
     """scripts/gpu_smoke.sh's dry run on the CPU (2 gloo processes) with these FRAMEWORKS and LEGS."""
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", FRAMEWORKS=frameworks, LEGS=legs,
