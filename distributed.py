@@ -69,9 +69,9 @@ def init_distributed(local_rank=None, timeout_s=None):
     """Join the process group (NCCL on CUDA, gloo on the CPU) when launched with
     several processes, and pick this process's device.
 
-    ``timeout_s``: how long a collective may wait for the other ranks before it raises
-    (PyTorch's default without it); on NCCL, asynchronous error handling tears the
-    process down when a collective times out, as torchrun sets it by default.
+    ``timeout_s``: how long a collective may wait for the other ranks (PyTorch's default
+    without it): then gloo raises in the calling thread, while NCCL's watchdog, with the
+    asynchronous error handling set here as torchrun sets it, aborts the process (SIGABRT).
     """
     rank, world, local = launcher_env(local_rank)
     device = pick_device(local)

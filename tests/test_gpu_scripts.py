@@ -96,3 +96,10 @@ def test_smoke_script_resumes_in_another_precision(tmp_path):
     assert "precision: AMP_OPT_LEVEL O1 (fp16 autocast with a grad scaler) on cpu" in stdout
     (last,) = glob.glob(os.path.join(tmp_path, "moby__*", "smoke_resume", "ckpt_epoch_1.pth"))
     assert f"gpu smoke: {last} loads (epoch 1," in stdout
+
+
+def test_slurm_tasks_end_together():
+    """Every srun of the SLURM script ends the step when a task fails (docs/faults.md)."""
+    lines = open(os.path.join(ROOT, "scripts", "slurm_pretrain_linear.sh")).read().splitlines()
+    sruns = [line for line in lines if line.startswith("srun ")]
+    assert len(sruns) == 2 and all(line.startswith("srun --kill-on-bad-exit=1 ") for line in sruns)
