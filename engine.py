@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from checkpoint import CheckpointWriteError
+from data.augment import synthetic_views
 from distributed import all_reduce_mean, get_rank, get_world_size, unwrap
 from faults import NonFiniteLossError, ProcessFaultError, process_fault
 from metrics import NULL_WRITER, MetricLogger, contrastive_metrics, count_correct
@@ -259,6 +260,22 @@ def extract_features(model, data_loader, num_samples, rank, device, autocast, or
 # -----------------------------------------------------------------------------
 # Throughput
 # -----------------------------------------------------------------------------
+
+
+def synthetic_train_step(config, model, augment, optimizer_step, autocast, device):
+    """A full pretraining step (the device's share of the augmentation, forward, backward,
+    optimizer step, momentum update) on synthetic batches of the configured size, as a function
+    of no arguments: what main_pretrain.py --throughput and benchmarks/bench_gpu.py time."""
+    model.train()
+    views = [(images.to(device), params) for images, params in synthetic_views(config)]
+
+    def train_step():
+        x1, x2 = (augment(images, params) for images, params in views)
+        with autocast():
+            loss = model(x1, x2)["loss"]
+        optimizer_step(loss)
+
+    return train_step
 
 
 def measure_throughput(config, step, batch_size, device, logger, warmup=3, steps=10):

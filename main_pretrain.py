@@ -36,15 +36,14 @@ from checkpoint import LATEST, Checkpointer, restore, resume_point
 from cli import open_output, run_cli
 from config import ConfigError, check_config, inert_settings
 from data import DeviceAugment, DeviceViews, build_loader, set_loader_epoch, skipped_samples
-from data.augment import synthetic_views
 from distributed import distribute, join_processes, unwrap
-from engine import measure_throughput, train_one_epoch
+from engine import measure_throughput, synthetic_train_step, train_one_epoch
 from faults import NonFiniteLossError, StopSignal
 from lr_scheduler import build_scheduler
 from metrics import DeviceMeters, MetricWriter
 from models import build_model
 from optimizer import build_optimizer
-from precision import OptimizerStep, amp_autocast, make_grad_scaler
+from precision import amp_autocast, build_optimizer_step
 from utils import scale_learning_rates, seed_everything
 
 
@@ -64,30 +63,6 @@ def check_batch(config, world_size, dataset_size=None):
             f"the global batch {global_batch} ({config.DATA.BATCH_SIZE} x {world_size} processes) is larger "
             f"than the training set ({dataset_size} images): lower --batch-size"
         )
-
-
-def build_optimizer_step(config, model, optimizer, device):
-    """Pretraining's precision.OptimizerStep: ``model``'s trainable parameters, the grad scaler of
-    AMP_OPT_LEVEL, TRAIN.CLIP_GRAD and TRAIN.ACCUMULATION_STEPS."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    scaler = make_grad_scaler(config, device)
-    return OptimizerStep(optimizer, params, scaler, config.TRAIN.CLIP_GRAD, config.TRAIN.ACCUMULATION_STEPS)
-
-
-def synthetic_train_step(config, model, augment, optimizer_step, autocast, device):
-    """A full training step (the device's share of the augmentation, forward, backward, optimizer
-    step, momentum update) on synthetic batches of the configured size, as a function of no
-    arguments: what --throughput and benchmarks/bench_gpu.py time."""
-    model.train()
-    views = [(images.to(device), params) for images, params in synthetic_views(config)]
-
-    def train_step():
-        x1, x2 = (augment(images, params) for images, params in views)
-        with autocast():
-            loss = model(x1, x2)["loss"]
-        optimizer_step(loss)
-
-    return train_step
 
 
 def throughput(config, model, augment, optimizer_step, autocast, device, logger):

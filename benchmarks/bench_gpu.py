@@ -41,10 +41,10 @@ from bench_data import loader_images_per_s, write_jpeg_folder  # noqa: E402
 from config import get_config  # noqa: E402
 from data import DeviceAugment  # noqa: E402
 from data.build import resolve_num_workers  # noqa: E402
-from main_pretrain import build_optimizer_step, synthetic_train_step  # noqa: E402
+from engine import synthetic_train_step  # noqa: E402
 from models import build_model  # noqa: E402
 from optimizer import build_optimizer  # noqa: E402
-from precision import amp_autocast, set_tf32  # noqa: E402
+from precision import amp_autocast, build_optimizer_step, set_tf32  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # the GPU's name (as torch.cuda.get_device_name gives it) -> (dense bf16 tensor-core peak in
