@@ -267,9 +267,10 @@ _C.TENSORBOARD = True
 # Unpickle checkpoints in full, even those holding objects beyond tensors and plain
 # containers (set by --trust-checkpoint): that can run code, so only for files you trust
 _C.TRUST_CHECKPOINT = False
-# Seconds a process waits in a collective (or for the others to join) before it stops
-# with an error naming its rank and step: a stalled or dead peer then ends the run
-# instead of hanging it. Long enough for the slowest save and evaluation.
+# Seconds a process waits in a collective (or for the others to join) before it stops: under
+# gloo with an error naming its rank and step, under NCCL aborted by PyTorch's watchdog
+# (SIGABRT); a stalled or dead peer then ends the run instead of hanging it. Long enough for
+# the slowest save and evaluation.
 _C.DIST_TIMEOUT = 1800
 # Random seed (offset by the rank)
 _C.SEED = 0

@@ -10,6 +10,7 @@ the one way to ask for this process's place in the group from anywhere.
 
 import contextlib
 import datetime
+import math
 import os
 from dataclasses import dataclass
 
@@ -68,9 +69,9 @@ def init_distributed(local_rank=None, timeout_s=None):
     """Join the process group (NCCL on CUDA, gloo on the CPU) when launched with
     several processes, and pick this process's device.
 
-    ``timeout_s``: how long a collective may wait for the other ranks before it raises
-    (PyTorch's default without it); on NCCL, asynchronous error handling tears the
-    process down when a collective times out, as torchrun sets it by default.
+    ``timeout_s``: how long a collective may wait for the other ranks (PyTorch's default
+    without it): then gloo raises in the calling thread, while NCCL's watchdog, with the
+    asynchronous error handling set here as torchrun sets it, aborts the process (SIGABRT).
     """
     rank, world, local = launcher_env(local_rank)
     device = pick_device(local)
@@ -169,6 +170,31 @@ def all_gather_cat(x):
     gathered = [torch.empty_like(x) for _ in range(get_world_size())]
     dist.all_gather(gathered, x.contiguous())
     return torch.cat(gathered)
+
+
+@torch.no_grad()
+def gather_rows_to_main(rows, index, num_rows, block_bytes=2**27):
+    """The rows every rank holds (``rows`` [n, ...], row i at ``index[i]`` of the whole), as one
+    CPU tensor [num_rows, ...] on rank 0; None on the others. They travel in blocks of at most
+    ``block_bytes`` per rank, so a device never holds more than world x block_bytes beyond its own
+    rows: the whole is assembled in host memory only."""
+    local = torch.tensor([rows.shape[0]], device=rows.device)
+    if get_world_size() > 1:
+        dist.all_reduce(local, op=dist.ReduceOp.MAX)
+    most = int(local.item())  # the largest share: every rank runs as many blocks
+    block = max(block_bytes // max(math.prod(rows.shape[1:]) * rows.element_size(), 1), 1)
+    out = torch.zeros((num_rows, *rows.shape[1:]), dtype=rows.dtype) if get_rank() == 0 else None
+    for start in range(0, most, block):
+        size = min(block, most - start)
+        part, where = rows[start : start + size], index[start : start + size]
+        pad = size - part.shape[0]  # a shorter share
+        part = torch.cat([part, part.new_zeros((pad, *rows.shape[1:]))])
+        where = torch.cat([where, where.new_full((pad,), -1)])
+        part, where = all_gather_cat(part), all_gather_cat(where)
+        if out is not None:
+            kept = where >= 0
+            out[where[kept].cpu()] = part[kept].cpu()
+    return out
 
 
 def all_reduce_mean(x):

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from checkpoint import CheckpointWriteError
+from data.augment import synthetic_views
 from distributed import all_reduce_mean, get_rank, get_world_size, unwrap
 from faults import NonFiniteLossError, ProcessFaultError, process_fault
 from metrics import NULL_WRITER, MetricLogger, contrastive_metrics, count_correct
@@ -227,10 +228,13 @@ def validate(model, data_loader, device, autocast):
 
 
 @torch.no_grad()
-def extract_features(model, data_loader, num_samples, rank, device, autocast, order=None):
+def extract_features(model, data_loader, num_samples, rank, device, autocast, order=None, gather=True):
     """Normalised features [num_samples, D] and labels [num_samples] of the whole dataset on
     every rank, from a loader over this rank's samples: ``order``, the dataset index of each
-    sample in the order the loader yields them, by default ``rank, rank + world, ...``."""
+    sample in the order the loader yields them, by default ``rank, rank + world, ...``.
+
+    ``gather=False``: only this rank's shard, as (features [n, D], labels [n], dataset index
+    [n]); nothing is exchanged, and no rank holds more than its share."""
     model.eval()
     feats, labels = [], []
     for images, targets in data_loader:
@@ -240,12 +244,14 @@ def extract_features(model, data_loader, num_samples, rank, device, autocast, or
         labels.append(targets.to(device))
     feats, labels = torch.cat(feats), torch.cat(labels)
     world = get_world_size()
-    if world == 1 and order is None:
+    if world == 1 and order is None and gather:
         return feats, labels
     if order is None:
         index = torch.arange(rank, num_samples, world, device=device)
     else:
         index = torch.as_tensor(order, dtype=torch.long, device=device)
+    if not gather:
+        return feats, labels, index
     all_feats = feats.new_zeros(num_samples, feats.shape[1])
     all_labels = labels.new_zeros(num_samples)
     all_feats[index], all_labels[index] = feats, labels
@@ -258,6 +264,22 @@ def extract_features(model, data_loader, num_samples, rank, device, autocast, or
 # -----------------------------------------------------------------------------
 # Throughput
 # -----------------------------------------------------------------------------
+
+
+def synthetic_train_step(config, model, augment, optimizer_step, autocast, device):
+    """A full pretraining step (the device's share of the augmentation, forward, backward,
+    optimizer step, momentum update) on synthetic batches of the configured size, as a function
+    of no arguments: what main_pretrain.py --throughput and benchmarks/bench_gpu.py time."""
+    model.train()
+    views = [(images.to(device), params) for images, params in synthetic_views(config)]
+
+    def train_step():
+        x1, x2 = (augment(images, params) for images, params in views)
+        with autocast():
+            loss = model(x1, x2)["loss"]
+        optimizer_step(loss)
+
+    return train_step
 
 
 def measure_throughput(config, step, batch_size, device, logger, warmup=3, steps=10):

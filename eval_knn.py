@@ -8,6 +8,10 @@ alike). Each val image votes with its k nearest training features, each weighted
 exp(cosine / T); top-1 / top-5 for each k of KNN.NB_KNN (--nb-knn, default 10 20 100 200),
 T = KNN.TEMPERATURE (--temperature, default 0.07). --dump-features saves the features, and
 --load-features scores saved ones without the encoder or the images.
+
+With several processes the training bank is sharded: each rank keeps the features of its own
+share of the training set (N / world x D), finds each val feature's nearest neighbours among them,
+and the ranks exchange those candidates to vote with the global nearest (the figures of one process).
 """
 
 from cli import build_parser
@@ -17,6 +21,8 @@ EXAMPLE = (
     "--data-path /path/to/imagenet --output output --tag run1"
 )
 FEATURE_KEYS = ("train_feats", "train_labels", "val_feats", "val_labels")
+# what a rank holds: its share of the training bank, with the dataset index of each row, and all val features
+SHARD_KEYS = ("train_feats", "train_labels", "train_index", "val_feats", "val_labels")
 
 
 def parse_option(argv=None):
@@ -51,13 +57,14 @@ if __name__ == "__main__":
 import os
 
 import torch
+import torch.nn.functional as F
 
 from checkpoint import read_checkpoint, save_atomic
 from cli import open_output, run_cli
 from config import ConfigError, check_config, get_config
 from data import build_linear_loaders
 from data.linear import canonical_dataset_name
-from distributed import get_world_size, join_processes
+from distributed import all_gather_cat, gather_rows_to_main, join_processes
 from engine import extract_features
 from metrics import count_correct
 from models import build_encoder
@@ -66,26 +73,75 @@ from pretrained import inherit_encoder_settings, load_run_encoder
 
 
 @torch.no_grad()
+def knn_candidates(train_feats, train_labels, test_feats, k):
+    """The ``k`` training features most similar to each test feature among ``train_feats`` (the
+    whole bank, or one rank's shard of it): (cosine [b, k], decreasing, and their labels [b, k]).
+    A shard of fewer than ``k`` is padded with cosine -inf, whose vote weighs nothing.
+
+    train_feats: [n, D] and test_feats: [b, D] unit vectors; train_labels: [n].
+    """
+    sim = test_feats @ train_feats.T  # [b, n]
+    weight, index = sim.topk(min(k, sim.shape[1]), dim=1)
+    pad = k - weight.shape[1]
+    return F.pad(weight, (0, pad), value=float("-inf")), F.pad(train_labels[index], (0, pad))
+
+
+@torch.no_grad()
+def knn_votes(sims, labels, test_labels, ks, num_classes, temperature):
+    """{k: (top-1 correct, top-5 correct)} of the weighted votes of the global k nearest neighbours,
+    from the candidates of S shards: ``sims``, ``labels`` [S, b, K] (``knn_candidates`` of each
+    shard, K >= max(ks)); each neighbour votes for its label with weight exp(cosine / T)."""
+    sims, labels = sims.permute(1, 0, 2).flatten(1), labels.permute(1, 0, 2).flatten(1)  # [b, S * K]
+    weight, pick = sims.topk(max(ks), dim=1)  # decreasing: the first k are the k nearest
+    labels, weight = labels.gather(1, pick), (weight / temperature).exp()
+    counts = {}
+    for k in ks:
+        votes = weight.new_zeros(weight.shape[0], num_classes)
+        votes.scatter_add_(1, labels[:, :k], weight[:, :k])  # [b, C]
+        counts[k] = tuple(count_correct(votes, test_labels))
+    return counts
+
+
+@torch.no_grad()
+def knn_scores(train_feats, train_labels, test_feats, test_labels, ks, num_classes, temperature, chunk=256,
+               gather=all_gather_cat):  # fmt: skip
+    """{k: (top-1 correct, top-5 correct)} of weighted k-NN votes over every test feature, for each k of ``ks``.
+
+    ``train_feats`` [n, D], ``train_labels`` [n]: this rank's shard of the training bank (the whole
+    bank in one process); ``test_feats`` [M, D], ``test_labels`` [M]: the same on every rank. For each
+    chunk of test features every rank takes the max(ks) nearest of its shard, ``gather`` exchanges
+    them ([world, b, K]: one all_gather of the similarities and one of the labels) and every rank
+    votes with the global nearest, so that all return the counts of the unsharded bank.
+    """
+    totals = dict.fromkeys(ks, (0, 0))
+    for start in range(0, test_feats.shape[0], chunk):
+        sims, labels = knn_candidates(train_feats, train_labels, test_feats[start : start + chunk], max(ks))
+        counts = knn_votes(gather(sims[None]), gather(labels[None]), test_labels[start : start + chunk], ks,
+                           num_classes, temperature)  # fmt: skip
+        totals = {k: (totals[k][0] + counts[k][0], totals[k][1] + counts[k][1]) for k in ks}
+    return totals
+
+
 def knn_correct(train_feats, train_labels, test_feats, test_labels, k, num_classes, temperature, chunk=256):
-    """(top-1 correct, top-5 correct) of weighted k-NN votes.
+    """(top-1 correct, top-5 correct) of weighted k-NN votes in one process.
 
     train_feats: [N, D] and test_feats: [M, D] unit vectors; labels: [N], [M].
     """
-    k = min(k, train_feats.shape[0])
-    correct1 = correct5 = 0
-    for start in range(0, test_feats.shape[0], chunk):
-        sim = test_feats[start : start + chunk] @ train_feats.T  # [b, N]
-        weight, index = sim.topk(k, dim=1)  # [b, k]
-        votes = sim.new_zeros(sim.shape[0], num_classes)
-        votes.scatter_add_(1, train_labels[index], (weight / temperature).exp())  # [b, C]
-        c1, c5 = count_correct(votes, test_labels[start : start + chunk])
-        correct1, correct5 = correct1 + c1, correct5 + c5
-    return correct1, correct5
+    return knn_scores(train_feats, train_labels, test_feats, test_labels, [k], num_classes, temperature, chunk,
+                      gather=lambda x: x)[k]  # fmt: skip
+
+
+def bank_line(features, num_train):
+    """What this rank's share of the training bank holds, as one line."""
+    held = sum(features[key].numel() * features[key].element_size() for key in ("train_feats", "train_labels"))
+    return (f"k-NN bank: {features['train_feats'].shape[0]} of the {num_train} training features on this rank "
+            f"({held / 2**20:.1f} MiB on {features['train_feats'].device})")  # fmt: skip
 
 
 def compute_features(config, env, logger, held):
-    """{train_feats [N, D], train_labels [N], val_feats [M, D], val_labels [M]} and the number of
-    classes, on every rank, from the run's encoder."""
+    """({train_feats [n, D], train_labels [n], train_index [n]: this rank's share of the training
+    set; val_feats [M, D], val_labels [M]: the whole val set}, number of classes, number of training
+    images), from the run's encoder."""
     device = env.device
     autocast = amp_autocast(config, device)
     try:
@@ -95,43 +151,53 @@ def compute_features(config, env, logger, held):
     model = build_encoder(config, drop_path_rate=0.0)
     load_run_encoder(model, config, logger, held)
     model.to(device)
-    train_feats, train_labels = extract_features(model, train_loader, len(train_set), env.rank, device, autocast)
-    val_feats, val_labels = extract_features(model, val_loader, len(val_set), env.rank, device, autocast)
+    train = extract_features(model, train_loader, len(train_set), env.rank, device, autocast, gather=False)
+    val = extract_features(model, val_loader, len(val_set), env.rank, device, autocast)
     logger.info(f"{config.DATA.DATASET}: features of {len(train_set)} train and {len(val_set)} val images")
-    return dict(zip(FEATURE_KEYS, (train_feats, train_labels, val_feats, val_labels))), num_classes
+    return dict(zip(SHARD_KEYS, (*train, *val))), num_classes, len(train_set)
 
 
-def load_features(path, device):
-    """The features ``--dump-features`` saved in ``path``, and their number of classes."""
+def dump_features(path, features, num_classes, num_train, env):
+    """Save the whole training bank (gathered in host memory on rank 0) and the val features to
+    ``path``, in the one-file format ``load_features`` reads with any number of processes."""
+    train = [gather_rows_to_main(features[key], features["train_index"], num_train) for key in FEATURE_KEYS[:2]]
+    if env.is_main:
+        saved = dict(zip(FEATURE_KEYS, (*train, features["val_feats"].cpu(), features["val_labels"].cpu())))
+        save_atomic({**saved, "num_classes": num_classes}, path)
+
+
+def load_features(path, device, rank=0, world_size=1):
+    """What ``compute_features`` returns, from the features ``--dump-features`` saved in ``path``:
+    this rank's share of the training bank (``rank, rank + world_size, ...``) and all val features."""
     if not os.path.isfile(path):
         raise ConfigError(f"no features file at {path} (--load-features): write one with --dump-features")
     saved = read_checkpoint(path)
     if not isinstance(saved, dict) or not set(FEATURE_KEYS) <= set(saved):
         raise ConfigError(f"{path} is not a features file of eval_knn.py --dump-features")
-    return {key: saved[key].to(device) for key in FEATURE_KEYS}, saved["num_classes"]
+    num_train = saved["train_labels"].shape[0]
+    index = torch.arange(rank, num_train, world_size)
+    train = [saved[key][index].to(device) for key in FEATURE_KEYS[:2]]  # a copy of the share alone
+    val = [saved[key].to(device) for key in FEATURE_KEYS[2:]]
+    return dict(zip(SHARD_KEYS, (*train, index.to(device), *val))), saved["num_classes"], num_train
 
 
 def main(config, env, logger, held=None):
     device, knn = env.device, config.KNN
     if knn.LOAD_FEATURES:
-        features, num_classes = load_features(knn.LOAD_FEATURES, device)
+        features, num_classes, num_train = load_features(knn.LOAD_FEATURES, device, env.rank, env.world_size)
         logger.info(f"read the features of {knn.LOAD_FEATURES}")
     else:
-        features, num_classes = compute_features(config, env, logger, held)
-        if knn.DUMP_FEATURES and env.is_main:
-            save_atomic({**{k: v.cpu() for k, v in features.items()}, "num_classes": num_classes}, knn.DUMP_FEATURES)
+        features, num_classes, num_train = compute_features(config, env, logger, held)
+        if knn.DUMP_FEATURES:
+            dump_features(knn.DUMP_FEATURES, features, num_classes, num_train, env)
             logger.info(f"saved the features to {knn.DUMP_FEATURES}")
+    logger.info(bank_line(features, num_train))
+    counts = knn_scores(features["train_feats"], features["train_labels"], features["val_feats"],
+                        features["val_labels"], list(knn.NB_KNN), num_classes, knn.TEMPERATURE)  # fmt: skip
     num_val = len(features["val_labels"])
-    # every rank holds every feature; each scores its own share of the val set
-    mine = torch.arange(env.rank, num_val, env.world_size, device=device)
     results = {}
     for k in knn.NB_KNN:
-        c1, c5 = knn_correct(features["train_feats"], features["train_labels"], features["val_feats"][mine],
-                             features["val_labels"][mine], k, num_classes, knn.TEMPERATURE)  # fmt: skip
-        counts = torch.tensor([c1, c5], dtype=torch.float64, device=device)
-        if get_world_size() > 1:
-            torch.distributed.all_reduce(counts)
-        results[k] = (100 * counts / num_val).tolist()
+        results[k] = [100 * c / num_val for c in counts[k]]
         logger.info(f"{k}-NN (T={knn.TEMPERATURE}): top-1 {results[k][0]:.2f}% top-5 {results[k][1]:.2f}%")
     return results
 

@@ -72,7 +72,7 @@ from lr_scheduler import build_scheduler
 from metrics import MetricWriter
 from models import build_encoder
 from optimizer import build_optimizer
-from precision import OptimizerStep, amp_autocast, make_grad_scaler
+from precision import amp_autocast, build_optimizer_step
 from pretrained import inherit_encoder_settings, load_run_encoder
 from utils import scale_learning_rates, seed_epoch, seed_everything
 
@@ -161,11 +161,8 @@ def main(config, env, logger, output_dir, held=None):
     optimizer = build_optimizer(config, model)
     model = distribute(model, env)  # fine-tuned BatchNorms (ResNets) normalise over the global batch
     lr_scheduler = build_scheduler(config, optimizer, len(train_loader))
-    scaler = make_grad_scaler(config, device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer_step = OptimizerStep(
-        optimizer, params, scaler, config.TRAIN.CLIP_GRAD, config.TRAIN.ACCUMULATION_STEPS, track_norm=False
-    )
+    optimizer_step = build_optimizer_step(config, model, optimizer, device, track_norm=False)
+    scaler = optimizer_step.scaler
 
     # ---------------------------------------------------------------- resume
     start_epoch, _, path, ckpt = resume_point(config, env, logger, output_dir)

@@ -36,16 +36,15 @@ from checkpoint import LATEST, Checkpointer, restore, resume_point
 from cli import open_output, run_cli
 from config import ConfigError, check_config, inert_settings
 from data import DeviceAugment, DeviceViews, build_loader, set_loader_epoch, skipped_samples
-from data.augment import synthetic_views
 from data.build import check_split
 from distributed import distribute, join_processes, unwrap
-from engine import measure_throughput, train_one_epoch
+from engine import measure_throughput, synthetic_train_step, train_one_epoch
 from faults import NonFiniteLossError, StopSignal
 from lr_scheduler import build_scheduler
 from metrics import DeviceMeters, MetricWriter
 from models import build_model
 from optimizer import build_optimizer
-from precision import OptimizerStep, amp_autocast, make_grad_scaler
+from precision import amp_autocast, build_optimizer_step
 from utils import scale_learning_rates, seed_everything
 
 
@@ -68,18 +67,9 @@ def check_batch(config, world_size, dataset_size=None):
 
 
 def throughput(config, model, augment, optimizer_step, autocast, device, logger):
-    """Images/s of full training steps (the device's share of the augmentation, forward,
-    backward, optimizer step, momentum update) on synthetic batches of the configured size."""
-    model.train()
-    views = [(images.to(device), params) for images, params in synthetic_views(config)]
-
-    def train_step():
-        x1, x2 = (augment(images, params) for images, params in views)
-        with autocast():
-            loss = model(x1, x2)["loss"]
-        optimizer_step(loss)
-
-    measure_throughput(config, train_step, config.DATA.BATCH_SIZE, device, logger)
+    """Images/s of ``synthetic_train_step``."""
+    step = synthetic_train_step(config, model, augment, optimizer_step, autocast, device)
+    measure_throughput(config, step, config.DATA.BATCH_SIZE, device, logger)
 
 
 # -----------------------------------------------------------------------------
@@ -165,9 +155,8 @@ def main(config, env, logger):
     optimizer = build_optimizer(config, model)
     model = distribute(model, env, broadcast_buffers=False)
     lr_scheduler = build_scheduler(config, optimizer, steps_per_epoch)
-    scaler = make_grad_scaler(config, device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer_step = OptimizerStep(optimizer, params, scaler, config.TRAIN.CLIP_GRAD, config.TRAIN.ACCUMULATION_STEPS)
+    optimizer_step = build_optimizer_step(config, model, optimizer, device)
+    scaler = optimizer_step.scaler
 
     if config.THROUGHPUT_MODE:
         throughput(config, model, augment, optimizer_step, autocast, device, logger)

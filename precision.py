@@ -1,8 +1,7 @@
 """Precision (AMP_OPT_LEVEL) and the one optimisation step of every training loop.
 
 autocast = amp_autocast(config, device)        # with autocast(): out = model(x)
-step = OptimizerStep(optimizer, params, make_grad_scaler(config, device),
-                     clip_grad=config.TRAIN.CLIP_GRAD, accumulation=config.TRAIN.ACCUMULATION_STEPS)
+step = build_optimizer_step(config, model, optimizer, device)  # an OptimizerStep; its grad scaler: step.scaler
 grad_norm = step(loss, update)                 # backward; on ``update`` the optimizer step
 """
 
@@ -92,3 +91,11 @@ class OptimizerStep:
     def is_update(self, idx, num_steps):
         """Whether step ``idx`` of an epoch of ``num_steps`` ends an accumulation (or the epoch)."""
         return (idx + 1) % self.accumulation == 0 or idx + 1 == num_steps
+
+
+def build_optimizer_step(config, model, optimizer, device, track_norm=True):
+    """The OptimizerStep of ``config`` for ``model``'s trainable parameters: AMP_OPT_LEVEL's grad
+    scaler (``make_grad_scaler``), TRAIN.CLIP_GRAD and TRAIN.ACCUMULATION_STEPS."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    scaler = make_grad_scaler(config, device)
+    return OptimizerStep(optimizer, params, scaler, config.TRAIN.CLIP_GRAD, config.TRAIN.ACCUMULATION_STEPS, track_norm)

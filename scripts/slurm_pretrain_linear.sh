@@ -5,6 +5,8 @@
 #
 # srun starts one process per GPU; each reads its rank from SLURM_PROCID,
 # SLURM_NTASKS and SLURM_LOCALID, and meets the others at MASTER_ADDR:MASTER_PORT.
+# --kill-on-bad-exit=1: a task that ends with an error ends the others at once; without it
+# they would wait for it in NCCL for the whole DIST_TIMEOUT (docs/faults.md).
 #SBATCH --job-name=synco
 #SBATCH --nodes=2
 #SBATCH --ntasks-per-node=4
@@ -31,7 +33,7 @@ export OMP_NUM_THREADS=${SLURM_CPUS_PER_TASK:-8}
 
 requeue=0
 trap 'requeue=1; kill -USR1 "$pretrain" 2>/dev/null || true' USR1  # srun passes it to every task
-srun python main_pretrain.py --cfg "$CFG" --data-path "$DATA" --batch-size "$BATCH_PER_GPU" \
+srun --kill-on-bad-exit=1 python main_pretrain.py --cfg "$CFG" --data-path "$DATA" --batch-size "$BATCH_PER_GPU" \
     --output "$OUT" --tag "$TAG" --opts DATA.NUM_WORKERS "$OMP_NUM_THREADS" &
 pretrain=$!
 while true; do  # a trap interrupts wait: wait again until srun has ended
@@ -44,5 +46,5 @@ if [ "$requeue" = 1 ]; then
     exit 0
 fi
 [ "$status" = 0 ] || exit "$status"
-srun python main_linear.py --cfg "$CFG" --data-path "$DATA" \
+srun --kill-on-bad-exit=1 python main_linear.py --cfg "$CFG" --data-path "$DATA" \
     --output "$OUT" --tag "$TAG" --opts DATA.NUM_WORKERS "$OMP_NUM_THREADS"
