@@ -11,6 +11,7 @@
 import contextlib
 import glob
 import hashlib
+import math
 import os
 import pickle
 import re
@@ -22,6 +23,7 @@ import yaml
 
 from config import ConfigError
 from distributed import all_ranks, unwrap
+from utils import lr_scale
 
 
 class CheckpointWriteError(RuntimeError):
@@ -315,22 +317,33 @@ def stored_config(ckpt):
     return stored if isinstance(stored, dict) else None
 
 
-# What a resumed run must share with its checkpoint: its model, data, batch and schedule (learning
-# rates as scaled by the global batch)
+# What a resumed run must share with its checkpoint: its model, data, batch and schedule
 RESUME_KEYS = (
     "MODEL.TYPE", "MODEL.ENCODER", "DATA.DATASET", "DATA.IMG_SIZE", "DATA.BATCH_SIZE", "TRAIN.ACCUMULATION_STEPS",
-    "TRAIN.EPOCHS", "TRAIN.WARMUP_EPOCHS", "TRAIN.BASE_LR", "TRAIN.WARMUP_LR", "TRAIN.MIN_LR", "TRAIN.WEIGHT_DECAY",
-    "TRAIN.OPTIMIZER.NAME", "TRAIN.LR_SCHEDULER.NAME", "LINEAR_EVAL.WEIGHTS",
-    "MODEL.SYNTHETIC_START_EPOCH", "MODEL.SYNTHETIC_END_EPOCH",
+    "TRAIN.EPOCHS", "TRAIN.WARMUP_EPOCHS", "TRAIN.WEIGHT_DECAY", "TRAIN.OPTIMIZER.NAME", "TRAIN.LR_SCHEDULER.NAME",
+    "LINEAR_EVAL.WEIGHTS", "MODEL.SYNTHETIC_START_EPOCH", "MODEL.SYNTHETIC_END_EPOCH",
 )  # fmt: skip
+# ... and its learning rates, per 512 images (the config holds them scaled by the global batch, which
+# may change with the number of processes)
+RESUME_RATE_KEYS = ("TRAIN.BASE_LR", "TRAIN.WARMUP_LR", "TRAIN.MIN_LR")
 
 
-def changed_settings(config, ckpt):
-    """{key: (the checkpoint's value, this config's)} of the RESUME_KEYS that differ; {} for a
-    checkpoint without a stored config."""
+def changed_settings(config, ckpt, world_size):
+    """{key: (the checkpoint's value, this config's)} of the RESUME_KEYS and RESUME_RATE_KEYS that
+    differ, the rates per 512 images (``world_size``: this run's; a checkpoint that does not record
+    its own is not compared on them); {} for a checkpoint without a stored config."""
     stored = stored_config(ckpt) or {}
     changes = {key: (lookup(stored, key), lookup(config, key)) for key in RESUME_KEYS}
-    return {key: (old, new) for key, (old, new) in changes.items() if old is not None and old != new}
+    changes = {key: (old, new) for key, (old, new) in changes.items() if old is not None and old != new}
+    if "world_size" in ckpt and None not in (lookup(stored, "DATA.BATCH_SIZE"), lookup(stored, "TRAIN.BASE_LR")):
+        old_scale = lr_scale(lookup(stored, "DATA.BATCH_SIZE"), ckpt["world_size"],
+                             lookup(stored, "TRAIN.ACCUMULATION_STEPS") or 1)  # fmt: skip
+        new_scale = lr_scale(config.DATA.BATCH_SIZE, world_size, config.TRAIN.ACCUMULATION_STEPS)
+        for key in RESUME_RATE_KEYS:
+            old, new = lookup(stored, key) / old_scale, lookup(config, key) / new_scale
+            if not math.isclose(old, new, rel_tol=1e-9, abs_tol=1e-15):
+                changes[key] = (float(f"{old:.6g}"), float(f"{new:.6g}"))
+    return changes
 
 
 def resume_point(config, env, logger, output_dir):
@@ -385,7 +398,7 @@ def resume_point(config, env, logger, output_dir):
                 f"{expected['type']} / {expected['encoder']}: pick the matching --cfg or another --output/--tag"
             )
     if ckpt is not None and not config.ACCEPT_CHANGES and not config.EVAL_MODE:
-        changes = changed_settings(config, ckpt)
+        changes = changed_settings(config, ckpt, env.world_size)
         if changes:
             was = " ".join(f"{key} {old}" for key, (old, _) in changes.items())
             now = ", ".join(f"{key} {new}" for key, (_, new) in changes.items())

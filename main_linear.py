@@ -219,6 +219,7 @@ def main(config, env, logger, output_dir, held=None):
             "max_accuracy": max_acc1,
             "accuracy": {"top1": acc1, "top5": acc5},
             "config": config.dump(),
+            "world_size": env.world_size,  # the learning rates in the config are scaled by the global batch
         }
         checkpointer.save(state, [os.path.join(output_dir, "checkpoint.pth")])
         if stopping:

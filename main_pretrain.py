@@ -37,7 +37,7 @@ from cli import open_output, run_cli
 from config import ConfigError, check_config, inert_settings
 from data import DeviceAugment, DeviceViews, build_loader, set_loader_epoch, skipped_samples
 from data.build import check_split
-from distributed import distribute, join_processes, unwrap
+from distributed import distribute, get_world_size, join_processes, unwrap
 from engine import measure_throughput, synthetic_train_step, train_one_epoch
 from faults import NonFiniteLossError, StopSignal
 from lr_scheduler import build_scheduler
@@ -91,6 +91,7 @@ def training_state(config, model, optimizer, lr_scheduler, scaler, epoch, step=N
         "epoch": epoch if step is None else epoch - 1,  # the last epoch done in full
         "framework": {"type": config.MODEL.TYPE, "encoder": config.MODEL.ENCODER},
         "config": config.dump(),
+        "world_size": get_world_size(),  # the learning rates in the config are scaled by the global batch
     }
     if step is not None:
         state.update(epoch_step=step, meters=meters.state_dict())

@@ -43,9 +43,14 @@ def seed_step(config, epoch, step, rank):
     seed_everything(derive_seed(config.SEED, epoch, step, rank))
 
 
+def lr_scale(batch_size, world_size, accumulation_steps):
+    """The linear scaling rule's factor: the configured rates are for a global batch of 512."""
+    return batch_size * world_size / 512.0 * max(accumulation_steps, 1)
+
+
 def scale_learning_rates(config, world_size):
-    """Linear scaling rule: the configured rates are for a global batch of 512."""
-    scale = config.DATA.BATCH_SIZE * world_size / 512.0 * max(config.TRAIN.ACCUMULATION_STEPS, 1)
+    """Scale TRAIN.BASE_LR, WARMUP_LR and MIN_LR by ``lr_scale`` of this run's global batch."""
+    scale = lr_scale(config.DATA.BATCH_SIZE, world_size, config.TRAIN.ACCUMULATION_STEPS)
     config.defrost()
     config.TRAIN.BASE_LR *= scale
     config.TRAIN.WARMUP_LR *= scale

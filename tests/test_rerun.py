@@ -20,24 +20,33 @@ from engine import train_classifier_one_epoch
 from lr_scheduler import build_scheduler
 from optimizer import build_optimizer
 from precision import GradScaler, OptimizerStep, amp_autocast
+from utils import scale_learning_rates
 
 LOGGER = logging.getLogger("test_rerun")
 
 
-def saved_run(folder, **opts):
+def run_config(folder, world_size=1, **opts):
+    """The config of a run in ``folder`` with ``opts``, its learning rates scaled for ``world_size`` processes."""
+    config = small_config("moby", OUTPUT=str(folder), **opts)
+    scale_learning_rates(config, world_size)
+    return config
+
+
+def saved_run(folder, world_size=1, **opts):
     """A run folder whose checkpoint.pth (epoch 2 done) was trained with ``opts``; returns its path."""
-    trained = small_config("moby", OUTPUT=str(folder), TRAIN__EPOCHS=3, **opts)
+    trained = run_config(folder, world_size, TRAIN__EPOCHS=3, **opts)
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, "checkpoint.pth")
     framework = {"type": trained.MODEL.TYPE, "encoder": trained.MODEL.ENCODER}
-    save_atomic({"model": {}, "epoch": 2, "framework": framework, "config": trained.dump()}, path)
+    state = {"model": {}, "epoch": 2, "framework": framework, "config": trained.dump(), "world_size": world_size}
+    save_atomic(state, path)
     return path
 
 
 def test_a_finished_run_started_with_another_schedule_is_refused(tmp_path):
     path = saved_run(tmp_path, TRAIN__BASE_LR=0.5)
     before = open(path, "rb").read()
-    again = small_config("moby", OUTPUT=str(tmp_path), TRAIN__EPOCHS=100, TRAIN__BASE_LR=0.5)
+    again = run_config(tmp_path, TRAIN__EPOCHS=100, TRAIN__BASE_LR=0.5)
     with pytest.raises(ConfigError) as error:
         resume_point(again, DistEnv(), LOGGER, str(tmp_path))
     assert str(error.value) == (
@@ -46,17 +55,18 @@ def test_a_finished_run_started_with_another_schedule_is_refused(tmp_path):
         "continue it with the new ones"
     )
     assert open(path, "rb").read() == before
-    # every differing key is named
-    other = small_config("moby", OUTPUT=str(tmp_path), TRAIN__EPOCHS=3, TRAIN__BASE_LR=0.1, DATA__BATCH_SIZE=32)
+    # every differing key is named; the learning rates per 512 images
+    other = run_config(tmp_path, TRAIN__EPOCHS=3, TRAIN__BASE_LR=0.1, DATA__BATCH_SIZE=32)
     with pytest.raises(ConfigError, match=r"trained with DATA.BATCH_SIZE \d+ TRAIN.BASE_LR 0.5, but this run asks"):
         resume_point(other, DistEnv(), LOGGER, str(tmp_path))
 
 
 def test_the_same_settings_or_accepted_changes_resume(tmp_path):
-    saved_run(tmp_path)
-    same = small_config("moby", OUTPUT=str(tmp_path), TRAIN__EPOCHS=3)
+    saved_run(tmp_path, world_size=2)
+    # one process instead of two: the learning rates per 512 images are the same
+    same = run_config(tmp_path, world_size=1, TRAIN__EPOCHS=3)
     assert resume_point(same, DistEnv(), LOGGER, str(tmp_path))[:2] == (3, 0)
-    extended = small_config("moby", OUTPUT=str(tmp_path), TRAIN__EPOCHS=5, ACCEPT_CHANGES=True)
+    extended = run_config(tmp_path, TRAIN__EPOCHS=5, ACCEPT_CHANGES=True)
     assert resume_point(extended, DistEnv(), LOGGER, str(tmp_path))[:2] == (3, 0)
 
 
