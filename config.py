@@ -319,15 +319,62 @@ class ConfigError(ValueError):
     """A configuration that cannot work; the message says what to change."""
 
 
-def _update_config_from_file(config, cfg_file):
+def _read_yaml_mapping(cfg_file):
+    """The mapping of keys the YAML file ``cfg_file`` holds; ConfigError naming the file when it is
+    missing, unreadable, not YAML, empty or anything but a mapping."""
+    if os.path.isdir(cfg_file):
+        raise ConfigError(f"config file {cfg_file} is a directory, not a YAML file")
     if not os.path.isfile(cfg_file):
         raise ConfigError(f"config file not found: {cfg_file}")
-    with open(cfg_file) as f:
-        yaml_cfg = yaml.safe_load(f) or {}
+    try:
+        with open(cfg_file) as f:
+            yaml_cfg = yaml.safe_load(f)
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {cfg_file}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {cfg_file} is not a text file") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or " ".join(str(e).split())
+        raise ConfigError(f"config file {cfg_file} is not valid YAML: {problem}{where}") from None
+    if yaml_cfg is None:
+        raise ConfigError(
+            f"config file {cfg_file} is empty: it should hold a mapping of keys, e.g. 'MODEL: {{TYPE: moby}}'"
+        )
+    if not isinstance(yaml_cfg, dict):
+        raise ConfigError(
+            f"config file {cfg_file} holds a {type(yaml_cfg).__name__}, not a mapping of keys "
+            "such as 'MODEL: {TYPE: moby}'"
+        )
+    _check_key_names(yaml_cfg, cfg_file)
+    return yaml_cfg
+
+
+def _check_key_names(tree, where, prefix=""):
+    """ConfigError for a key of the nested mapping ``tree`` that is not a name (a number, a list)."""
+    for name, value in tree.items():
+        if not isinstance(name, str):
+            raise ConfigError(f"config file {where}: the key {prefix}{name!r} is not a name such as {prefix}EPOCHS")
+        if isinstance(value, dict):
+            _check_key_names(value, where, f"{prefix}{name}.")
+
+
+def _update_config_from_file(config, cfg_file, including=()):
+    """Merge ``cfg_file`` into ``config``, after its BASE files (``including``: the files whose BASE
+    led here, so that a file that includes itself is an error, not an endless recursion)."""
+    yaml_cfg = _read_yaml_mapping(cfg_file)
+    bases = yaml_cfg.setdefault("BASE", [""])
+    if not isinstance(bases, list) or not all(isinstance(base, str) for base in bases):
+        raise ConfigError(f"{cfg_file}: BASE {bases!r} must be a list of file names, e.g. BASE: ['../moby.yaml']")
+    including = (*including, os.path.realpath(cfg_file))
     config.defrost()
-    for base in yaml_cfg.setdefault("BASE", [""]):
+    for base in bases:
         if base:
-            _update_config_from_file(config, os.path.join(os.path.dirname(cfg_file), base))
+            path = os.path.join(os.path.dirname(cfg_file), base)
+            if os.path.realpath(path) in including:
+                raise ConfigError(f"{cfg_file}: BASE {base} includes itself (through {' -> '.join(including)})")
+            _update_config_from_file(config, path, including)
     for alias, key in KEY_ALIASES.items():
         _rename_in_tree(yaml_cfg, alias, key, cfg_file)
     try:
