@@ -157,8 +157,6 @@ def setup(argv=None):
         check_retrieval_name(config.DATA.DATASET)
     except ValueError as e:
         raise ConfigError(f"{e} (--opts DATA.DATASET roxford5k)") from None
-    if config.RETRIEVAL.IMG_SIZE <= 0:
-        raise ConfigError(f"RETRIEVAL.IMG_SIZE must be positive, got {config.RETRIEVAL.IMG_SIZE}")
     env = join_processes(config, args.local_rank)
     # saved features need no encoder, nor its checkpoint
     held, inherited = (None, []) if config.RETRIEVAL.LOAD_FEATURES else inherit_encoder_settings(config, args, env)
