@@ -27,7 +27,25 @@ import sys
 
 import yaml
 
-from config import ConfigError, get_config
+from config import RANGES, ConfigError, ListOf, get_config
+
+
+def in_range(key, convert):
+    """An argparse ``type`` for a flag that sets the config key ``key``: ``convert`` (int, float), then
+    what config.RANGES allows for the key (for each item of a list key). A wrong value is argparse's
+    usage error, before torch loads."""
+    allowed = RANGES[key].item if isinstance(RANGES[key], ListOf) else RANGES[key]
+
+    def parse(text):
+        try:
+            value = convert(text)
+        except ValueError:
+            value = None
+        if value is None or not allowed(value):
+            raise argparse.ArgumentTypeError(f"{key} must be {allowed.text}, got {text!r}")
+        return value
+
+    return parse
 
 
 def build_parser(prog, description, example, defaults=None, data=True, training=True, throughput=True):
@@ -56,7 +74,10 @@ def build_parser(prog, description, example, defaults=None, data=True, training=
         help="override config keys, e.g. --opts DATA.IMG_SIZE 128 TRAIN.EPOCHS 100",
     )  # fmt: skip
     parser.add_argument(
-        "--batch-size", type=int, metavar="N", help=f"images per process ({default('DATA.BATCH_SIZE')})"
+        "--batch-size",
+        type=in_range("DATA.BATCH_SIZE", int),
+        metavar="N",
+        help=f"images per process ({default('DATA.BATCH_SIZE')})",
     )
     if data:
         parser.add_argument(
@@ -72,7 +93,7 @@ def build_parser(prog, description, example, defaults=None, data=True, training=
             "--resume", metavar="FILE", help="resume from this checkpoint (default: the run folder's newest)"
         )
         parser.add_argument(
-            "--accumulation-steps", type=int, metavar="N",
+            "--accumulation-steps", type=in_range("TRAIN.ACCUMULATION_STEPS", int), metavar="N",
             help=f"gradient accumulation steps ({default('TRAIN.ACCUMULATION_STEPS')})",
         )  # fmt: skip
         parser.add_argument("--use-checkpoint", action="store_true", help="gradient checkpointing to save memory")
@@ -102,7 +123,9 @@ def build_parser(prog, description, example, defaults=None, data=True, training=
         help="unpickle checkpoints in full (can run code): only for files you trust",
     )  # fmt: skip
     # torch.distributed.launch passes --local-rank (or --local_rank); torchrun sets LOCAL_RANK
-    parser.add_argument("--local-rank", "--local_rank", dest="local_rank", type=int, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--local-rank", "--local_rank", dest="local_rank", type=in_range("LOCAL_RANK", int), help=argparse.SUPPRESS
+    )
     return parser
 
 

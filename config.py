@@ -3,10 +3,14 @@
 YAML files under ``configs/`` hold only overrides and may inherit from other
 files with ``BASE: ['other.yaml']``. ``get_config(args)`` clones the defaults,
 merges the YAML file, then the command-line flags, then ``--opts``, and freezes.
+``RANGES`` holds the values each key may hold; ``check_config`` checks them and the rules
+across keys once at start-up.
 """
 
 import difflib
+import math
 import os
+import re
 
 import yaml
 from yacs.config import CfgNode as CN
@@ -283,9 +287,287 @@ _C.LOCAL_RANK = 0
 # Resume a run whose schedule, batch or model settings differ from its checkpoint's (set by --accept-changes)
 _C.ACCEPT_CHANGES = False
 
+
+class ConfigError(ValueError):
+    """A configuration that cannot work; the message says what to change."""
+
+
 AMP_LEVELS = ("", "O0", "O1", "O2")
 SSL_AUG_TYPES = ("byol", "simclr")
 RESAMPLINGS = ("bilinear", "bicubic", "nearest")
+
+
+# -----------------------------------------------------------------------------
+# The values every key may hold (RANGES), checked once at start-up
+# -----------------------------------------------------------------------------
+def _is_int(value):
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _bounds_text(kind, low, high, closed_left=True, closed_right=True):
+    """'a number in [0, 1)', 'an integer >= 1', 'an integer': ``kind`` within the bounds (None: unbounded)."""
+    if low is not None and high is not None:
+        return f"{kind} in {'[' if closed_left else '('}{low}, {high}{']' if closed_right else ')'}"
+    if low is not None:
+        return f"{kind} {'>=' if closed_left else '>'} {low}"
+    return kind
+
+
+class Integer:
+    """Integers from ``low`` to ``high``, both included (None: unbounded)."""
+
+    def __init__(self, low=None, high=None):
+        self.low, self.high = low, high
+        self.text = _bounds_text("an integer", low, high)
+
+    def __call__(self, value):
+        return _is_int(value) and (self.low is None or value >= self.low) and (self.high is None or value <= self.high)
+
+
+class Interval:
+    """Finite numbers from ``low`` (None: unbounded) to ``high`` (None: unbounded), each end included
+    when closed."""
+
+    def __init__(self, low=None, high=None, closed_left=True, closed_right=True):
+        self.low, self.high, self.closed_left, self.closed_right = low, high, closed_left, closed_right
+        self.text = _bounds_text("a number", low, high, closed_left, closed_right)
+
+    def __call__(self, value):
+        if not _is_number(value):
+            return False
+        above = self.low is None or (value >= self.low if self.closed_left else value > self.low)
+        below = self.high is None or (value <= self.high if self.closed_right else value < self.high)
+        return above and below
+
+
+class OneOf:
+    """The strings of ``choices``: a tuple, or a function returning them (registries whose modules
+    import torch, read only when a config is checked); with ``ignore_case``, in any case."""
+
+    def __init__(self, choices, ignore_case=False):
+        self._choices, self.ignore_case = choices, ignore_case
+
+    @property
+    def choices(self):
+        return tuple(self._choices() if callable(self._choices) else self._choices)
+
+    @property
+    def text(self):
+        return "one of " + ", ".join(repr(c) if c == "" else c for c in self.choices)
+
+    def __call__(self, value):
+        if not isinstance(value, str):
+            return False
+        return (value.lower() if self.ignore_case else value) in self.choices
+
+
+class Boolean:
+    text = "True or False"
+
+    def __call__(self, value):
+        return isinstance(value, bool)
+
+
+class Text:
+    """Any string (a path, a name), or with ``non_empty`` any but ''."""
+
+    def __init__(self, non_empty=False):
+        self.non_empty = non_empty
+        self.text = "a non-empty string" if non_empty else "a string"
+
+    def __call__(self, value):
+        return isinstance(value, str) and (value != "" or not self.non_empty)
+
+
+class ListOf:
+    """Lists (or tuples) of at least ``min_len`` items, each allowed by ``item``."""
+
+    def __init__(self, item, min_len=0):
+        self.item, self.min_len = item, min_len
+        self.text = f"a {'non-empty ' if min_len else ''}list, each item {item.text}"
+
+    def __call__(self, value):
+        return isinstance(value, (list, tuple)) and len(value) >= self.min_len and all(map(self.item, value))
+
+
+class TupleOf:
+    """Tuples (or lists) of exactly ``length`` items, each allowed by ``item``."""
+
+    def __init__(self, item, length):
+        self.item, self.length = item, length
+        self.text = f"a tuple of {length} items, each {item.text}"
+
+    def __call__(self, value):
+        return isinstance(value, (list, tuple)) and len(value) == self.length and all(map(self.item, value))
+
+
+positive_int = Integer(1)
+non_negative_int = Integer(0)
+any_int = Integer()
+positive = Interval(0, closed_left=False)
+non_negative = Interval(0)
+fraction = Interval(0, 1)  # probabilities
+below_one = Interval(0, 1, closed_right=False)  # momenta, drop path rates
+boolean = Boolean()
+any_string = Text()
+
+
+def _frameworks():
+    from models.build import FRAMEWORKS
+
+    return FRAMEWORKS
+
+
+def _encoders():
+    from models.build import ENCODERS
+
+    return ENCODERS
+
+
+def _datasets():
+    from data.linear import DATASET_ALIASES, LINEAR_DATASETS
+    from data.retrieval import RETRIEVAL_DATASETS
+
+    return (*LINEAR_DATASETS, *DATASET_ALIASES, *RETRIEVAL_DATASETS)
+
+
+# Every leaf key of _C -> the values it may hold (tests/test_config_ranges.py checks that each key
+# has one and tries values outside each through the command line). The scripts add their own rules
+# on top (e.g. eval_retrieval.py takes only the retrieval sets of DATA.DATASET).
+RANGES = {
+    "BASE": ListOf(any_string),
+    "DATA.BATCH_SIZE": positive_int,
+    "DATA.DATA_PATH": any_string,
+    "DATA.DATASET": OneOf(_datasets, ignore_case=True),
+    "DATA.TRANSFER_ROOT": any_string,
+    "DATA.IMG_SIZE": Integer(16),  # one patch of the ViTs
+    "DATA.INTERPOLATION": OneOf(RESAMPLINGS),
+    "DATA.ZIP_MODE": boolean,
+    "DATA.CACHE_MODE": OneOf(("no", "full", "part")),
+    "DATA.PIN_MEMORY": boolean,
+    "DATA.NUM_WORKERS": Integer(-1),
+    "DATA.GPU_AUG": boolean,
+    "MODEL.TYPE": OneOf(_frameworks),
+    "MODEL.ENCODER": OneOf(_encoders),
+    "MODEL.NAME": any_string,
+    "MODEL.RESUME": any_string,
+    "MODEL.NUM_CLASSES": positive_int,
+    "MODEL.DROP_PATH_RATE": below_one,
+    "MODEL.LABEL_SMOOTHING": below_one,
+    "MODEL.ONLINE_DROP_PATH_RATE": below_one,
+    "MODEL.TARGET_DROP_PATH_RATE": below_one,
+    "MODEL.CONTRAST_MOMENTUM": below_one,
+    "MODEL.CONTRAST_TEMPERATURE": positive,
+    "MODEL.CONTRAST_NUM_NEGATIVE": positive_int,
+    "MODEL.PROJ_DIM": positive_int,
+    "MODEL.PROJ_HIDDEN_DIM": positive_int,
+    "MODEL.PROJ_NUM_LAYERS": non_negative_int,  # 0: the identity
+    "MODEL.PRED_NUM_LAYERS": non_negative_int,
+    "MODEL.STOP_GRAD_CONV1": boolean,
+    "MODEL.N_HARD": positive_int,  # and at most MODEL.CONTRAST_NUM_NEGATIVE (check_config)
+    "MODEL.N1": non_negative_int,
+    "MODEL.N2": non_negative_int,
+    "MODEL.N3": non_negative_int,
+    "MODEL.N4": non_negative_int,
+    "MODEL.N5": non_negative_int,
+    "MODEL.N6": non_negative_int,
+    "MODEL.INTERP_MAX": fraction,
+    "MODEL.EXTRAP_MAX": Interval(1),
+    "MODEL.NOISE_STD": non_negative,
+    "MODEL.PERTURB_STEP": non_negative,
+    "MODEL.ADVERSARIAL_STEP": non_negative,
+    "MODEL.SYNTHETIC_START_EPOCH": any_int,  # a window outside the run is a warning (inert_settings)
+    "MODEL.SYNTHETIC_END_EPOCH": any_int,
+    "LINEAR_EVAL.PRETRAINED": any_string,
+    "LINEAR_EVAL.WEIGHTS": OneOf(("freeze", "finetune")),
+    "LINEAR_EVAL.BACKBONE_TRAIN_MODE": boolean,
+    "KNN.NB_KNN": ListOf(positive_int, min_len=1),
+    "KNN.TEMPERATURE": positive,
+    "KNN.DUMP_FEATURES": any_string,
+    "KNN.LOAD_FEATURES": any_string,
+    "RETRIEVAL.IMG_SIZE": Integer(16),
+    "RETRIEVAL.MULTISCALE": boolean,
+    "RETRIEVAL.CROP_QUERIES": boolean,
+    "RETRIEVAL.DUMP_FEATURES": any_string,
+    "RETRIEVAL.LOAD_FEATURES": any_string,
+    "TRAIN.START_EPOCH": non_negative_int,  # and below TRAIN.EPOCHS (check_config)
+    "TRAIN.EPOCHS": positive_int,
+    "TRAIN.WARMUP_EPOCHS": non_negative_int,
+    "TRAIN.WEIGHT_DECAY": non_negative,
+    "TRAIN.BASE_LR": non_negative,
+    "TRAIN.WARMUP_LR": non_negative,
+    "TRAIN.MIN_LR": non_negative,
+    "TRAIN.CLIP_GRAD": non_negative,  # 0: no clipping
+    "TRAIN.AUTO_RESUME": boolean,
+    "TRAIN.SAVE_EVERY_STEPS": non_negative_int,  # 0: only at the ends of epochs
+    "TRAIN.ACCUMULATION_STEPS": non_negative_int,  # 0 and 1: none
+    "TRAIN.USE_CHECKPOINT": boolean,
+    "TRAIN.COMPILE": boolean,
+    "TRAIN.TF32": boolean,
+    "TRAIN.LR_SCHEDULER.NAME": OneOf(("cosine", "linear", "step")),
+    "TRAIN.LR_SCHEDULER.DECAY_EPOCHS": positive_int,
+    "TRAIN.LR_SCHEDULER.DECAY_RATE": Interval(0, 1, closed_left=False),
+    "TRAIN.OPTIMIZER.NAME": OneOf(("adamw", "sgd", "lars")),
+    "TRAIN.OPTIMIZER.EPS": positive,
+    "TRAIN.OPTIMIZER.BETAS": TupleOf(below_one, 2),
+    "TRAIN.OPTIMIZER.MOMENTUM": below_one,
+    "TRAIN.OPTIMIZER.TRUST_COEFFICIENT": positive,
+    "AUG.SSL_AUG": boolean,
+    "AUG.SSL_AUG_TYPE": OneOf(SSL_AUG_TYPES),
+    "AUG.SSL_AUG_CROP": Interval(0, 1, closed_left=False),
+    "AUG.SSL_AUG_INTERPOLATION": OneOf(RESAMPLINGS),
+    "AUG.SSL_LINEAR_AUG": boolean,
+    "DAVIS.SPLIT": Text(non_empty=True),
+    "DAVIS.SHORT_SIDE": Integer(16),
+    "DAVIS.N_LAST_FRAMES": non_negative_int,
+    "DAVIS.NEIGHBORHOOD": non_negative_int,  # 0: anywhere
+    "DAVIS.TOPK": positive_int,
+    "DAVIS.TEMPERATURE": positive,
+    "TEST.CROP": boolean,
+    "AMP_OPT_LEVEL": OneOf(AMP_LEVELS),  # "": O0
+    "OUTPUT": any_string,
+    "TAG": any_string,
+    "SAVE_FREQ": positive_int,
+    "PRINT_FREQ": positive_int,
+    "TENSORBOARD": boolean,
+    "TRUST_CHECKPOINT": boolean,
+    "ACCEPT_CHANGES": boolean,
+    "DIST_TIMEOUT": positive_int,
+    "SEED": Integer(0, 2**32 - 1),
+    "EVAL_MODE": boolean,
+    "THROUGHPUT_MODE": boolean,
+    "LOCAL_RANK": non_negative_int,
+}
+
+
+def leaf_keys(node=None, prefix=""):
+    """The dotted names of the leaf keys of ``node`` (the defaults _C), in order."""
+    node = _C if node is None else node
+    for name, value in node.items():
+        if isinstance(value, CN):
+            yield from leaf_keys(value, f"{prefix}{name}.")
+        else:
+            yield prefix + name
+
+
+def config_value(config, key):
+    for part in key.split("."):
+        config = config[part]
+    return config
+
+
+def check_ranges(config):
+    """ConfigError naming the first key whose value RANGES does not allow, the value and what it allows."""
+    for key in leaf_keys(config):
+        if key not in RANGES:
+            raise LookupError(f"config key {key} has no entry in config.RANGES: add the values it may hold")
+        value = config_value(config, key)
+        if not RANGES[key](value):
+            raise ConfigError(f"{key} {value!r}: must be {RANGES[key].text}")
 
 
 # command-line flag -> config key it sets (when given)
@@ -310,6 +592,8 @@ _FLAG_KEYS = {
     "temperature": "KNN.TEMPERATURE",
     "knn_dump_features": "KNN.DUMP_FEATURES",
     "knn_load_features": "KNN.LOAD_FEATURES",
+    "lr": "TRAIN.BASE_LR",
+    "drop_path_rate": "MODEL.DROP_PATH_RATE",
 }
 
 
@@ -320,35 +604,105 @@ KEY_ALIASES = {
 }
 
 
-class ConfigError(ValueError):
-    """A configuration that cannot work; the message says what to change."""
-
-
-def _update_config_from_file(config, cfg_file):
+def _read_yaml_mapping(cfg_file):
+    """The mapping of keys the YAML file ``cfg_file`` holds; ConfigError naming the file when it is
+    missing, unreadable, not YAML, empty or anything but a mapping."""
+    if os.path.isdir(cfg_file):
+        raise ConfigError(f"config file {cfg_file} is a directory, not a YAML file")
     if not os.path.isfile(cfg_file):
         raise ConfigError(f"config file not found: {cfg_file}")
-    with open(cfg_file) as f:
-        yaml_cfg = yaml.safe_load(f) or {}
+    try:
+        with open(cfg_file) as f:
+            yaml_cfg = yaml.safe_load(f)
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {cfg_file}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {cfg_file} is not a text file") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or " ".join(str(e).split())
+        raise ConfigError(f"config file {cfg_file} is not valid YAML: {problem}{where}") from None
+    if yaml_cfg is None:
+        raise ConfigError(
+            f"config file {cfg_file} is empty: it should hold a mapping of keys, e.g. 'MODEL: {{TYPE: moby}}'"
+        )
+    if not isinstance(yaml_cfg, dict):
+        raise ConfigError(
+            f"config file {cfg_file} holds a {type(yaml_cfg).__name__}, not a mapping of keys "
+            "such as 'MODEL: {TYPE: moby}'"
+        )
+    _check_key_names(yaml_cfg, cfg_file)
+    return yaml_cfg
+
+
+def _check_key_names(tree, where, prefix=""):
+    """ConfigError for a key of the nested mapping ``tree`` that is not a name (a number, a list)."""
+    for name, value in tree.items():
+        if not isinstance(name, str):
+            raise ConfigError(f"config file {where}: the key {prefix}{name!r} is not a name such as {prefix}EPOCHS")
+        if isinstance(value, dict):
+            _check_key_names(value, where, f"{prefix}{name}.")
+
+
+def _check_opts_keys(keys):
+    """ConfigError for an --opts key that goes below a key that is not a group (DATA.BATCH_SIZE.X)."""
+    for key in keys:
+        node, parts = _C, key.split(".")
+        for i, part in enumerate(parts[:-1]):
+            node = node.get(part) if isinstance(node, CN) else None
+            if node is not None and not isinstance(node, CN):
+                raise ConfigError(f"--opts: no key {key}: {'.'.join(parts[: i + 1])} is a key, not a group of keys")
+
+
+def _update_config_from_file(config, cfg_file, including=()):
+    """Merge ``cfg_file`` into ``config``, after its BASE files (``including``: the files whose BASE
+    led here, so that a file that includes itself is an error, not an endless recursion)."""
+    yaml_cfg = _read_yaml_mapping(cfg_file)
+    bases = yaml_cfg.setdefault("BASE", [""])
+    if not isinstance(bases, list) or not all(isinstance(base, str) for base in bases):
+        raise ConfigError(f"{cfg_file}: BASE {bases!r} must be a list of file names, e.g. BASE: ['../moby.yaml']")
+    including = (*including, os.path.realpath(cfg_file))
     config.defrost()
-    for base in yaml_cfg.setdefault("BASE", [""]):
+    for base in bases:
         if base:
-            _update_config_from_file(config, os.path.join(os.path.dirname(cfg_file), base))
+            path = os.path.join(os.path.dirname(cfg_file), base)
+            if os.path.realpath(path) in including:
+                raise ConfigError(f"{cfg_file}: BASE {base} includes itself (through {' -> '.join(including)})")
+            _update_config_from_file(config, path, including)
     for alias, key in KEY_ALIASES.items():
         _rename_in_tree(yaml_cfg, alias, key, cfg_file)
     try:
         config.merge_from_other_cfg(CN(yaml_cfg))
-    except (KeyError, ValueError, AssertionError) as e:
-        raise ConfigError(f"{cfg_file}: {with_nearest_keys(e.args[0])}") from None
+    except (KeyError, ValueError, AssertionError, TypeError) as e:
+        raise _merge_error(cfg_file, e) from None
     config.freeze()
 
 
-def leaf_keys(node=_C, prefix=""):
-    """The dotted names of every setting of the config tree."""
-    for name, value in node.items():
-        if isinstance(value, CN):
-            yield from leaf_keys(value, f"{prefix}{name}.")
-        else:
-            yield f"{prefix}{name}"
+_TYPE_MISMATCH = re.compile(
+    r"Type mismatch \(<class '[\w.]+'> vs\. <class '(?:\w+\.)*(\w+)'>\) "  # the type given, without its module
+    r"with values \(.* vs\. (.*)\) for config key: (\S+)$",
+    re.S,
+)
+_TYPE_WORDS = {"str": "a string", "int": "an integer", "float": "a float", "bool": "a boolean", "list": "a list",
+               "tuple": "a tuple", "CfgNode": "a mapping", "NoneType": "None"}  # fmt: skip
+
+
+def _merge_error(where, e):
+    """The ConfigError of yacs's error ``e`` when merging ``where`` (a file, --opts): one line, and for
+    a value of the wrong type the key, the value and what RANGES allows."""
+    text = str(e.args[0]) if e.args else type(e).__name__
+    mismatch = _TYPE_MISMATCH.match(text)
+    if mismatch:
+        given_type, given, key = mismatch.groups()
+        if key in RANGES:
+            hint = "; write it with a decimal point, e.g. 1.0" if given_type == "int" and isinstance(
+                config_value(_C, key), float) else ""  # fmt: skip
+            got = _TYPE_WORDS.get(given_type, given_type)
+            given = " ".join(given.split())
+            return ConfigError(f"{where}: {key} {given}: must be {RANGES[key].text}, not {got}{hint}")
+        return ConfigError(f"{where}: {key} is a group of keys, not a key: set one of them, e.g. {key}.<KEY> <value>")
+    return ConfigError(f"{where}: {with_nearest_keys(' '.join(text.split()))}")
 
 
 def with_nearest_keys(message):
@@ -376,6 +730,11 @@ def _rename_in_tree(tree, alias, key, where):
     node[key_leaf] = value
 
 
+def _opts_value(text):
+    """The value an --opts item stands for, to compare with another's (yacs reads it the same way)."""
+    return CN._decode_cfg_value(text)
+
+
 def canonical_opts(opts):
     """``--opts`` KEY VALUE pairs with every alias replaced by its key (KEY_ALIASES); ConfigError
     when the list is odd, or sets a key and its alias to different values."""
@@ -383,8 +742,8 @@ def canonical_opts(opts):
         raise ConfigError(f"--opts takes KEY VALUE pairs, got an odd number of items: {opts}")
     keys, values = list(opts[0::2]), list(opts[1::2])
     for alias, key in KEY_ALIASES.items():
-        by_alias = [yaml.safe_load(str(v)) for k, v in zip(keys, values) if k == alias]
-        by_key = [yaml.safe_load(str(v)) for k, v in zip(keys, values) if k == key]
+        by_alias = [_opts_value(v) for k, v in zip(keys, values) if k == alias]
+        by_key = [_opts_value(v) for k, v in zip(keys, values) if k == key]
         if by_alias and by_key and by_alias[-1] != by_key[-1]:
             raise ConfigError(
                 f"--opts sets {alias} {by_alias[-1]} and {key} {by_key[-1]}, the same key: set only {key}"
@@ -400,7 +759,7 @@ def opts_keys(args):
 
 def _name_number(x):
     """How run names write a number: 0.2 -> "02", 0.0 -> "0", 0.996 -> "0996", 4096 -> "4096"."""
-    return f"{x:g}".replace(".", "")
+    return f"{x:g}".replace(".", "") if _is_number(x) else str(x)  # anything else is refused later
 
 
 def run_name(config):
@@ -429,8 +788,9 @@ NAME_KEYS = (
 def update_config(config, args, recipe=None):
     """Merge ``args.cfg``, then ``recipe`` (KEY VALUE list of a script's own defaults),
     then ``args.opts`` (aliases renamed: KEY_ALIASES), then the command-line flags into ``config``.
-    MODEL.NAME, unless the user named the run, becomes ``run_name`` of the result; OUTPUT the
-    run's own folder OUTPUT/MODEL.NAME/TAG."""
+    ConfigError for a value outside its key's range (RANGES), before names and folders are made of
+    the values. MODEL.NAME, unless the user named the run, becomes ``run_name`` of the result;
+    OUTPUT the run's own folder OUTPUT/MODEL.NAME/TAG."""
     if getattr(args, "cfg", None):
         _update_config_from_file(config, args.cfg)
 
@@ -440,24 +800,23 @@ def update_config(config, args, recipe=None):
     # a name that spells the --cfg file's settings (or none) follows the settings --opts change
     name_follows_settings = config.MODEL.NAME in ("", run_name(config))
     opts = canonical_opts(getattr(args, "opts", None) or [])
+    _check_opts_keys(opts[0::2])
     try:
         config.merge_from_list(opts)
-    except (KeyError, ValueError, AssertionError) as e:
-        raise ConfigError(f"--opts: {with_nearest_keys(e.args[0])}") from None
-    if name_follows_settings and "MODEL.NAME" not in opts[0::2]:
-        config.MODEL.NAME = run_name(config)
+    except (KeyError, ValueError, AssertionError, TypeError) as e:
+        raise _merge_error("--opts", e) from None
 
-    for flag, key in _FLAG_KEYS.items():
+    for flag, key in _FLAG_KEYS.items():  # typed by argparse: set as given (--tag 123 stays a string)
         value = getattr(args, flag, None)
         if value is not None and value is not False:
-            config.merge_from_list([key, value])
+            *path, leaf = key.split(".")
+            (config_value(config, ".".join(path)) if path else config)[leaf] = value
     local_rank = getattr(args, "local_rank", None)
     config.LOCAL_RANK = int(local_rank if local_rank is not None else os.environ.get("LOCAL_RANK", 0))
+    check_ranges(config)  # before the names and folders made of the values
 
-    if getattr(args, "lr", None) is not None:
-        config.TRAIN.BASE_LR = args.lr
-    if getattr(args, "drop_path_rate", None) is not None:
-        config.MODEL.DROP_PATH_RATE = args.drop_path_rate
+    if name_follows_settings and "MODEL.NAME" not in opts[0::2]:
+        config.MODEL.NAME = run_name(config)
 
     # the run's own folder
     config.OUTPUT = os.path.join(config.OUTPUT, config.MODEL.NAME, config.TAG)
@@ -465,30 +824,26 @@ def update_config(config, args, recipe=None):
 
 
 def check_config(config):
-    """Raise ConfigError naming the key and the fix for settings that cannot work."""
-    from models.build import ENCODERS, FRAMEWORKS  # the registry; torch loads once the arguments are parsed
-
-    if config.MODEL.TYPE not in FRAMEWORKS:
-        raise ConfigError(f"unknown MODEL.TYPE {config.MODEL.TYPE!r}; valid: {', '.join(FRAMEWORKS)}")
-    if config.MODEL.ENCODER not in ENCODERS:
-        raise ConfigError(f"unknown MODEL.ENCODER {config.MODEL.ENCODER!r}; valid: {', '.join(ENCODERS)}")
-    if config.AUG.SSL_AUG_TYPE not in SSL_AUG_TYPES:
-        raise ConfigError(f"unknown AUG.SSL_AUG_TYPE {config.AUG.SSL_AUG_TYPE!r}; valid: {', '.join(SSL_AUG_TYPES)}")
-    if config.AUG.SSL_AUG_INTERPOLATION not in RESAMPLINGS:
+    """Raise ConfigError naming the key and the fix for settings that cannot work: a value outside
+    its key's range (RANGES), then the rules across keys."""
+    check_ranges(config)
+    m = config.MODEL
+    if m.TYPE == "synco" and m.N_HARD > m.CONTRAST_NUM_NEGATIVE:
         raise ConfigError(
-            f"unknown AUG.SSL_AUG_INTERPOLATION {config.AUG.SSL_AUG_INTERPOLATION!r}; valid: {', '.join(RESAMPLINGS)}"
+            f"MODEL.N_HARD {m.N_HARD} must be in 1..MODEL.CONTRAST_NUM_NEGATIVE ({m.CONTRAST_NUM_NEGATIVE})"
         )
-    if config.AMP_OPT_LEVEL not in AMP_LEVELS:
-        raise ConfigError(f"unknown AMP_OPT_LEVEL {config.AMP_OPT_LEVEL!r}; valid: O0, O1, O2")
-    if config.MODEL.TYPE == "synco":
-        n_negative = config.MODEL.CONTRAST_NUM_NEGATIVE
-        if not 0 < config.MODEL.N_HARD <= n_negative:
-            raise ConfigError(
-                f"MODEL.N_HARD {config.MODEL.N_HARD} must be in 1..MODEL.CONTRAST_NUM_NEGATIVE ({n_negative})"
-            )
-        for i in range(1, 7):
-            if getattr(config.MODEL, f"N{i}") < 0:
-                raise ConfigError(f"MODEL.N{i} must be >= 0")
+    if config.TRAIN.START_EPOCH >= config.TRAIN.EPOCHS:
+        raise ConfigError(
+            f"TRAIN.START_EPOCH {config.TRAIN.START_EPOCH} must be below TRAIN.EPOCHS {config.TRAIN.EPOCHS}: "
+            "the run would train no epoch"
+        )
+    if m.ENCODER.startswith("swin"):
+        from models.swin_transformer import stage_window_sizes  # torch loads once the arguments are parsed
+
+        try:
+            stage_window_sizes(config.DATA.IMG_SIZE)
+        except ValueError as e:
+            raise ConfigError(f"DATA.IMG_SIZE {config.DATA.IMG_SIZE} does not fit {m.ENCODER}'s windows: {e}") from None
 
 
 def inert_settings(config, pretraining):

@@ -14,7 +14,7 @@ share of the training set (N / world x D), finds each val feature's nearest neig
 and the ranks exchange those candidates to vote with the global nearest (the figures of one process).
 """
 
-from cli import build_parser
+from cli import build_parser, in_range
 
 EXAMPLE = (
     "torchrun --nproc_per_node=4 eval_knn.py --cfg configs/synco_vit_small.yaml "
@@ -31,12 +31,12 @@ def parse_option(argv=None):
         training=False, throughput=False,
     )  # fmt: skip
     parser.add_argument(
-        "--nb-knn", "--nb_knn", dest="nb_knn", type=int, nargs="+", metavar="K",
+        "--nb-knn", "--nb_knn", dest="nb_knn", type=in_range("KNN.NB_KNN", int), nargs="+", metavar="K",
         help="numbers of nearest neighbours scored (KNN.NB_KNN; default 10 20 100 200)",
     )  # fmt: skip
     parser.add_argument(
         "--temperature",
-        type=float,
+        type=in_range("KNN.TEMPERATURE", float),
         metavar="T",
         help="temperature of the weighted votes (KNN.TEMPERATURE; default 0.07)",
     )
@@ -206,11 +206,6 @@ def setup(argv=None):
     args = parse_option(argv)
     config = get_config(args)
     check_config(config)
-    if any(k < 1 for k in config.KNN.NB_KNN) or config.KNN.TEMPERATURE <= 0:
-        raise ConfigError(
-            f"KNN.NB_KNN {list(config.KNN.NB_KNN)} must be positive and KNN.TEMPERATURE {config.KNN.TEMPERATURE} "
-            "greater than 0"
-        )
     env = join_processes(config, args.local_rank)
     # saved features need no encoder, nor its checkpoint
     held, inherited = (None, []) if config.KNN.LOAD_FEATURES else inherit_encoder_settings(config, args, env)

@@ -153,8 +153,6 @@ def setup(argv=None):
         check_retrieval_name(config.DATA.DATASET)
     except ValueError as e:
         raise ConfigError(f"{e} (--opts DATA.DATASET roxford5k)") from None
-    if config.RETRIEVAL.IMG_SIZE <= 0:
-        raise ConfigError(f"RETRIEVAL.IMG_SIZE must be positive, got {config.RETRIEVAL.IMG_SIZE}")
     try:  # before the checkpoint and any folder: missing data leaves nothing behind
         ground_truth = read_ground_truth(config.DATA.TRANSFER_ROOT, config.DATA.DATASET.lower())
     except ValueError as e:

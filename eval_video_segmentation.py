@@ -131,21 +131,10 @@ def main(config, env, logger, videos, held=None):
     return results
 
 
-def check_davis(config):
-    d = config.DAVIS
-    for key, value, low in (("N_LAST_FRAMES", d.N_LAST_FRAMES, 0), ("NEIGHBORHOOD", d.NEIGHBORHOOD, 0),
-                            ("TOPK", d.TOPK, 1), ("SHORT_SIDE", d.SHORT_SIDE, 16)):  # fmt: skip
-        if value < low:
-            raise ConfigError(f"DAVIS.{key} {value} must be at least {low}")
-    if d.TEMPERATURE <= 0:
-        raise ConfigError(f"DAVIS.TEMPERATURE {d.TEMPERATURE} must be positive")
-
-
 def setup(argv=None):
     args = parse_option(argv)
     config = get_config(args)
     check_config(config)
-    check_davis(config)
     # before the checkpoint and any folder: missing data leaves nothing behind
     videos = read_videos(davis_root(config.DATA.TRANSFER_ROOT), config.DAVIS.SPLIT)
     env = join_processes(config, args.local_rank)

@@ -8,7 +8,7 @@ Reads the online encoder (``encoder.*``) of the newest readable checkpoint of th
 ``.../linear_<dataset>_<linprob|ft>/``.
 """
 
-from cli import build_parser
+from cli import build_parser, in_range
 from config import get_config
 
 # The linear-evaluation recipe the original ran: defaults over the pretraining YAML, under --opts.
@@ -44,9 +44,15 @@ def parse_option(argv=None):
         defaults=get_config(recipe=LINEAR_RECIPE),
     )
     parser.add_argument("--eval", action="store_true", help="only evaluate the trained classifier of the run folder")
-    parser.add_argument("--lr", type=float, help="base learning rate per 512 images (TRAIN.BASE_LR; default 1.0)")
     parser.add_argument(
-        "--drop-path-rate", type=float, help="drop path rate of the backbone (MODEL.DROP_PATH_RATE; default 0.2)"
+        "--lr",
+        type=in_range("TRAIN.BASE_LR", float),
+        help="base learning rate per 512 images (TRAIN.BASE_LR; default 1.0)",
+    )
+    parser.add_argument(
+        "--drop-path-rate",
+        type=in_range("MODEL.DROP_PATH_RATE", float),
+        help="drop path rate of the backbone (MODEL.DROP_PATH_RATE; default 0.2)",
     )
     return parser.parse_args(argv)
 
@@ -234,8 +240,6 @@ def setup(argv=None):
     args = parse_option(argv)
     config = get_config(args, recipe=LINEAR_RECIPE)
     check_config(config)
-    if config.LINEAR_EVAL.WEIGHTS not in ("freeze", "finetune"):
-        raise ConfigError(f"unknown LINEAR_EVAL.WEIGHTS {config.LINEAR_EVAL.WEIGHTS!r}; valid: freeze, finetune")
     if config.DATA.DATASET in ("imagenet", "imagenet100") and not config.DATA.DATA_PATH:
         raise ConfigError("no dataset given: pass --data-path <folder with train/ and val/>")
     env = join_processes(config, args.local_rank)

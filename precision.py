@@ -9,7 +9,7 @@ from functools import partial
 
 import torch
 
-PRECISIONS = {"O0": "fp32", "O1": "fp16 autocast with a grad scaler", "O2": "bf16 autocast"}
+PRECISIONS = {"": "fp32, as O0", "O0": "fp32", "O1": "fp16 autocast with a grad scaler", "O2": "bf16 autocast"}
 AMP_DTYPES = {"O1": torch.float16, "O2": torch.bfloat16}
 
 
@@ -37,7 +37,7 @@ def precision_line(config, device):
     what = PRECISIONS[config.AMP_OPT_LEVEL]
     if device.type == "cuda":
         what += ", fp32 matmuls on TF32 tensor cores" if config.TRAIN.TF32 else ", full-fp32 matmuls (TRAIN.TF32 False)"
-    return f"precision: AMP_OPT_LEVEL {config.AMP_OPT_LEVEL} ({what}) on {device}"
+    return f"precision: AMP_OPT_LEVEL {config.AMP_OPT_LEVEL or repr('')} ({what}) on {device}"
 
 
 class GradScaler(torch.amp.GradScaler):

@@ -334,8 +334,10 @@ def test_missing_davis_is_one_line_naming_the_layout(tmp_path, capsys):
 
 
 def test_settings_that_cannot_work_are_one_line(tmp_path, capsys):
-    for key, value, message in (("DAVIS.TOPK", "0", "DAVIS.TOPK 0 must be at least 1"),
-                                ("DAVIS.TEMPERATURE", "0.0", "DAVIS.TEMPERATURE 0.0 must be positive")):  # fmt: skip
+    for key, value, message in (
+        ("DAVIS.TOPK", "0", "DAVIS.TOPK 0: must be an integer >= 1"),
+        ("DAVIS.TEMPERATURE", "0.0", "DAVIS.TEMPERATURE 0.0: must be a number > 0"),
+    ):
         argv = ["--cfg", "configs/moby_vit_tiny.yaml", "--output", str(tmp_path), "--opts", key, value]
         with pytest.raises(SystemExit) as exit_info:
             run_cli(eval_video_segmentation.setup, eval_video_segmentation.main, argv)
