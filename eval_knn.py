@@ -63,7 +63,7 @@ from checkpoint import read_checkpoint, save_atomic
 from cli import open_output, run_cli
 from config import ConfigError, check_config, get_config
 from data import build_linear_loaders
-from data.linear import canonical_dataset_name
+from data.linear import canonical_dataset_name, check_imagenet_files
 from distributed import all_gather_cat, gather_rows_to_main, join_processes
 from engine import extract_features
 from metrics import count_correct
@@ -206,6 +206,8 @@ def setup(argv=None):
     args = parse_option(argv)
     config = get_config(args)
     check_config(config)
+    if not config.KNN.LOAD_FEATURES:
+        check_imagenet_files(config)  # before the checkpoint and any folder: missing data leaves nothing behind
     env = join_processes(config, args.local_rank)
     # saved features need no encoder, nor its checkpoint
     held, inherited = (None, []) if config.KNN.LOAD_FEATURES else inherit_encoder_settings(config, args, env)

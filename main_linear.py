@@ -70,7 +70,7 @@ from checkpoint import Checkpointer, restore, resume_point
 from cli import open_output, run_cli
 from config import ConfigError, check_config, inert_settings
 from data import build_linear_loaders
-from data.linear import canonical_dataset_name
+from data.linear import canonical_dataset_name, check_imagenet_files
 from distributed import distribute, join_processes, unwrap
 from engine import measure_throughput, train_classifier_one_epoch, validate
 from faults import StopSignal
@@ -242,6 +242,7 @@ def setup(argv=None):
     check_config(config)
     if config.DATA.DATASET in ("imagenet", "imagenet100") and not config.DATA.DATA_PATH:
         raise ConfigError("no dataset given: pass --data-path <folder with train/ and val/>")
+    check_imagenet_files(config)  # before the checkpoint and any folder: missing data leaves nothing behind
     env = join_processes(config, args.local_rank)
     held, inherited = inherit_encoder_settings(config, args, env)
     scale_learning_rates(config, env.world_size)

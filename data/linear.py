@@ -62,7 +62,7 @@ from PIL import Image
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 from torchvision import datasets as tvd
 
-from data.build import build_dataset, make_loader, shuffling_sampler
+from data.build import build_dataset, check_split, make_loader, shuffling_sampler
 from data.cached_image_folder import CACHE_MODES, pil_rgb_loader
 from data.transforms import build_linear_transform
 from distributed import get_rank, get_world_size
@@ -463,6 +463,15 @@ def build_transfer_sets(name: str, root: str, train_t: Transform, test_t: Transf
 # -----------------------------------------------------------------------------
 # The entry point
 # -----------------------------------------------------------------------------
+def check_imagenet_files(config) -> None:
+    """Raise FileNotFoundError naming the layout when DATA.DATASET is an ImageNet set and its train or
+    val split is missing (transfer sets are checked, or downloaded, when they are built)."""
+    if canonical_dataset_name(config.DATA.DATASET) in IMAGENET_DATASETS:
+        for split in ("train", "val"):
+            check_split(config, split)
+
+
+
 def build_linear_loaders(
     config, rank: int | None = None, world_size: int | None = None, for_features: bool = False
 ) -> tuple[Dataset, Dataset, DataLoader, DataLoader, int]:

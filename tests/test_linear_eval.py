@@ -18,6 +18,7 @@ import yaml
 from conftest import ROOT, TINY, free_port, run_script
 
 import eval_knn
+import main_linear
 from cli import run_cli
 from config import ConfigError, get_config
 from engine import classification_loss, train_classifier_one_epoch, validate
@@ -453,3 +454,14 @@ def test_a_full_disk_stops_with_one_line_and_the_restart_resumes(pretrained, ima
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resumed from {latest} (epoch 0," in open(os.path.join(folder, "log_rank0.txt")).read()
     assert torch.load(latest, weights_only=False)["epoch"] == 1
+
+
+@pytest.mark.parametrize("script", [main_linear, eval_knn])
+def test_a_wrong_data_path_stops_before_any_folder(script, tmp_path, capsys):
+    argv = ["--cfg", "configs/moby_vit_tiny.yaml", "--data-path", str(tmp_path / "nowhere"), "--output",
+            str(tmp_path / "out")]  # fmt: skip
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(script.setup, script.main, argv)
+    (line,) = capsys.readouterr().err.splitlines()
+    assert exit_info.value.code == 2 and line.startswith(f"error: {tmp_path / 'nowhere' / 'train'} not found")
+    assert not (tmp_path / "out").exists()
