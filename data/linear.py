@@ -471,7 +471,6 @@ def check_imagenet_files(config) -> None:
             check_split(config, split)
 
 
-
 def build_linear_loaders(
     config, rank: int | None = None, world_size: int | None = None, for_features: bool = False
 ) -> tuple[Dataset, Dataset, DataLoader, DataLoader, int]:
