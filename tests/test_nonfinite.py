@@ -21,7 +21,7 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(image_folder, tmp_p
     os.remove(os.path.join(folder, "checkpoint.pth"))
 
     diverging = run_script([*base, "TRAIN.EPOCHS", "3", "TRAIN.BASE_LR", "1e12", "TRAIN.WARMUP_EPOCHS", "0",
-                            "TRAIN.CLIP_GRAD", "0.0"])  # fmt: skip
+                            "TRAIN.CLIP_GRAD", "0.0", "--accept-changes"])  # fmt: skip
     assert diverging.returncode != 0
     assert "Traceback" not in diverging.stderr
     (line,) = [x for x in diverging.stderr.splitlines() if x.startswith("error: ")]
