@@ -8,11 +8,15 @@ Flowers102's and Places365's files against the real archives', which no fixture 
 match, so ``offline`` also makes md5 checks pass; the rest is torchvision's own code.
 """
 
+import inspect
 import json
 import os
 import pickle
 import socket
+import tarfile
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +36,7 @@ from config import get_config
 from data import build_linear_loaders
 from data import linear as L
 from data.cached_image_folder import CachedImageFolder
+from data.linear import build_transfer_sets
 from data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_linear_transform
 
 IMG_SIZE = 16
@@ -433,6 +438,7 @@ def test_cars_missing_files_are_named(tmp_path):
     with pytest.raises(FileNotFoundError) as e:
         build("cars", tmp_path)
     message = str(e.value)
+    assert "\n" not in message and message.startswith(f"cars is not under {tmp_path} (DATA.TRANSFER_ROOT)")
     for path, _ in L.CARS_LAYOUT:
         assert os.path.join(str(tmp_path), path) in message
     assert "can no longer be downloaded" in message
@@ -519,6 +525,111 @@ def test_downloads_only_missing_sets(tmp_path, monkeypatch):
     assert flags == [False, False]
     with pytest.raises(AssertionError, match="network"):  # missing: torchvision tries to download
         build("voc2007", tmp_path / "empty")
+
+
+# -----------------------------------------------------------------------------
+# Offline: a failed download is one line saying where the files go
+# -----------------------------------------------------------------------------
+def _unreachable(monkeypatch, error: Exception) -> None:
+    """torchvision's downloads (urllib) fail with ``error``, as on a node without internet access."""
+
+    def urlopen(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(urllib.request, "urlopen", urlopen)
+
+
+def test_the_download_table_agrees_with_torchvision():
+    urls = {name: [url for _, url in files] for name, (_, files) in L.TRANSFER_FILES.items()}
+    assert set(urls) == set(L.TRANSFER_DATASETS) - {"cars"}
+    for name, archive in (("cifar10", tvd.CIFAR10), ("cifar100", tvd.CIFAR100), ("stl10", tvd.STL10)):
+        assert L.TRANSFER_FILES[name][1] == [(archive.filename, archive.url)]
+    flowers = tvd.Flowers102._file_dict
+    assert urls["flowers"] == [tvd.Flowers102._download_url_prefix + flowers[k][0] for k in ("image", "label", "setid")]
+    assert urls["pets"] == [url for url, _ in tvd.OxfordIIITPet._RESOURCES]
+    assert urls["food101"] == [tvd.Food101._URL] and urls["dtd"] == [tvd.DTD._URL]
+    assert urls["aircraft"] == [tvd.FGVCAircraft._URL] and urls["sun397"] == [tvd.SUN397._DATASET_URL]
+    assert urls["caltech101"][0] in inspect.getsource(tvd.Caltech101.download)
+    voc = tvd.voc.DATASET_YEAR_DICT
+    assert L.TRANSFER_FILES["voc2007"][1] == [(voc[y]["filename"], voc[y]["url"]) for y in ("2007", "2007-test")]
+    places = [
+        tvd.Places365._DEVKIT_META["standard"],
+        *(tvd.Places365._IMAGES_META[s, True] for s in ("train-standard", "val")),
+    ]
+    assert L.TRANSFER_FILES["places365"][1] == [(f, tvd.Places365._BASE_URL + f) for f, _ in places]
+
+
+@pytest.mark.parametrize("name", [name for name in L.TRANSFER_DATASETS if name != "cars"])
+def test_a_failed_download_is_one_line_naming_the_files(tmp_path, monkeypatch, name):
+    _unreachable(monkeypatch, urllib.error.URLError(socket.gaierror(-3, "Temporary failure in name resolution")))
+    with pytest.raises(L.TransferDataError) as e:
+        build(name, tmp_path)
+    message = str(e.value)
+    needed, files = L.TRANSFER_FILES[name]
+    assert "\n" not in message and message.startswith(f"{name} is not under {tmp_path} (DATA.TRANSFER_ROOT)")
+    assert (
+        "could not be downloaded (URLError: <urlopen error [Errno -3] Temporary failure in name resolution>)" in message
+    )
+    for path, url in files:  # where torchvision looks for each file, and where it comes from
+        assert f"{tmp_path}/{path}" in message and url in message and url.endswith(os.path.basename(path))
+    for path in needed:
+        assert f"{tmp_path}/{path}" in message
+
+
+@pytest.mark.parametrize(
+    "error",
+    [urllib.error.HTTPError("https://x/a.tar.gz", 503, "Service Unavailable", None, None),
+     ConnectionResetError(104, "reset"), TimeoutError("timed out"), RuntimeError("File not found or corrupted.")],
+    ids=["http", "reset", "timeout", "corrupted"],
+)  # fmt: skip
+def test_every_failure_of_a_download_is_one_line(tmp_path, monkeypatch, error):
+    if isinstance(error, RuntimeError):  # what torchvision raises when the md5 of what it fetched is wrong
+
+        def download_url(*args, **kwargs):
+            raise error
+
+        monkeypatch.setattr(tv_utils, "download_url", download_url)
+    else:
+        _unreachable(monkeypatch, error)
+    with pytest.raises(L.TransferDataError, match=rf"^cifar100 .*\({type(error).__name__}: .*cifar-100-python.tar.gz"):
+        build_transfer_sets("cifar100", str(tmp_path), None, None)
+
+
+def test_other_errors_are_left_as_they_are(tmp_path, monkeypatch):
+    for bug in (ValueError("a bug"), RuntimeError("a bug"), AttributeError("a bug")):
+        _unreachable(monkeypatch, bug)
+        with pytest.raises(type(bug), match="^a bug$"):
+            build_transfer_sets("dtd", str(tmp_path), None, None)
+
+
+def test_a_damaged_set_is_one_line_saying_what_to_remove(tmp_path, monkeypatch):
+    write_cifar10(tmp_path, np.random.default_rng(0))
+    monkeypatch.setattr(tv_utils, "check_md5", lambda *args, **kwargs: False)  # the batches are not the real ones
+    monkeypatch.setattr(tvd.cifar, "check_integrity", lambda path, md5=None: tv_utils.check_integrity(path, md5))
+    with pytest.raises(L.TransferDataError) as e:
+        build("cifar10", tmp_path)
+    assert str(e.value).startswith(
+        f"cifar10 is incomplete or damaged under {tmp_path} (DATA.TRANSFER_ROOT) (RuntimeError: Dataset not found or "
+        f"corrupted. You can use download=True to download it): remove {tmp_path}/cifar-10-batches-py/, then on a "
+        "machine with internet access fetch https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz and put it at "
+        f"{tmp_path}/cifar-10-python.tar.gz;"
+    )
+
+
+@pytest.mark.parametrize("name", ["cifar10", "cifar100", "stl10", "food101", "dtd", "aircraft", "sun397"])
+def test_an_archive_put_where_the_message_says_is_unpacked(tmp_path, monkeypatch, name):
+    """The advice of the message works: the archive (here made of the fixture's files) at its place
+    is checked and unpacked by torchvision, without the network."""
+    num_classes, n_train, n_test = WRITERS[name](tmp_path / "source", np.random.default_rng(0))
+    ((archive, _),) = L.TRANSFER_FILES[name][1]
+    folder = os.path.dirname(archive)  # torchvision unpacks an archive where it lies
+    (tmp_path / "root" / folder).mkdir(parents=True, exist_ok=True)
+    with tarfile.open(tmp_path / "root" / archive, "w:gz" if archive.endswith("gz") else "w") as tar:
+        for entry in sorted(os.listdir(tmp_path / "source" / folder)):
+            tar.add(tmp_path / "source" / folder / entry, arcname=entry)
+    _unreachable(monkeypatch, urllib.error.URLError("no network"))
+    train_set, val_set, *_, got_classes = build(name, tmp_path / "root")
+    assert (len(train_set), len(val_set), got_classes) == (n_train, n_test, num_classes)
 
 
 # -----------------------------------------------------------------------------

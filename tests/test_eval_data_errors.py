@@ -1,0 +1,64 @@
+"""main_linear.py, run in this process (cli.run_cli), on data that is missing: a transfer set that
+cannot be downloaded ends the run with one line and exit code 2."""
+
+import re
+import urllib.error
+import urllib.request
+
+import pytest
+import torch
+
+import main_linear
+from cli import run_cli
+from config import get_config
+from models import build_encoder
+
+SMALL = ["--batch-size", "2", "--opts", "DATA.IMG_SIZE", "32", "DATA.NUM_WORKERS", "1", "PRINT_FREQ", "1"]
+
+
+@pytest.fixture(scope="module")
+def encoder_file(tmp_path_factory):
+    """A checkpoint of a vit_tiny encoder at 32 px, as a plain state dict (no config)."""
+    config = get_config()
+    config.defrost()
+    config.merge_from_list(["MODEL.ENCODER", "vit_tiny", "DATA.IMG_SIZE", 32])
+    config.freeze()
+    state = build_encoder(config, drop_path_rate=0.0).state_dict()
+    path = tmp_path_factory.mktemp("encoder") / "encoder.pth"
+    torch.save({"model": {f"encoder.{k}": v for k, v in state.items()}}, path)
+    return str(path)
+
+
+def run(script, argv, capsys):
+    """(exit code, stderr) of ``script``'s entry point run on ``argv`` in this process."""
+    try:
+        run_cli(script.setup, script.main, argv)
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    return code, capsys.readouterr().err
+
+
+def assert_one_line(code, stderr, pattern):
+    assert code == 2 and "Traceback" not in stderr, stderr
+    (line,) = stderr.splitlines()
+    assert re.fullmatch(pattern, line), line
+    return line
+
+
+def argv(data, output, encoder_file, *opts):
+    return ["--cfg", "configs/moby_vit_tiny.yaml", "--data-path", str(data), "--output", str(output), *SMALL,
+            "LINEAR_EVAL.PRETRAINED", encoder_file, *opts]  # fmt: skip
+
+
+def test_an_offline_transfer_set_is_one_line(tmp_path, encoder_file, capsys, monkeypatch):
+    def urlopen(*args, **kwargs):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(urllib.request, "urlopen", urlopen)
+    root = tmp_path / "transfer"
+    code, stderr = run(main_linear, argv(tmp_path, tmp_path / "out", encoder_file, "DATA.DATASET", "cifar10",
+                                         "DATA.TRANSFER_ROOT", str(root)), capsys)  # fmt: skip
+    line = assert_one_line(code, stderr, rf"error: cifar10 is not under {root} \(DATA.TRANSFER_ROOT\) .*")
+    assert "could not be downloaded (URLError: <urlopen error [Errno -3] Temporary failure in name resolution>)" in line
+    assert f"fetch https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz and put it at {root}/cifar-10-python" in line
