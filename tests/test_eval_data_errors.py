@@ -1,5 +1,6 @@
 """main_linear.py, run in this process (cli.run_cli), on data that is missing: a transfer set that
-cannot be downloaded ends the run with one line and exit code 2."""
+cannot be downloaded ends the run with one line and exit code 2. A loader worker that raised is
+not one that died."""
 
 import re
 import urllib.error
@@ -11,6 +12,7 @@ import torch
 import main_linear
 from cli import run_cli
 from config import get_config
+from faults import process_fault
 from models import build_encoder
 
 SMALL = ["--batch-size", "2", "--opts", "DATA.IMG_SIZE", "32", "DATA.NUM_WORKERS", "1", "PRINT_FREQ", "1"]
@@ -62,3 +64,12 @@ def test_an_offline_transfer_set_is_one_line(tmp_path, encoder_file, capsys, mon
     line = assert_one_line(code, stderr, rf"error: cifar10 is not under {root} \(DATA.TRANSFER_ROOT\) .*")
     assert "could not be downloaded (URLError: <urlopen error [Errno -3] Temporary failure in name resolution>)" in line
     assert f"fetch https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz and put it at {root}/cifar-10-python" in line
+
+
+def test_a_worker_that_raised_is_not_a_worker_that_died():
+    config = get_config()
+    raised = RuntimeError("Caught RuntimeError in DataLoader worker process 0.\nOriginal Traceback ...")
+    assert process_fault(raised, config, 0, 3) is None
+    for died in ("DataLoader worker (pid 7) is killed by signal: Killed.", "DataLoader worker (pid(s) 7) exited "
+                 "unexpectedly"):  # fmt: skip
+        assert "a data loader worker died" in str(process_fault(RuntimeError(died), config, 0, 3))
