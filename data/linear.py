@@ -51,6 +51,8 @@ their addresses and where under ``DATA.TRANSFER_ROOT`` they go (``TRANSFER_FILES
 error is left as it is. Stanford Cars cannot be downloaded any more; a missing file raises
 ``TransferDataError`` naming it and the layout.
 
+Unreadable images: the training set replaces one by another (``build_linear_loaders``).
+
 Labels are Python ints. Images of any mode (grayscale, palette, CMYK, ...) become RGB.
 """
 
@@ -73,7 +75,7 @@ from PIL import Image
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 from torchvision import datasets as tvd
 
-from data.build import build_dataset, make_loader, shuffling_sampler
+from data.build import build_dataset, make_loader, seeded_loader
 from data.cached_image_folder import CACHE_MODES, pil_rgb_loader
 from data.transforms import build_linear_transform
 from distributed import get_rank, get_world_size
@@ -606,8 +608,10 @@ def build_linear_loaders(
 
     * train: this rank's share of a ``DistributedSampler`` (shuffled, seeded with
       ``config.SEED``, ``drop_last`` so every rank runs the same number of steps; with a
-      zip 'part' cache, the rank's cached shard, reshuffled each epoch), full batches only.
-      Call ``train_loader.sampler.set_epoch(epoch)`` before each epoch.
+      zip 'part' cache, the rank's cached shard, reshuffled each epoch), full batches only,
+      made as the pretraining loader is (``data.build.seeded_loader``): each sample augmented
+      with its own seed, an unreadable image replaced by another with a warning and counted
+      (``skipped_samples``). Call ``set_loader_epoch(train_loader, epoch)`` before each epoch.
     * val: the samples ``rank, rank + world_size, ...`` of ``val_set`` in order, without
       padding or duplicates, so per-rank counts of correct predictions sum to the exact
       accuracy over ``val_set``.
@@ -642,12 +646,11 @@ def build_linear_loaders(
         train_shard = Subset(train_set, range(rank, len(train_set), world_size))
         return train_set, val_set, make_loader(config, train_shard), val_loader, num_classes
 
-    train_sampler = shuffling_sampler(config, train_set, rank, world_size)
-    batch_size = config.DATA.BATCH_SIZE
-    if len(train_sampler) < batch_size:
+    train_loader = seeded_loader(config, train_set, rank, world_size)
+    batch_size, share = config.DATA.BATCH_SIZE, len(train_loader.sampler)
+    if share < batch_size:
         raise ValueError(
-            f"DATA.BATCH_SIZE {batch_size} is larger than this process's {len(train_sampler)} training images "
+            f"DATA.BATCH_SIZE {batch_size} is larger than this process's {share} training images "
             f"({name}: {len(train_set)} over {world_size} processes); lower DATA.BATCH_SIZE"
         )
-    train_loader = make_loader(config, train_set, sampler=train_sampler, drop_last=True)
     return train_set, val_set, train_loader, val_loader, num_classes

@@ -1,13 +1,19 @@
-"""main_linear.py, run in this process (cli.run_cli), on data that is missing: a transfer set that
-cannot be downloaded ends the run with one line and exit code 2. A loader worker that raised is
-not one that died."""
+"""main_linear.py, run in this process (cli.run_cli), on data that is missing or damaged: a transfer
+set that cannot be downloaded ends the run with one line and exit code 2; unreadable training
+images are replaced, with a warning naming each and a count. A loader worker that raised is not
+one that died."""
 
+import glob
+import io
+import os
 import re
 import urllib.error
 import urllib.request
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import main_linear
 from cli import run_cli
@@ -15,6 +21,7 @@ from config import get_config
 from faults import process_fault
 from models import build_encoder
 
+# one loader worker: the unreadable image is met in another process, as in a real run
 SMALL = ["--batch-size", "2", "--opts", "DATA.IMG_SIZE", "32", "DATA.NUM_WORKERS", "1", "PRINT_FREQ", "1"]
 
 
@@ -29,6 +36,25 @@ def encoder_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("encoder") / "encoder.pth"
     torch.save({"model": {f"encoder.{k}": v for k, v in state.items()}}, path)
     return str(path)
+
+
+def image_folder(root, bad_split=None):
+    """train/ and val/ of 2 classes x 3 PNGs; ``bad_split`` also holds a truncated JPEG and an
+    empty file, whose paths are returned."""
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for c in ("a", "b"):
+            os.makedirs(root / split / c)
+            for i in range(3):
+                Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(root / split / c / f"{i}.png")
+    if bad_split is None:
+        return []
+    jpeg = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (48, 48, 3), dtype=np.uint8)).save(jpeg, "JPEG")
+    bad = [root / bad_split / "a" / "truncated.jpg", root / bad_split / "b" / "empty.jpg"]
+    bad[0].write_bytes(jpeg.getvalue()[: len(jpeg.getvalue()) // 2])
+    bad[1].write_bytes(b"")
+    return [str(path) for path in bad]
 
 
 def run(script, argv, capsys):
@@ -64,6 +90,20 @@ def test_an_offline_transfer_set_is_one_line(tmp_path, encoder_file, capsys, mon
     line = assert_one_line(code, stderr, rf"error: cifar10 is not under {root} \(DATA.TRANSFER_ROOT\) .*")
     assert "could not be downloaded (URLError: <urlopen error [Errno -3] Temporary failure in name resolution>)" in line
     assert f"fetch https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz and put it at {root}/cifar-10-python" in line
+
+
+def test_linear_training_replaces_unreadable_images_and_counts_them(tmp_path, encoder_file, capsys):
+    bad = image_folder(tmp_path / "data", "train")
+    code, stderr = run(main_linear, argv(tmp_path / "data", tmp_path / "out", encoder_file, "TRAIN.EPOCHS", "2"),
+                       capsys)  # fmt: skip
+    assert code == 0 and stderr == ""
+    (log,) = glob.glob(str(tmp_path / "out" / "*" / "*" / "linear_imagenet_linprob" / "log_rank0.txt"))
+    log = open(log).read()
+    for path in bad:  # once each, by the worker that met it
+        assert len(re.findall(rf"WARNING skipping unreadable image {re.escape(path)}: \w+: ", log)) == 1
+    counts = [int(n) for n in re.findall(r"epoch \d: skipped (\d+) unreadable training images", log)]
+    assert len(counts) == 2 and min(counts) >= 2  # both bad images are in every epoch (no image is dropped)
+    assert "EPOCH 1 imagenet val (6 images): top-1" in log
 
 
 def test_a_worker_that_raised_is_not_a_worker_that_died():

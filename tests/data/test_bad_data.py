@@ -1,4 +1,5 @@
-"""Damaged or stray files in the training data: skipped with a warning, never fatal."""
+"""Damaged or stray files in the training data (pretraining, main_linear.py's): skipped with a
+warning and counted, never fatal."""
 
 import io
 import logging
@@ -13,7 +14,8 @@ import torch
 from conftest import assert_same_batches, epoch_batches, make_config
 from PIL import Image, ImageFile
 
-from data import build_loader, set_loader_epoch, skipped_samples
+from config import get_config
+from data import build_linear_loaders, build_loader, set_loader_epoch, skipped_samples
 from data.build import MAX_ATTEMPTS, replacement_index
 
 GOOD = {"a": 5, "b": 4}  # class -> number of good images: 9 good + 3 bad = 12 = 3 batches of 4
@@ -168,3 +170,56 @@ def test_folder_without_images_raises_naming_it(tmp_path):
     (tmp_path / "train" / "a" / "notes.txt").write_text("no images here")
     with pytest.raises(FileNotFoundError, match=str(tmp_path / "train")):
         build_loader(make_config(str(tmp_path)))
+
+
+# -----------------------------------------------------------------------------
+# main_linear.py's training set
+# -----------------------------------------------------------------------------
+def _truncated_jpeg(rng: np.random.Generator) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (48, 48, 3), dtype=np.uint8)).save(buffer, "JPEG")
+    return buffer.getvalue()[: len(buffer.getvalue()) // 2]
+
+
+def _linear_folder(root, bad_split: str) -> list[str]:
+    """train/ and val/ of 2 classes x 3 good PNGs; ``bad_split`` also holds a truncated JPEG and an
+    empty file, whose paths are returned."""
+    rng = np.random.default_rng(2)
+    for split in ("train", "val"):
+        for c in ("a", "b"):
+            os.makedirs(root / split / c, exist_ok=True)
+            for i in range(3):
+                (root / split / c / f"img{i}.png").write_bytes(_png(rng))
+    bad = [root / bad_split / "a" / "truncated.jpg", root / bad_split / "b" / "empty.jpg"]
+    bad[0].write_bytes(_truncated_jpeg(rng))
+    bad[1].write_bytes(b"")
+    return [str(path) for path in bad]
+
+
+def _linear_config(root, num_workers: int):
+    config = get_config()
+    config.defrost()
+    config.merge_from_list(["DATA.DATA_PATH", str(root), "DATA.IMG_SIZE", 16, "DATA.BATCH_SIZE", 2,
+                            "DATA.NUM_WORKERS", num_workers])  # fmt: skip
+    config.freeze()
+    return config
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_linear_training_set_replaces_unreadable_images(tmp_path, num_workers, data_warnings):
+    bad = _linear_folder(tmp_path, "train")
+    train_set, _, train_loader, _, _ = build_linear_loaders(_linear_config(tmp_path, num_workers), 0, 1)
+    assert len(train_set) == 8 and len(train_loader) == 4
+    bad_indices = {i for i, (path, _) in enumerate(train_set.samples) if path in bad}
+    for epoch in range(2):
+        set_loader_epoch(train_loader, epoch)
+        batches = list(train_loader)
+        assert [images.shape for images, _ in batches] == [(2, 3, 16, 16)] * 4
+        assert skipped_samples(train_loader) == expected_skips(train_loader, bad_indices) >= 2
+    skips = [line for line in data_warnings() if "unreadable" in line]
+    named = Counter(re.fullmatch(r"skipping unreadable image (.+?): \w+: .*", line)[1] for line in skips)
+    assert set(named) == set(bad) and max(named.values()) <= max(num_workers, 1)
+    # the same epoch again: the same images, the same replacements
+    set_loader_epoch(train_loader, 1)
+    again = list(train_loader)
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(again, batches, strict=True))

@@ -33,8 +33,9 @@ from torchvision import transforms as T
 from torchvision.datasets import utils as tv_utils
 
 from config import get_config
-from data import build_linear_loaders
+from data import build_linear_loaders, set_loader_epoch
 from data import linear as L
+from data.build import sample_source
 from data.cached_image_folder import CachedImageFolder
 from data.linear import build_transfer_sets
 from data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_linear_transform
@@ -431,6 +432,15 @@ def test_grayscale_becomes_three_channels(tmp_path):
     torch.testing.assert_close(pixels[1], pixels[2], atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("name", [name for name in WRITERS if name not in ("cifar10", "cifar100", "stl10")])
+def test_every_sample_names_its_file(tmp_path, name):
+    """What a warning or error about an unreadable image names: the sample's own file."""
+    WRITERS[name](tmp_path, np.random.default_rng(0))
+    for dataset in build(name, tmp_path)[:2]:
+        sources = [sample_source(dataset, i) for i in range(len(dataset))]
+        assert len(set(sources)) == len(dataset) and all(os.path.isfile(path) for path in sources), sources
+
+
 # -----------------------------------------------------------------------------
 # Dataset-specific rules
 # -----------------------------------------------------------------------------
@@ -670,23 +680,23 @@ def test_loaders_shard_val_exactly_and_train_evenly(tmp_path):
     for rank in range(world):
         config = make_config("imagenet", tmp_path, DATA__BATCH_SIZE=1)
         train_set, val_set, train_loader, val_loader, _ = build_linear_loaders(config, rank=rank, world_size=world)
-        assert isinstance(train_loader.sampler, DistributedSampler) and train_loader.drop_last
+        assert isinstance(train_loader.sampler.sampler, DistributedSampler) and train_loader.drop_last
         assert not train_loader.pin_memory or torch.cuda.is_available()
         shards.append(list(val_loader.dataset.indices))
         train_lengths.append(len(train_loader))
         orders = []
         for epoch in (0, 1, 0):
-            train_loader.sampler.set_epoch(epoch)
-            orders.append(list(train_loader.sampler))
-        assert orders[0] == orders[2]
+            set_loader_epoch(train_loader, epoch)
+            orders.append(list(train_loader.sampler))  # (index, augmentation seed)
+        assert orders[0] == orders[2] and orders[0] != orders[1]
     assert sorted(i for shard in shards for i in shard) == list(range(6))  # no padding, no duplicate
     assert train_lengths == [2] * world  # 9 // 4 each, the rest dropped
     # one process: the whole set, reshuffled by set_epoch
-    sampler = build_linear_loaders(make_config("imagenet", tmp_path), rank=0, world_size=1)[2].sampler
+    train_loader = build_linear_loaders(make_config("imagenet", tmp_path), rank=0, world_size=1)[2]
     orders = []
     for epoch in (0, 1):
-        sampler.set_epoch(epoch)
-        orders.append(list(sampler))
+        set_loader_epoch(train_loader, epoch)
+        orders.append([index for index, _ in train_loader.sampler])
     assert sorted(orders[0]) == sorted(orders[1]) == list(range(9)) and orders[0] != orders[1]
     with pytest.raises(ValueError, match="DATA.BATCH_SIZE 3 is larger"):
         build_linear_loaders(make_config("imagenet", tmp_path, DATA__BATCH_SIZE=3), rank=0, world_size=4)
@@ -697,7 +707,7 @@ def test_zip_part_cache_holds_each_rank_shard(tmp_path):
     config = make_config("imagenet", tmp_path, DATA__ZIP_MODE=True, DATA__CACHE_MODE="part", DATA__BATCH_SIZE=1)
     train_set, val_set, train_loader, val_loader, num_classes = build_linear_loaders(config, rank=1, world_size=2)
     assert num_classes == 3
-    assert set(train_loader.sampler) <= set(train_set.cached_indices)
+    assert {index for index, _ in train_loader.sampler} <= set(train_set.cached_indices)
     assert set(val_set.cached_indices) <= set(val_loader.dataset.indices)
 
 
