@@ -134,6 +134,7 @@ def run_cli(setup_fn, main_fn, argv=None):
     import torch
 
     from checkpoint import CheckpointWriteError
+    from data.cached_image_folder import UnreadableImageError
     from distributed import DistEnv, launcher_env, mark_group_failed
     from faults import NonFiniteLossError, ProcessFaultError, end_loader_workers
 
@@ -151,7 +152,7 @@ def run_cli(setup_fn, main_fn, argv=None):
         if rank == 0:
             print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
-    except ProcessFaultError as e:  # the rank that met it says so
+    except (ProcessFaultError, UnreadableImageError) as e:  # the rank that met it says so
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
     finally:

@@ -27,7 +27,10 @@ training set) a sample whose file cannot be decoded (``UNREADABLE_ERRORS``) is r
 ``replacement_index(seed, attempt, n)``, a pure function of the slot's seed, and augmented
 with that seed: the data stays a function of (SEED, e, r). Each bad file is logged once per
 process (logger ``data.build``), and ``skipped_samples(loader)`` counts the replaced samples
-since ``set_loader_epoch``, over all worker processes.
+since ``set_loader_epoch``, over all worker processes. A set that is measured whole (a
+validation set, the sets k-NN extracts features of: ``StopOnUnreadable``) cannot lose or swap
+a sample without changing what is measured: an unreadable image there raises
+``UnreadableImageError`` naming the file, which ends the run with that one line.
 """
 
 import bisect
@@ -48,6 +51,7 @@ from data.cached_image_folder import (
     UNREADABLE_ERRORS,
     CachedImageFolder,
     LenientImageFolder,
+    UnreadableImageError,
     open_image,
     pil_rgb_loader,
     shard_indices,
@@ -164,7 +168,7 @@ class _SeededDataset(Dataset):
                 except UNREADABLE_ERRORS as e:
                     self._skip(index, e)
                 index = replacement_index(seed, attempt, len(self.dataset))
-            raise RuntimeError(
+            raise UnreadableImageError(
                 f"{MAX_ATTEMPTS} unreadable images in a row, from {sample_source(self.dataset, item[0])}: "
                 "is the data damaged?"
             )
@@ -178,6 +182,28 @@ class _SeededDataset(Dataset):
             self._warned.add(index)
             source, reason = sample_source(self.dataset, index), " ".join(str(error).split())
             logger.warning(f"skipping unreadable image {source}: {type(error).__name__}: {reason}")
+
+
+# The advice of the one line an unreadable image of a set measured whole ends the run with.
+WHOLE_SET_ADVICE = "an evaluation set is measured whole, so no image is skipped: replace the file or remove it"
+
+
+class StopOnUnreadable(Dataset):
+    """``dataset`` for a set measured whole (a validation set, the sets of k-NN features): an
+    unreadable image raises ``UnreadableImageError`` naming its file, rather than being skipped
+    or replaced, which would change the set the accuracy is measured over."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        try:
+            return self.dataset[index]
+        except UNREADABLE_ERRORS as e:
+            raise UnreadableImageError.of(sample_source(self.dataset, index), e, WHOLE_SET_ADVICE) from None
 
 
 def build_dataset(

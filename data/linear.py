@@ -51,7 +51,8 @@ their addresses and where under ``DATA.TRANSFER_ROOT`` they go (``TRANSFER_FILES
 error is left as it is. Stanford Cars cannot be downloaded any more; a missing file raises
 ``TransferDataError`` naming it and the layout.
 
-Unreadable images: the training set replaces one by another (``build_linear_loaders``).
+Unreadable images: the training set replaces one by another, the test set stops with one line
+naming it (``build_linear_loaders``).
 
 Labels are Python ints. Images of any mode (grayscale, palette, CMYK, ...) become RGB.
 """
@@ -75,7 +76,7 @@ from PIL import Image
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 from torchvision import datasets as tvd
 
-from data.build import build_dataset, make_loader, seeded_loader
+from data.build import StopOnUnreadable, build_dataset, make_loader, seeded_loader
 from data.cached_image_folder import CACHE_MODES, pil_rgb_loader
 from data.transforms import build_linear_transform
 from distributed import get_rank, get_world_size
@@ -614,7 +615,8 @@ def build_linear_loaders(
       (``skipped_samples``). Call ``set_loader_epoch(train_loader, epoch)`` before each epoch.
     * val: the samples ``rank, rank + world_size, ...`` of ``val_set`` in order, without
       padding or duplicates, so per-rank counts of correct predictions sum to the exact
-      accuracy over ``val_set``.
+      accuracy over ``val_set``; an unreadable image raises ``UnreadableImageError`` naming
+      it (``data.build.StopOnUnreadable``).
     * ``for_features`` (k-NN): the train loader is made like the val loader, with the
       test transform, so every training image is seen once, in order.
 
@@ -641,9 +643,9 @@ def build_linear_loaders(
     else:
         train_set, val_set, num_classes = build_transfer_sets(name, config.DATA.TRANSFER_ROOT, train_t, test_t)
 
-    val_loader = make_loader(config, Subset(val_set, range(rank, len(val_set), world_size)))
+    val_loader = make_loader(config, Subset(StopOnUnreadable(val_set), range(rank, len(val_set), world_size)))
     if for_features:
-        train_shard = Subset(train_set, range(rank, len(train_set), world_size))
+        train_shard = Subset(StopOnUnreadable(train_set), range(rank, len(train_set), world_size))
         return train_set, val_set, make_loader(config, train_shard), val_loader, num_classes
 
     train_loader = seeded_loader(config, train_set, rank, world_size)

@@ -1,7 +1,7 @@
-"""main_linear.py, run in this process (cli.run_cli), on data that is missing or damaged: a transfer
-set that cannot be downloaded ends the run with one line and exit code 2; unreadable training
-images are replaced, with a warning naming each and a count. A loader worker that raised is not
-one that died."""
+"""main_linear.py and eval_knn.py, run in this process (cli.run_cli), on data that is missing or
+damaged: a transfer set that cannot be downloaded and an unreadable image of a set measured whole
+end the run with one line and exit code 2, also from a loader worker; unreadable training images
+are replaced, with a warning naming each and a count."""
 
 import glob
 import io
@@ -15,6 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
+import eval_knn
 import main_linear
 from cli import run_cli
 from config import get_config
@@ -104,6 +105,22 @@ def test_linear_training_replaces_unreadable_images_and_counts_them(tmp_path, en
     counts = [int(n) for n in re.findall(r"epoch \d: skipped (\d+) unreadable training images", log)]
     assert len(counts) == 2 and min(counts) >= 2  # both bad images are in every epoch (no image is dropped)
     assert "EPOCH 1 imagenet val (6 images): top-1" in log
+
+
+def test_an_unreadable_validation_image_stops_linear_eval_with_one_line(tmp_path, encoder_file, capsys):
+    bad = image_folder(tmp_path / "data", "val")
+    code, stderr = run(main_linear, argv(tmp_path / "data", tmp_path / "out", encoder_file, "TRAIN.EPOCHS", "1"),
+                       capsys)  # fmt: skip
+    files = "|".join(re.escape(path) for path in bad)
+    assert_one_line(code, stderr, rf"error: unreadable image ({files}): \w+: .+; an evaluation set is measured whole, "
+                                  "so no image is skipped: replace the file or remove it")  # fmt: skip
+
+
+@pytest.mark.parametrize("bad_split", ["train", "val"])
+def test_an_unreadable_image_stops_knn_with_one_line(tmp_path, encoder_file, capsys, bad_split):
+    bad = image_folder(tmp_path / "data", bad_split)
+    code, stderr = run(eval_knn, argv(tmp_path / "data", tmp_path / "out", encoder_file), capsys)
+    assert_one_line(code, stderr, rf"error: unreadable image ({'|'.join(map(re.escape, bad))}): \w+: .+")
 
 
 def test_a_worker_that_raised_is_not_a_worker_that_died():
