@@ -162,6 +162,7 @@ def run_cli(setup_fn, main_fn, argv=None):
     import torch
 
     from checkpoint import CheckpointWriteError
+    from data.cached_image_folder import UnreadableImageError
     from distributed import DistEnv, launcher_env, mark_group_failed
     from faults import NonFiniteLossError, ProcessFaultError, end_loader_workers
 
@@ -179,7 +180,7 @@ def run_cli(setup_fn, main_fn, argv=None):
         if rank == 0:
             print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
-    except ProcessFaultError as e:  # the rank that met it says so
+    except (ProcessFaultError, UnreadableImageError) as e:  # the rank that met it says so
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
     except KeyboardInterrupt:  # Ctrl-C where no StopSignal saves first (evaluations, start-up)

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from checkpoint import CheckpointWriteError
 from data.augment import synthetic_views
+from data.cached_image_folder import UnreadableImageError
 from distributed import all_reduce_mean, get_rank, get_world_size, unwrap
 from faults import NonFiniteLossError, ProcessFaultError, process_fault
 from metrics import NULL_WRITER, MetricLogger, contrastive_metrics, count_correct
@@ -54,8 +55,9 @@ def sync_ranks(checks, epoch, stop_requested=False):
 
 def _as_process_fault(error, config, epoch, step):
     """``error`` (a RuntimeError met in a loop) as a one-line ProcessFaultError when it is a fault of
-    the processes (a dead data loader worker, a lost or stalled peer), else itself."""
-    if isinstance(error, (NonFiniteLossError, ProcessFaultError, CheckpointWriteError)):
+    the processes (a dead data loader worker, a lost or stalled peer), else itself (an unreadable
+    image among them: a worker that raises is not a worker that died)."""
+    if isinstance(error, (NonFiniteLossError, ProcessFaultError, CheckpointWriteError, UnreadableImageError)):
         return error
     return process_fault(error, config, epoch, step) or error
 

@@ -75,7 +75,9 @@ def process_fault(error, config, epoch, step):
     """A one-line ProcessFaultError for ``error``, raised at ``step`` of ``epoch``, when it is a fault
     of the processes (rather than of the code), else None."""
     text = " ".join(str(error).split())
-    if "DataLoader worker" in text:
+    # torch's words for a worker that died ("DataLoader worker (pid 7) is killed by signal: Killed.", "...
+    # (pid(s) 7) exited unexpectedly"), not for one that raised ("Caught OSError in DataLoader worker process 0")
+    if "DataLoader worker (pid" in text:
         cause = f"a data loader worker died ({text[:160]}): out of host memory? Lower DATA.NUM_WORKERS"
     elif "timed out" in text.lower() or "timeout" in text.lower():
         cause = (
@@ -91,6 +93,19 @@ def process_fault(error, config, epoch, step):
 
 def end_loader_workers():
     """Kill this process's data loader workers: they ignore SIGTERM (ignore_stop_signals), which
-    an exit would send them."""
-    for worker in multiprocessing.active_children():
-        worker.kill()
+    an exit would send them. torch's SIGCHLD handler would report each as a worker that died, with
+    a traceback, after the run's one line: in the main thread (the only one that may change it) it
+    is set aside until they are killed and reaped."""
+    workers = multiprocessing.active_children()
+    if not workers:
+        return
+    main_thread = threading.current_thread() is threading.main_thread()
+    handler = signal.signal(signal.SIGCHLD, signal.SIG_DFL) if main_thread else None
+    try:
+        for worker in workers:
+            worker.kill()
+        for worker in workers:
+            worker.join(timeout=10)
+    finally:
+        if handler is not None:
+            signal.signal(signal.SIGCHLD, handler)

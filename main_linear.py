@@ -69,7 +69,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from checkpoint import Checkpointer, restore, resume_point
 from cli import open_output, run_cli
 from config import ConfigError, check_config, inert_settings
-from data import build_linear_loaders
+from data import build_linear_loaders, set_loader_epoch, skipped_samples
 from data.linear import canonical_dataset_name, check_imagenet_files
 from distributed import distribute, join_processes, unwrap
 from engine import measure_throughput, train_classifier_one_epoch, validate
@@ -198,7 +198,7 @@ def main(config, env, logger, output_dir, held=None):
     stop = StopSignal(env.store)
     for epoch in range(start_epoch, config.TRAIN.EPOCHS):
         seed_epoch(config, epoch, env.rank)
-        train_loader.sampler.set_epoch(epoch)
+        set_loader_epoch(train_loader, epoch)
         set_training_mode(model, freeze, config.LINEAR_EVAL.BACKBONE_TRAIN_MODE)
         steps_done, stopping = train_classifier_one_epoch(
             config, model, train_loader, optimizer_step, lr_scheduler, autocast, epoch, logger, writer, stop
@@ -210,6 +210,8 @@ def main(config, env, logger, output_dir, held=None):
                 f"epoch {epoch} again"
             )
             break
+        if skipped := skipped_samples(train_loader):
+            logger.info(f"epoch {epoch}: skipped {skipped} unreadable training images (each replaced by another)")
         acc1, acc5, loss = validate(model, val_loader, device, autocast)
         max_acc1 = max(max_acc1, acc1)
         writer.scalars({"top1": acc1, "top5": acc5, "loss": loss}, (epoch + 1) * steps - 1, prefix="val/")

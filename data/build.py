@@ -22,13 +22,18 @@ function of (SEED, e, r):
 resumed run); it also re-seeds the loader's ``torch.Generator``, from which the workers'
 base seeds are drawn, so nothing else random in a worker carries over between runs.
 
-Unreadable images. A sample whose file cannot be decoded (``UNREADABLE_ERRORS``) is
-replaced by ``replacement_index(seed, attempt, n)``, a pure function of the slot's seed,
-and augmented with that seed: the data stays a function of (SEED, e, r). Each bad file
-is logged once per process (logger ``data.build``), and ``skipped_samples(loader)``
-counts the replaced samples since ``set_loader_epoch``, over all worker processes.
+Unreadable images. In a training set (``seeded_loader``: pretraining and main_linear.py's
+training set) a sample whose file cannot be decoded (``UNREADABLE_ERRORS``) is replaced by
+``replacement_index(seed, attempt, n)``, a pure function of the slot's seed, and augmented
+with that seed: the data stays a function of (SEED, e, r). Each bad file is logged once per
+process (logger ``data.build``), and ``skipped_samples(loader)`` counts the replaced samples
+since ``set_loader_epoch``, over all worker processes. A set that is measured whole (a
+validation set, the sets k-NN extracts features of: ``StopOnUnreadable``) cannot lose or swap
+a sample without changing what is measured: an unreadable image there raises
+``UnreadableImageError`` naming the file, which ends the run with that one line.
 """
 
+import bisect
 import itertools
 import logging
 import multiprocessing
@@ -37,7 +42,8 @@ import signal
 from collections.abc import Iterator, Sized
 
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSampler, Sampler, Subset
+from torchvision import datasets as tvd
 
 from data.augment import build_ssl_transform
 from data.cached_image_folder import (
@@ -45,6 +51,7 @@ from data.cached_image_folder import (
     UNREADABLE_ERRORS,
     CachedImageFolder,
     LenientImageFolder,
+    UnreadableImageError,
     open_image,
     pil_rgb_loader,
     shard_indices,
@@ -111,6 +118,29 @@ def replacement_index(seed: int, attempt: int, num_samples: int) -> int:
     return derive_seed(seed, attempt) % num_samples
 
 
+def sample_source(dataset: Dataset, index: int) -> str:
+    """Where sample ``index`` of ``dataset`` is read from, for messages: its file (or zip member),
+    through ``Subset`` and ``ConcatDataset``, for this package's datasets and torchvision's."""
+    if isinstance(dataset, Subset):
+        return sample_source(dataset.dataset, dataset.indices[index])
+    if isinstance(dataset, ConcatDataset):
+        part = bisect.bisect_right(dataset.cumulative_sizes, index)
+        start = dataset.cumulative_sizes[part - 1] if part else 0
+        return sample_source(dataset.datasets[part], index - start)
+    if hasattr(dataset, "source"):
+        return dataset.source(index)
+    if isinstance(dataset, tvd.Caltech101):  # it keeps no paths
+        category = dataset.categories[dataset.y[index]]
+        return os.path.join(dataset.root, "101_ObjectCategories", category, f"image_{dataset.index[index]:04d}.jpg")
+    # the attribute differs between classes: (path, target) pairs or paths
+    for attr in ("samples", "imgs", "_samples", "_image_files", "_images"):
+        items = getattr(dataset, attr, None)
+        if items is not None:
+            item = items[index]
+            return os.fspath(item[0] if isinstance(item, tuple) else item)
+    return f"sample {index} of {type(dataset).__name__}"
+
+
 class _SeededDataset(Dataset):
     """``dataset[index]`` with torch's global CPU generator seeded for that one call,
     unreadable images replaced (see the module docstring)."""
@@ -138,8 +168,9 @@ class _SeededDataset(Dataset):
                 except UNREADABLE_ERRORS as e:
                     self._skip(index, e)
                 index = replacement_index(seed, attempt, len(self.dataset))
-            raise RuntimeError(
-                f"{MAX_ATTEMPTS} unreadable images in a row, from {self.dataset.source(item[0])}: is the data damaged?"
+            raise UnreadableImageError(
+                f"{MAX_ATTEMPTS} unreadable images in a row, from {sample_source(self.dataset, item[0])}: "
+                "is the data damaged?"
             )
         finally:
             generator.set_state(state)
@@ -149,7 +180,30 @@ class _SeededDataset(Dataset):
             self.skipped.value += 1
         if index not in self._warned:
             self._warned.add(index)
-            logger.warning(f"skipping unreadable image {self.dataset.source(index)}: {type(error).__name__}: {error}")
+            source, reason = sample_source(self.dataset, index), " ".join(str(error).split())
+            logger.warning(f"skipping unreadable image {source}: {type(error).__name__}: {reason}")
+
+
+# The advice of the one line an unreadable image of a set measured whole ends the run with.
+WHOLE_SET_ADVICE = "an evaluation set is measured whole, so no image is skipped: replace the file or remove it"
+
+
+class StopOnUnreadable(Dataset):
+    """``dataset`` for a set measured whole (a validation set, the sets of k-NN features): an
+    unreadable image raises ``UnreadableImageError`` naming its file, rather than being skipped
+    or replaced, which would change the set the accuracy is measured over."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        try:
+            return self.dataset[index]
+        except UNREADABLE_ERRORS as e:
+            raise UnreadableImageError.of(sample_source(self.dataset, index), e, WHOLE_SET_ADVICE) from None
 
 
 def build_dataset(
@@ -280,11 +334,17 @@ def build_loader(config, rank: int | None = None, world_size: int | None = None)
         raise ValueError(f"unknown DATA.CACHE_MODE {config.DATA.CACHE_MODE!r}; valid: {', '.join(CACHE_MODES)}")
 
     dataset = build_dataset(config, build_ssl_transform(config), rank, world_size, loader=open_image)
+    return dataset, seeded_loader(config, dataset, rank, world_size)
+
+
+def seeded_loader(config, dataset: Dataset, rank: int, world_size: int) -> DataLoader:
+    """The training loader of ``dataset`` on this rank: its shuffled share (``build_sampler``) in
+    full batches, each sample augmented with its own seed and an unreadable one replaced (see the
+    module docstring). Call ``set_loader_epoch(loader, epoch)`` before each epoch."""
     sampler = build_sampler(config, dataset, rank, world_size)
     generator = torch.Generator()
     generator.manual_seed(derive_seed(config.SEED, 0, rank))
-    data_loader = make_loader(config, _SeededDataset(dataset), sampler=sampler, drop_last=True, generator=generator)
-    return dataset, data_loader
+    return make_loader(config, _SeededDataset(dataset), sampler=sampler, drop_last=True, generator=generator)
 
 
 def set_loader_epoch(data_loader: DataLoader, epoch: int, start_step: int = 0) -> None:

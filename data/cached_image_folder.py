@@ -15,8 +15,9 @@ copy of this rank's shard only ('part', indices ``shard_indices(n, rank, world_s
 anything outside the shard still falls back to the zip).
 
 Reading an image raises one of ``UNREADABLE_ERRORS`` when its file or zip member is
-damaged (a truncated file fails too: ``ImageFile.LOAD_TRUNCATED_IMAGES`` stays off);
-the data loader replaces such an image by another (``data/build.py``).
+damaged (a truncated file fails too: ``ImageFile.LOAD_TRUNCATED_IMAGES`` stays off); a
+training loader replaces such an image by another, an evaluation set stops with
+``UnreadableImageError`` naming it (``data/build.py``).
 """
 
 import io
@@ -42,6 +43,31 @@ CACHE_MODES = ("no", "full", "part")
 # reported as FileNotFoundError, an OSError).
 _ZIP_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError)
 UNREADABLE_ERRORS = (OSError, SyntaxError, Image.DecompressionBombError, *_ZIP_ERRORS)
+
+
+class UnreadableImageError(RuntimeError):
+    """An image that cannot be read where none may be skipped (an evaluation set), or too many in
+    a row: the run ends with this one line (``cli.run_cli``) on the rank that met it.
+
+    Raised in a data loader worker, it reaches the main process as ``UnreadableImageError(text)``,
+    the text being torch's "Caught UnreadableImageError in DataLoader worker process N. Original
+    Traceback ..." (``ExceptionWrapper.reraise``); the constructor keeps the original message, the
+    last line of that text.
+    """
+
+    def __init__(self, message: str):
+        if "\n" in message:
+            last = message.rstrip().rsplit("\n", 1)[-1]
+            mark = f"{type(self).__name__}: "
+            message = last.split(mark, 1)[1] if mark in last else " ".join(message.split())
+        super().__init__(message)
+
+    @classmethod
+    def of(cls, source: str, error: BaseException, advice: str = "") -> "UnreadableImageError":
+        """``unreadable image <source>: <error type>: <error>[; <advice>]``, on one line."""
+        reason = " ".join(str(error).split())
+        return cls(f"unreadable image {source}: {type(error).__name__}: {reason}" + (f"; {advice}" if advice else ""))
+
 
 # 16-bit integer modes, scaled to 8 bits rather than clipped by ``convert("RGB")``.
 _WIDE_INT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")

@@ -8,7 +8,8 @@ ImageNet), in the layout of the official DAVIS-2017-trainval-480p archive::
     DAVIS/Annotations/480p/<video>/00000.png ... palette PNGs: 0 background, 1..N the objects,
                                                  255 unlabelled pixels
 
-The objects of a video are the indices present in its first frame's mask (255 aside).
+The objects of a video are the indices present in its first frame's mask (255 aside). A frame
+or mask that cannot be read raises ``UnreadableImageError`` naming it.
 """
 
 import os
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from data.cached_image_folder import pil_rgb_loader
+from data.cached_image_folder import UNREADABLE_ERRORS, UnreadableImageError, pil_rgb_loader
 
 LAYOUT = (
     ("ImageSets/2017/<split>.txt", "the list of videos, one name a line"),
@@ -25,6 +26,7 @@ LAYOUT = (
     ("Annotations/480p/<video>/<frame>.png", "their palette masks (at least the first frame's)"),
 )
 VOID = 255  # unlabelled pixels of an annotation
+_ADVICE = "every frame of a video is segmented and every annotation scored: replace it"
 
 
 def _missing_error(root: str, split: str, missing: str) -> FileNotFoundError:
@@ -45,14 +47,20 @@ class Video:
 
     def read_frame(self, index: int) -> np.ndarray:
         """Frame ``index`` as [H, W, 3] uint8 RGB."""
-        return np.array(pil_rgb_loader(self.frames[index]))
+        try:
+            return np.array(pil_rgb_loader(self.frames[index]))
+        except UNREADABLE_ERRORS as e:
+            raise UnreadableImageError.of(self.frames[index], e, _ADVICE) from None
 
     def read_mask(self, index: int) -> tuple[np.ndarray, list[int] | None]:
         """The annotation of frame ``index``: ([H, W] uint8 palette indices, its palette: 768 ints or None)."""
-        with Image.open(self.annotations[index]) as image:
-            if image.mode not in ("P", "L"):
-                raise ValueError(f"{self.annotations[index]} is a {image.mode} image, not a palette mask")
-            return np.asarray(image), image.getpalette()
+        try:
+            with Image.open(self.annotations[index]) as image:
+                if image.mode not in ("P", "L"):
+                    raise ValueError(f"{self.annotations[index]} is a {image.mode} image, not a palette mask")
+                return np.asarray(image), image.getpalette()
+        except UNREADABLE_ERRORS as e:
+            raise UnreadableImageError.of(self.annotations[index], e, _ADVICE) from None
 
     def object_ids(self) -> list[int]:
         """The objects: the indices of the first frame's mask but 0 (background) and 255 (void)."""

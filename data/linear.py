@@ -44,14 +44,28 @@ checks the md5 of CIFAR's, STL10's, Flowers102's and Places365's files - then st
 instead of starting a silent multi-gigabyte download). Only rank 0 downloads: under
 ``torch.distributed`` the other ranks wait at a barrier until it has built its sets, then read
 the files without downloading. The barrier is subject to the process group's timeout, so
-download the large sets (Places365, SUN397) before a multi-process run. Stanford Cars cannot
-be downloaded any more; a missing file raises FileNotFoundError naming it and the layout.
+download the large sets (Places365, SUN397) before a multi-process run. A download that fails
+(an offline node) or files torchvision finds incomplete or damaged raise ``TransferDataError``
+(a FileNotFoundError), one line naming the files torchvision reads, the archives it downloads,
+their addresses and where under ``DATA.TRANSFER_ROOT`` they go (``TRANSFER_FILES``); any other
+error is left as it is. Stanford Cars cannot be downloaded any more; a missing file raises
+``TransferDataError`` naming it and the layout.
+
+Unreadable images: the training set replaces one by another, the test set stops with one line
+naming it (``build_linear_loaders``).
 
 Labels are Python ints. Images of any mode (grayscale, palette, CMYK, ...) become RGB.
 """
 
+import http.client
 import os
+import re
+import socket
+import ssl
+import tarfile
+import urllib.error
 import xml.etree.ElementTree as ET
+import zipfile
 import zlib
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -62,7 +76,7 @@ from PIL import Image
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 from torchvision import datasets as tvd
 
-from data.build import build_dataset, check_split, make_loader, shuffling_sampler
+from data.build import StopOnUnreadable, build_dataset, check_split, make_loader, seeded_loader
 from data.cached_image_folder import CACHE_MODES, pil_rgb_loader
 from data.transforms import build_linear_transform
 from distributed import get_rank, get_world_size
@@ -302,8 +316,8 @@ def _food101(root, train_t, test_t, may_download):
 
 
 CARS_LAYOUT = (
-    ("stanford_cars/devkit/cars_meta.mat", "the class names (from car_devkit.tgz)"),
-    ("stanford_cars/devkit/cars_train_annos.mat", "the training annotations (from car_devkit.tgz)"),
+    ("stanford_cars/devkit/cars_meta.mat", "the class names, from car_devkit.tgz"),
+    ("stanford_cars/devkit/cars_train_annos.mat", "the training annotations, from car_devkit.tgz"),
     ("stanford_cars/cars_train", "folder of the 8,144 training images <fname>.jpg (cars_train.tgz)"),
     ("stanford_cars/cars_test_annos_withlabels.mat", "the test annotations with their labels"),
     ("stanford_cars/cars_test", "folder of the 8,041 test images <fname>.jpg (cars_test.tgz)"),
@@ -313,10 +327,11 @@ CARS_LAYOUT = (
 def _cars(root, train_t, test_t, may_download):
     missing = _missing(root, [path for path, _ in CARS_LAYOUT])
     if missing:
-        layout = "\n".join(f"  {os.path.join(root, path)}  - {what}" for path, what in CARS_LAYOUT)
-        raise FileNotFoundError(
-            "Stanford Cars can no longer be downloaded (its original address is gone); place its files "
-            f"in the layout torchvision's StanfordCars reads:\n{layout}\n"
+        root = os.path.abspath(root)
+        layout = ", ".join(f"{os.path.join(root, path)} ({what})" for path, what in CARS_LAYOUT)
+        raise TransferDataError(
+            f"cars is not under {root} (DATA.TRANSFER_ROOT) and can no longer be downloaded (its original address "
+            f"is gone): place its files where torchvision's StanfordCars reads them: {layout}; "
             f"missing: {', '.join(os.path.join(root, path) for path in missing)}"
         )
     common = dict(target_transform=int, loader=_rgb_loader)
@@ -433,6 +448,116 @@ _TRANSFER_BUILDERS = {
 }
 
 
+# -----------------------------------------------------------------------------
+# Downloads that fail: one line saying where the files go
+# -----------------------------------------------------------------------------
+_VGG = "https://www.robots.ox.ac.uk/~vgg/data"
+_PLACES = "http://data.csail.mit.edu/places/places365"
+# name -> (what torchvision reads under DATA.TRANSFER_ROOT once unpacked, the files it downloads: (where under
+# DATA.TRANSFER_ROOT it looks for each, its address)), as torchvision's dataset classes define them. A file put
+# at its place by hand is checked (its md5, where torchvision knows it) and unpacked instead of downloaded.
+TRANSFER_FILES = {
+    "cifar10": (
+        ["cifar-10-batches-py/"],
+        [("cifar-10-python.tar.gz", "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz")],
+    ),
+    "cifar100": (
+        ["cifar-100-python/"],
+        [("cifar-100-python.tar.gz", "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz")],
+    ),
+    "stl10": (
+        ["stl10_binary/"],
+        [("stl10_binary.tar.gz", "http://ai.stanford.edu/~acoates/stl10/stl10_binary.tar.gz")],
+    ),
+    "flowers": (
+        ["flowers-102/jpg/", "flowers-102/imagelabels.mat", "flowers-102/setid.mat"],
+        [(f"flowers-102/{f}", f"{_VGG}/flowers/102/{f}") for f in ("102flowers.tgz", "imagelabels.mat", "setid.mat")],
+    ),
+    "pets": (
+        ["oxford-iiit-pet/images/", "oxford-iiit-pet/annotations/"],
+        [(f"oxford-iiit-pet/{f}", f"{_VGG}/pets/data/{f}") for f in ("images.tar.gz", "annotations.tar.gz")],
+    ),
+    "food101": (
+        ["food-101/images/", "food-101/meta/"],
+        [("food-101.tar.gz", "http://data.vision.ee.ethz.ch/cvl/food-101.tar.gz")],
+    ),
+    "caltech101": (
+        ["caltech101/101_ObjectCategories/"],
+        [("caltech101/caltech-101.zip", "https://data.caltech.edu/records/mzrjq-6wc02/files/caltech-101.zip")],
+    ),
+    "dtd": (["dtd/dtd/"], [("dtd/dtd-r1.0.1.tar.gz", f"{_VGG}/dtd/download/dtd-r1.0.1.tar.gz")]),
+    "aircraft": (
+        ["fgvc-aircraft-2013b/"],
+        [("fgvc-aircraft-2013b.tar.gz", f"{_VGG}/fgvc-aircraft/archives/fgvc-aircraft-2013b.tar.gz")],
+    ),
+    "sun397": (["SUN397/"], [("SUN397.tar.gz", "http://vision.princeton.edu/projects/2010/SUN/SUN397.tar.gz")]),
+    "voc2007": (
+        ["VOCdevkit/VOC2007/"],
+        [
+            (f, f"https://thor.robots.ox.ac.uk/pascal/VOC/voc2007/{f}")
+            for f in ("VOCtrainval_06-Nov-2007.tar", "VOCtest_06-Nov-2007.tar")
+        ],
+    ),
+    "places365": (
+        [
+            "categories_places365.txt",
+            "places365_train_standard.txt",
+            "places365_val.txt",
+            "data_256_standard/",
+            "val_256/",
+        ],
+        [
+            (f, f"{_PLACES}/{f}")
+            for f in ("filelist_places365-standard.tar", "train_256_places365standard.tar", "val_256.tar")
+        ],
+    ),
+}
+
+# What a download that fails raises: no network or name resolution, a refused or broken connection, an HTTP error.
+NETWORK_ERRORS = (urllib.error.URLError, http.client.HTTPException, ConnectionError, TimeoutError, socket.herror,
+                  socket.gaierror, ssl.SSLError)  # fmt: skip
+# What files that are missing or damaged raise: a damaged archive, and torchvision's own checks (RuntimeError
+# "Dataset not found or corrupted", "File not found or corrupted.", ...), told apart from other RuntimeErrors by
+# their message.
+ARCHIVE_ERRORS = (tarfile.TarError, zipfile.BadZipFile, EOFError)
+_TORCHVISION_FILE_CHECK = re.compile(r"not found|corrupted|does not exist|gdown")
+
+
+class TransferDataError(FileNotFoundError):
+    """A transfer set that is not under DATA.TRANSFER_ROOT and cannot be downloaded, or that is
+    incomplete or damaged there; the message, one line, says where its files go and where from."""
+
+
+def _listing(items: Sequence[str]) -> str:
+    return items[0] if len(items) == 1 else f"{', '.join(items[:-1])} and {items[-1]}"
+
+
+def unavailable_error(name: str, root: str, error: Exception) -> TransferDataError | None:
+    """The one-line error for ``error``, met while building the transfer set ``name`` under ``root``,
+    when it is a failed download or missing or damaged files; None for any other error (a bug)."""
+    if not isinstance(error, NETWORK_ERRORS + ARCHIVE_ERRORS + (RuntimeError,)) or name not in TRANSFER_FILES:
+        return None
+    if isinstance(error, RuntimeError) and not _TORCHVISION_FILE_CHECK.search(str(error)):
+        return None
+    root = os.path.abspath(root)
+    needed, files = TRANSFER_FILES[name]
+    reason = " ".join(f"{type(error).__name__}: {error}".split())[:300]
+    if isinstance(error, NETWORK_ERRORS):
+        problem = f"is not under {root} (DATA.TRANSFER_ROOT) and could not be downloaded ({reason})"
+    else:
+        problem = f"is incomplete or damaged under {root} (DATA.TRANSFER_ROOT) ({reason})"
+    needed = [os.path.join(root, path) for path in needed]
+    present = [path for path in needed if os.path.exists(path)]
+    remove = f"remove {_listing(present)}, then " if present and not isinstance(error, NETWORK_ERRORS) else ""
+    it = "it" if len(files) == 1 else "them"
+    return TransferDataError(
+        f"{name} {problem}: {remove}on a machine with internet access fetch {_listing([url for _, url in files])} "
+        f"and put {it} at {_listing([os.path.join(root, path) for path, _ in files])}; the next run checks and "
+        f"unpacks {it} (or unpack {it} there yourself, so that {_listing(needed)} "
+        f"{'exists' if len(needed) == 1 else 'exist'})"
+    )
+
+
 def _rank_zero_first(build: Callable[[bool], tuple]) -> tuple:
     """``build(may_download)`` on rank 0 first, then on the other ranks with downloads off."""
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
@@ -447,13 +572,24 @@ def _rank_zero_first(build: Callable[[bool], tuple]) -> tuple:
 
 
 def build_transfer_sets(name: str, root: str, train_t: Transform, test_t: Transform) -> tuple[Dataset, Dataset, int]:
-    """(train set, test set, number of classes) of the transfer set ``name`` under ``root``."""
+    """(train set, test set, number of classes) of the transfer set ``name`` under ``root``.
+
+    Raises:
+        TransferDataError: its files are missing and cannot be downloaded (offline, or Stanford
+            Cars), or are damaged; one line naming the files, their places and addresses.
+    """
     name = canonical_dataset_name(name)
     if name not in _TRANSFER_BUILDERS:
         raise ValueError(f"{name} is not a transfer set; transfer sets: {', '.join(TRANSFER_DATASETS)}")
     builder, listed = _TRANSFER_BUILDERS[name]
     root = os.path.expanduser(str(root))
-    train_set, test_set = _rank_zero_first(lambda may_download: builder(root, train_t, test_t, may_download))
+    try:
+        train_set, test_set = _rank_zero_first(lambda may_download: builder(root, train_t, test_t, may_download))
+    except (*NETWORK_ERRORS, *ARCHIVE_ERRORS, RuntimeError) as e:
+        error = unavailable_error(name, root, e)
+        if error is None:
+            raise
+        raise error from None
     return train_set, test_set, count_classes(train_set, test_set, listed)
 
 
@@ -481,18 +617,22 @@ def build_linear_loaders(
 
     * train: this rank's share of a ``DistributedSampler`` (shuffled, seeded with
       ``config.SEED``, ``drop_last`` so every rank runs the same number of steps; with a
-      zip 'part' cache, the rank's cached shard, reshuffled each epoch), full batches only.
-      Call ``train_loader.sampler.set_epoch(epoch)`` before each epoch.
+      zip 'part' cache, the rank's cached shard, reshuffled each epoch), full batches only,
+      made as the pretraining loader is (``data.build.seeded_loader``): each sample augmented
+      with its own seed, an unreadable image replaced by another with a warning and counted
+      (``skipped_samples``). Call ``set_loader_epoch(train_loader, epoch)`` before each epoch.
     * val: the samples ``rank, rank + world_size, ...`` of ``val_set`` in order, without
       padding or duplicates, so per-rank counts of correct predictions sum to the exact
-      accuracy over ``val_set``.
+      accuracy over ``val_set``; an unreadable image raises ``UnreadableImageError`` naming
+      it (``data.build.StopOnUnreadable``).
     * ``for_features`` (k-NN): the train loader is made like the val loader, with the
       test transform, so every training image is seen once, in order.
 
     Raises:
         ValueError: an unknown dataset, interpolation or cache mode, or a batch larger
             than this rank's share of the training set.
-        FileNotFoundError: ImageNet folders or zips, or Stanford Cars files, are missing.
+        FileNotFoundError: ImageNet folders or zips are missing; a transfer set is missing and
+            cannot be downloaded (``TransferDataError``).
     """
     if (rank is None) != (world_size is None):
         raise ValueError("give both rank and world_size, or neither")
@@ -511,17 +651,16 @@ def build_linear_loaders(
     else:
         train_set, val_set, num_classes = build_transfer_sets(name, config.DATA.TRANSFER_ROOT, train_t, test_t)
 
-    val_loader = make_loader(config, Subset(val_set, range(rank, len(val_set), world_size)))
+    val_loader = make_loader(config, Subset(StopOnUnreadable(val_set), range(rank, len(val_set), world_size)))
     if for_features:
-        train_shard = Subset(train_set, range(rank, len(train_set), world_size))
+        train_shard = Subset(StopOnUnreadable(train_set), range(rank, len(train_set), world_size))
         return train_set, val_set, make_loader(config, train_shard), val_loader, num_classes
 
-    train_sampler = shuffling_sampler(config, train_set, rank, world_size)
-    batch_size = config.DATA.BATCH_SIZE
-    if len(train_sampler) < batch_size:
+    train_loader = seeded_loader(config, train_set, rank, world_size)
+    batch_size, share = config.DATA.BATCH_SIZE, len(train_loader.sampler)
+    if share < batch_size:
         raise ValueError(
-            f"DATA.BATCH_SIZE {batch_size} is larger than this process's {len(train_sampler)} training images "
+            f"DATA.BATCH_SIZE {batch_size} is larger than this process's {share} training images "
             f"({name}: {len(train_set)} over {world_size} processes); lower DATA.BATCH_SIZE"
         )
-    train_loader = make_loader(config, train_set, sampler=train_sampler, drop_last=True)
     return train_set, val_set, train_loader, val_loader, num_classes

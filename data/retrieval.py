@@ -16,6 +16,9 @@ first cropped to its box (the protocol's rule; ``crop=False`` feeds it whole); e
 then shrunk so its longer side is at most ``max_side``, aspect kept and never enlarged (the
 size PIL's ``thumbnail``, which DINO's evaluation uses, gives), and resized to the size nearest
 to that which the encoder takes (``fit_size``): one Lanczos resampling in all.
+
+An image that cannot be read (its header, when the loader sorts the images by size, or its
+pixels) raises ``UnreadableImageError`` naming it: the benchmark is measured over every image.
 """
 
 import os
@@ -27,7 +30,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
-from data.cached_image_folder import pil_rgb_loader
+from data.cached_image_folder import UNREADABLE_ERRORS, UnreadableImageError, pil_rgb_loader
 from data.photometric import IMAGENET_MEAN, IMAGENET_STD
 
 RETRIEVAL_DATASETS = ("roxford5k", "rparis6k")
@@ -154,15 +157,26 @@ class RetrievalImages(Dataset):
     def input_size(self, index: int, image_size: tuple[int, int] | None = None) -> tuple[int, int]:
         """(H, W) image ``index`` is fed at; ``image_size``: its (width, height), else read from its header."""
         if image_size is None:
-            with Image.open(self.paths[index]) as img:
-                image_size = img.size
+            try:
+                with Image.open(self.paths[index]) as img:
+                    image_size = img.size
+            except UNREADABLE_ERRORS as e:
+                raise self._unreadable(index, e) from None
         box = self._box(index, *image_size)
         width, height = (box[2] - box[0], box[3] - box[1]) if box else image_size
         width, height = shrunk_size(width, height, self.max_side)
         return tuple(self.fit_size(height, width))
 
+    def _unreadable(self, index: int, error: Exception) -> UnreadableImageError:
+        return UnreadableImageError.of(
+            self.paths[index], error, "the benchmark is measured over every image: replace it"
+        )
+
     def __getitem__(self, index: int):
-        img = pil_rgb_loader(self.paths[index])
+        try:
+            img = pil_rgb_loader(self.paths[index])
+        except UNREADABLE_ERRORS as e:
+            raise self._unreadable(index, e) from None
         height, width = self.input_size(index, img.size)
         box = self._box(index, *img.size)
         if box is not None:

@@ -8,11 +8,15 @@ Flowers102's and Places365's files against the real archives', which no fixture 
 match, so ``offline`` also makes md5 checks pass; the rest is torchvision's own code.
 """
 
+import inspect
 import json
 import os
 import pickle
 import socket
+import tarfile
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -29,9 +33,11 @@ from torchvision import transforms as T
 from torchvision.datasets import utils as tv_utils
 
 from config import get_config
-from data import build_linear_loaders
+from data import build_linear_loaders, set_loader_epoch
 from data import linear as L
+from data.build import sample_source
 from data.cached_image_folder import CachedImageFolder
+from data.linear import build_transfer_sets
 from data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_linear_transform
 
 IMG_SIZE = 16
@@ -426,6 +432,15 @@ def test_grayscale_becomes_three_channels(tmp_path):
     torch.testing.assert_close(pixels[1], pixels[2], atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("name", [name for name in WRITERS if name not in ("cifar10", "cifar100", "stl10")])
+def test_every_sample_names_its_file(tmp_path, name):
+    """What a warning or error about an unreadable image names: the sample's own file."""
+    WRITERS[name](tmp_path, np.random.default_rng(0))
+    for dataset in build(name, tmp_path)[:2]:
+        sources = [sample_source(dataset, i) for i in range(len(dataset))]
+        assert len(set(sources)) == len(dataset) and all(os.path.isfile(path) for path in sources), sources
+
+
 # -----------------------------------------------------------------------------
 # Dataset-specific rules
 # -----------------------------------------------------------------------------
@@ -433,6 +448,7 @@ def test_cars_missing_files_are_named(tmp_path):
     with pytest.raises(FileNotFoundError) as e:
         build("cars", tmp_path)
     message = str(e.value)
+    assert "\n" not in message and message.startswith(f"cars is not under {tmp_path} (DATA.TRANSFER_ROOT)")
     for path, _ in L.CARS_LAYOUT:
         assert os.path.join(str(tmp_path), path) in message
     assert "can no longer be downloaded" in message
@@ -522,6 +538,111 @@ def test_downloads_only_missing_sets(tmp_path, monkeypatch):
 
 
 # -----------------------------------------------------------------------------
+# Offline: a failed download is one line saying where the files go
+# -----------------------------------------------------------------------------
+def _unreachable(monkeypatch, error: Exception) -> None:
+    """torchvision's downloads (urllib) fail with ``error``, as on a node without internet access."""
+
+    def urlopen(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(urllib.request, "urlopen", urlopen)
+
+
+def test_the_download_table_agrees_with_torchvision():
+    urls = {name: [url for _, url in files] for name, (_, files) in L.TRANSFER_FILES.items()}
+    assert set(urls) == set(L.TRANSFER_DATASETS) - {"cars"}
+    for name, archive in (("cifar10", tvd.CIFAR10), ("cifar100", tvd.CIFAR100), ("stl10", tvd.STL10)):
+        assert L.TRANSFER_FILES[name][1] == [(archive.filename, archive.url)]
+    flowers = tvd.Flowers102._file_dict
+    assert urls["flowers"] == [tvd.Flowers102._download_url_prefix + flowers[k][0] for k in ("image", "label", "setid")]
+    assert urls["pets"] == [url for url, _ in tvd.OxfordIIITPet._RESOURCES]
+    assert urls["food101"] == [tvd.Food101._URL] and urls["dtd"] == [tvd.DTD._URL]
+    assert urls["aircraft"] == [tvd.FGVCAircraft._URL] and urls["sun397"] == [tvd.SUN397._DATASET_URL]
+    assert urls["caltech101"][0] in inspect.getsource(tvd.Caltech101.download)
+    voc = tvd.voc.DATASET_YEAR_DICT
+    assert L.TRANSFER_FILES["voc2007"][1] == [(voc[y]["filename"], voc[y]["url"]) for y in ("2007", "2007-test")]
+    places = [
+        tvd.Places365._DEVKIT_META["standard"],
+        *(tvd.Places365._IMAGES_META[s, True] for s in ("train-standard", "val")),
+    ]
+    assert L.TRANSFER_FILES["places365"][1] == [(f, tvd.Places365._BASE_URL + f) for f, _ in places]
+
+
+@pytest.mark.parametrize("name", [name for name in L.TRANSFER_DATASETS if name != "cars"])
+def test_a_failed_download_is_one_line_naming_the_files(tmp_path, monkeypatch, name):
+    _unreachable(monkeypatch, urllib.error.URLError(socket.gaierror(-3, "Temporary failure in name resolution")))
+    with pytest.raises(L.TransferDataError) as e:
+        build(name, tmp_path)
+    message = str(e.value)
+    needed, files = L.TRANSFER_FILES[name]
+    assert "\n" not in message and message.startswith(f"{name} is not under {tmp_path} (DATA.TRANSFER_ROOT)")
+    assert (
+        "could not be downloaded (URLError: <urlopen error [Errno -3] Temporary failure in name resolution>)" in message
+    )
+    for path, url in files:  # where torchvision looks for each file, and where it comes from
+        assert f"{tmp_path}/{path}" in message and url in message and url.endswith(os.path.basename(path))
+    for path in needed:
+        assert f"{tmp_path}/{path}" in message
+
+
+@pytest.mark.parametrize(
+    "error",
+    [urllib.error.HTTPError("https://x/a.tar.gz", 503, "Service Unavailable", None, None),
+     ConnectionResetError(104, "reset"), TimeoutError("timed out"), RuntimeError("File not found or corrupted.")],
+    ids=["http", "reset", "timeout", "corrupted"],
+)  # fmt: skip
+def test_every_failure_of_a_download_is_one_line(tmp_path, monkeypatch, error):
+    if isinstance(error, RuntimeError):  # what torchvision raises when the md5 of what it fetched is wrong
+
+        def download_url(*args, **kwargs):
+            raise error
+
+        monkeypatch.setattr(tv_utils, "download_url", download_url)
+    else:
+        _unreachable(monkeypatch, error)
+    with pytest.raises(L.TransferDataError, match=rf"^cifar100 .*\({type(error).__name__}: .*cifar-100-python.tar.gz"):
+        build_transfer_sets("cifar100", str(tmp_path), None, None)
+
+
+def test_other_errors_are_left_as_they_are(tmp_path, monkeypatch):
+    for bug in (ValueError("a bug"), RuntimeError("a bug"), AttributeError("a bug")):
+        _unreachable(monkeypatch, bug)
+        with pytest.raises(type(bug), match="^a bug$"):
+            build_transfer_sets("dtd", str(tmp_path), None, None)
+
+
+def test_a_damaged_set_is_one_line_saying_what_to_remove(tmp_path, monkeypatch):
+    write_cifar10(tmp_path, np.random.default_rng(0))
+    monkeypatch.setattr(tv_utils, "check_md5", lambda *args, **kwargs: False)  # the batches are not the real ones
+    monkeypatch.setattr(tvd.cifar, "check_integrity", lambda path, md5=None: tv_utils.check_integrity(path, md5))
+    with pytest.raises(L.TransferDataError) as e:
+        build("cifar10", tmp_path)
+    assert str(e.value).startswith(
+        f"cifar10 is incomplete or damaged under {tmp_path} (DATA.TRANSFER_ROOT) (RuntimeError: Dataset not found or "
+        f"corrupted. You can use download=True to download it): remove {tmp_path}/cifar-10-batches-py/, then on a "
+        "machine with internet access fetch https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz and put it at "
+        f"{tmp_path}/cifar-10-python.tar.gz;"
+    )
+
+
+@pytest.mark.parametrize("name", ["cifar10", "cifar100", "stl10", "food101", "dtd", "aircraft", "sun397"])
+def test_an_archive_put_where_the_message_says_is_unpacked(tmp_path, monkeypatch, name):
+    """The advice of the message works: the archive (here made of the fixture's files) at its place
+    is checked and unpacked by torchvision, without the network."""
+    num_classes, n_train, n_test = WRITERS[name](tmp_path / "source", np.random.default_rng(0))
+    ((archive, _),) = L.TRANSFER_FILES[name][1]
+    folder = os.path.dirname(archive)  # torchvision unpacks an archive where it lies
+    (tmp_path / "root" / folder).mkdir(parents=True, exist_ok=True)
+    with tarfile.open(tmp_path / "root" / archive, "w:gz" if archive.endswith("gz") else "w") as tar:
+        for entry in sorted(os.listdir(tmp_path / "source" / folder)):
+            tar.add(tmp_path / "source" / folder / entry, arcname=entry)
+    _unreachable(monkeypatch, urllib.error.URLError("no network"))
+    train_set, val_set, *_, got_classes = build(name, tmp_path / "root")
+    assert (len(train_set), len(val_set), got_classes) == (n_train, n_test, num_classes)
+
+
+# -----------------------------------------------------------------------------
 # Transforms and loaders
 # -----------------------------------------------------------------------------
 def test_linear_transforms(tmp_path):
@@ -559,23 +680,23 @@ def test_loaders_shard_val_exactly_and_train_evenly(tmp_path):
     for rank in range(world):
         config = make_config("imagenet", tmp_path, DATA__BATCH_SIZE=1)
         train_set, val_set, train_loader, val_loader, _ = build_linear_loaders(config, rank=rank, world_size=world)
-        assert isinstance(train_loader.sampler, DistributedSampler) and train_loader.drop_last
+        assert isinstance(train_loader.sampler.sampler, DistributedSampler) and train_loader.drop_last
         assert not train_loader.pin_memory or torch.cuda.is_available()
         shards.append(list(val_loader.dataset.indices))
         train_lengths.append(len(train_loader))
         orders = []
         for epoch in (0, 1, 0):
-            train_loader.sampler.set_epoch(epoch)
-            orders.append(list(train_loader.sampler))
-        assert orders[0] == orders[2]
+            set_loader_epoch(train_loader, epoch)
+            orders.append(list(train_loader.sampler))  # (index, augmentation seed)
+        assert orders[0] == orders[2] and orders[0] != orders[1]
     assert sorted(i for shard in shards for i in shard) == list(range(6))  # no padding, no duplicate
     assert train_lengths == [2] * world  # 9 // 4 each, the rest dropped
     # one process: the whole set, reshuffled by set_epoch
-    sampler = build_linear_loaders(make_config("imagenet", tmp_path), rank=0, world_size=1)[2].sampler
+    train_loader = build_linear_loaders(make_config("imagenet", tmp_path), rank=0, world_size=1)[2]
     orders = []
     for epoch in (0, 1):
-        sampler.set_epoch(epoch)
-        orders.append(list(sampler))
+        set_loader_epoch(train_loader, epoch)
+        orders.append([index for index, _ in train_loader.sampler])
     assert sorted(orders[0]) == sorted(orders[1]) == list(range(9)) and orders[0] != orders[1]
     with pytest.raises(ValueError, match="DATA.BATCH_SIZE 3 is larger"):
         build_linear_loaders(make_config("imagenet", tmp_path, DATA__BATCH_SIZE=3), rank=0, world_size=4)
@@ -586,7 +707,7 @@ def test_zip_part_cache_holds_each_rank_shard(tmp_path):
     config = make_config("imagenet", tmp_path, DATA__ZIP_MODE=True, DATA__CACHE_MODE="part", DATA__BATCH_SIZE=1)
     train_set, val_set, train_loader, val_loader, num_classes = build_linear_loaders(config, rank=1, world_size=2)
     assert num_classes == 3
-    assert set(train_loader.sampler) <= set(train_set.cached_indices)
+    assert {index for index, _ in train_loader.sampler} <= set(train_set.cached_indices)
     assert set(val_set.cached_indices) <= set(val_loader.dataset.indices)
 
 
