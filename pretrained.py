@@ -114,12 +114,9 @@ def the_only_run_with_tag(config):
     """The one run folder with this config's tag, framework and encoder (``runs_with_tag``, by their
     config.json) when there is exactly one, else None: a run pretrained with a setting that names
     the run (``--opts MODEL.CONTRAST_NUM_NEGATIVE 64``) and evaluated without it."""
-    matching = [
-        folder
-        for folder in runs_with_tag(config)
-        if (lookup(_run_config(folder), "MODEL.TYPE"), lookup(_run_config(folder), "MODEL.ENCODER"))
-        == (config.MODEL.TYPE, config.MODEL.ENCODER)
-    ]
+    wanted = (config.MODEL.TYPE, config.MODEL.ENCODER)
+    runs = {folder: _run_config(folder) for folder in runs_with_tag(config)}
+    matching = [f for f, ran in runs.items() if (lookup(ran, "MODEL.TYPE"), lookup(ran, "MODEL.ENCODER")) == wanted]
     return matching[0] if len(matching) == 1 else None
 
 
