@@ -38,7 +38,8 @@ def finished(image_folder, tmp_path_factory):
     """Output root of a finished run: ckpt_epoch_{0,1,2}.pth and checkpoint.pth of epoch 2."""
     output = tmp_path_factory.mktemp("finished")
     pretrain(image_folder, output)
-    return output
+    yield output
+    shutil.rmtree(output, ignore_errors=True)
 
 
 def link_or_copy(src, dst):

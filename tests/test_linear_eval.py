@@ -45,7 +45,8 @@ def pretrained(image_folder, tmp_path_factory):
                          "--output", out, "--tag", "t", *TINY, "TRAIN.EPOCHS", "1"])  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     (ckpt,) = glob.glob(os.path.join(out, "*", "t", "checkpoint.pth"))
-    return out, ckpt
+    yield out, ckpt
+    shutil.rmtree(out, ignore_errors=True)
 
 
 def small_config(**opts):

@@ -2,6 +2,7 @@
 
 import glob
 import os
+import shutil
 
 import pytest
 import torch
@@ -40,7 +41,8 @@ def pretrained(image_folder, tmp_path_factory):
     assert len(state) == sum(k.startswith(("encoder.", "projector.", "predictor.")) and "running" not in k
                              and "num_batches" not in k for k in ckpt["model"])  # fmt: skip
     assert all(torch.isfinite(s["momentum_buffer"]).all() for s in state.values())
-    return out, folder
+    yield out, folder
+    shutil.rmtree(out, ignore_errors=True)
 
 
 @pytest.mark.parametrize("weights", ["freeze", "finetune"])
