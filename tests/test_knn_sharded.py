@@ -14,7 +14,8 @@ from test_distributed import free_port
 
 from distributed import DistEnv, gather_rows_to_main
 from engine import extract_features
-from eval_knn import dump_features, knn_candidates, knn_correct, knn_scores, knn_votes, load_features
+from eval_knn import dump_features, load_features
+from knn import knn_candidates, knn_correct, knn_scores, knn_votes
 from metrics import count_correct
 
 NUM_TRAIN, NUM_VAL, DIM, CLASSES, T = 101, 37, 16, 12, 0.07

@@ -22,7 +22,7 @@ import main_linear
 from cli import run_cli
 from config import ConfigError, get_config
 from engine import classification_loss, train_classifier_one_epoch, validate
-from eval_knn import knn_correct
+from knn import knn_correct
 from lr_scheduler import build_scheduler
 from main_linear import LINEAR_RECIPE, build_classifier, freeze_backbone, parse_option, set_training_mode
 from metrics import count_correct
