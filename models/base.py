@@ -5,6 +5,7 @@ import math
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .mlp import MLP
 
@@ -13,6 +14,13 @@ def cosine_momentum(base_momentum, step, total_steps):
     """Target momentum at ``step``: ``base_momentum`` at 0, rising to 1 at ``total_steps``."""
     progress = min(step / max(total_steps, 1), 1.0)
     return 1.0 - (1.0 - base_momentum) * (math.cos(math.pi * progress) + 1.0) / 2.0
+
+
+def embedding_std(z):
+    """Mean over the dimensions of the batch's standard deviation of the L2-normalised rows of
+    ``z`` [B, D]: 0 for a collapsed embedding (every row the same), about 1 / sqrt(D) for rows
+    spread evenly over the sphere. A scalar tensor, computed in fp32."""
+    return F.normalize(z.detach().float(), dim=1).std(dim=0).mean()
 
 
 def _copy_step_to_host(module, incompatible_keys):
@@ -94,9 +102,15 @@ class MomentumFramework(nn.Module):
         torch._foreach_lerp_(list(targets), list(onlines), 1.0 - self.momentum)
 
     def forward(self, x1, x2):
-        """x1, x2: [B, 3, H, W], two views of the same images. Returns ``loss(...)``."""
-        pred1 = self.predictor(self.projector(self.encoder(x1)))  # [B, proj_dim]
-        pred2 = self.predictor(self.projector(self.encoder(x2)))
+        """x1, x2: [B, 3, H, W], two views of the same images. Returns ``loss(...)``'s dict with
+
+        * ``features``: the online encoder's features of both views, detached, [2B, num_features]
+          (view 1's rows first): what the online linear monitor trains on;
+        * ``proj_std``: ``embedding_std`` of view 1's online projections (a collapse detector).
+        """
+        feat1, feat2 = self.encoder(x1), self.encoder(x2)  # [B, num_features]
+        proj1, proj2 = self.projector(feat1), self.projector(feat2)  # [B, proj_dim]
+        pred1, pred2 = self.predictor(proj1), self.predictor(proj2)
         with torch.no_grad():
             if self.training:
                 self.momentum_update()
@@ -108,6 +122,9 @@ class MomentumFramework(nn.Module):
         if self.training:
             self.step += 1
             self.steps_done += 1
+        with torch.no_grad():
+            out["features"] = torch.cat([feat1, feat2]).detach()
+            out["proj_std"] = embedding_std(proj1)
         return out
 
     def loss(self, online, target):
