@@ -51,7 +51,9 @@ from data.cached_image_folder import (
     UNREADABLE_ERRORS,
     CachedImageFolder,
     LenientImageFolder,
+    UnlabelledImageFolder,
     UnreadableImageError,
+    has_class_folders,
     open_image,
     pil_rgb_loader,
     shard_indices,
@@ -210,7 +212,8 @@ def build_dataset(
     config, transform, rank: int = 0, world_size: int = 1, split: str = "train", loader=pil_rgb_loader
 ) -> Dataset:
     """The ``split`` ("train" or "val") of the ImageNet-style set under ``config.DATA.DATA_PATH``,
-    as a folder or, in zip mode, ``<split>.zip`` with ``<split>_map.txt``. ``loader`` turns a
+    as a folder (``<split>/<class>/<image>``, or ``<split>/<image>`` without classes:
+    ``UnlabelledImageFolder``) or, in zip mode, ``<split>.zip`` with ``<split>_map.txt``. ``loader`` turns a
     path or the bytes of a file into what ``transform`` takes (an RGB image by default).
 
     Raises:
@@ -231,7 +234,10 @@ def build_dataset(
             world_size=world_size,
             loader=loader,
         )
-    return LenientImageFolder(os.path.join(root, split), transform=transform, loader=loader)
+    folder = os.path.join(root, split)
+    if not has_class_folders(folder):  # images straight under the split: a set without classes
+        return UnlabelledImageFolder(folder, transform=transform, loader=loader)
+    return LenientImageFolder(folder, transform=transform, loader=loader)
 
 
 def check_split(config, split: str = "train") -> None:
@@ -299,12 +305,13 @@ def ignore_stop_signals(worker_id: int) -> None:
 
 
 def make_loader(
-    config, dataset: Dataset, sampler: Sampler | None = None, drop_last: bool = False, **kwargs
-) -> DataLoader:
+    config, dataset: Dataset, sampler: Sampler | None = None, drop_last: bool = False, persistent: bool = True,
+    **kwargs,
+) -> DataLoader:  # fmt: skip
     """The one DataLoader factory of every set: batches of DATA.BATCH_SIZE in ``sampler``'s order
     (the dataset's own without one), DATA.NUM_WORKERS workers as run (``resolve_num_workers``),
-    kept between epochs, that leave stop signals to the training process; pinned memory with
-    DATA.PIN_MEMORY on CUDA."""
+    kept between passes when ``persistent``, that leave stop signals to the training process;
+    pinned memory with DATA.PIN_MEMORY on CUDA."""
     num_workers = resolve_num_workers(config.DATA.NUM_WORKERS)
     return DataLoader(
         dataset,
@@ -314,7 +321,7 @@ def make_loader(
         num_workers=num_workers,
         pin_memory=config.DATA.PIN_MEMORY and torch.cuda.is_available(),
         drop_last=drop_last,
-        persistent_workers=num_workers > 0,
+        persistent_workers=persistent and num_workers > 0,
         worker_init_fn=ignore_stop_signals,
         **kwargs,
     )

@@ -169,6 +169,33 @@ class LenientImageFolder(ImageFolder):
         return self.samples[index][0]
 
 
+class UnlabelledImageFolder(LenientImageFolder):
+    """Every image under ``root`` at any depth, for a training folder whose images are not sorted
+    into class folders (``root/<image>``); each sample's target is 0 and ``classes`` is empty.
+
+    Raises:
+        FileNotFoundError: no image under ``root``.
+    """
+
+    def __init__(self, root: str, transform: Callable | None = None, loader: Callable = pil_rgb_loader):
+        super().__init__(root, transform=transform, loader=loader)
+        self.classes, self.class_to_idx = [], {}
+
+    def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
+        return [""], {"": 0}  # the root itself, walked whole
+
+    def make_dataset(self, directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False):
+        try:
+            return super().make_dataset(directory, class_to_idx, extensions, is_valid_file, allow_empty)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"no images found under {directory}") from None
+
+
+def has_class_folders(root: str) -> bool:
+    """Whether ``root`` holds a folder that is not hidden: an ImageFolder's classes."""
+    return any(e.is_dir() and not e.name.startswith(".") for e in os.scandir(root))
+
+
 def shard_indices(num_samples: int, rank: int, world_size: int) -> range:
     """Indices ``rank::world_size``, cut to the same length on every rank.
 

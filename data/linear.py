@@ -607,9 +607,26 @@ def check_imagenet_files(config) -> None:
             check_split(config, split)
 
 
+def per_class_subset(targets: Sequence[int], per_class: int) -> list[int]:
+    """Sorted indices of at most ``per_class`` samples of each class, spread evenly over the
+    class's samples in dataset order (a pure function of the labels: every run and rank picks
+    the same). ``per_class`` 0: every index."""
+    if per_class <= 0:
+        return list(range(len(targets)))
+    by_class: dict[int, list[int]] = defaultdict(list)
+    for index, target in enumerate(targets):
+        by_class[target].append(index)
+    picked = []
+    for members in by_class.values():
+        take = min(per_class, len(members))
+        picked += [members[j] for j in np.linspace(0, len(members) - 1, take).round().astype(int)]
+    return sorted(picked)
+
+
 def build_linear_loaders(
-    config, rank: int | None = None, world_size: int | None = None, for_features: bool = False
-) -> tuple[Dataset, Dataset, DataLoader, DataLoader, int]:
+    config, rank: int | None = None, world_size: int | None = None, for_features: bool = False,
+    bank_per_class: int = 0, persistent: bool = True,
+) -> tuple[Dataset, Dataset, DataLoader, DataLoader, int]:  # fmt: skip
     """``(train_set, val_set, train_loader, val_loader, num_classes)`` of ``config.DATA.DATASET``.
 
     Batches are ``([B, 3, IMG_SIZE, IMG_SIZE] float, [B] int64)``. ``rank`` and
@@ -626,7 +643,9 @@ def build_linear_loaders(
       accuracy over ``val_set``; an unreadable image raises ``UnreadableImageError`` naming
       it (``data.build.StopOnUnreadable``).
     * ``for_features`` (k-NN): the train loader is made like the val loader, with the
-      test transform, so every training image is seen once, in order.
+      test transform, so every training image is seen once, in order; with ``bank_per_class``
+      only that many of each class (``per_class_subset``), and ``train_set`` is that subset.
+    * ``persistent``: the loaders keep their workers between passes.
 
     Raises:
         ValueError: an unknown dataset, interpolation or cache mode, or a batch larger
@@ -651,10 +670,13 @@ def build_linear_loaders(
     else:
         train_set, val_set, num_classes = build_transfer_sets(name, config.DATA.TRANSFER_ROOT, train_t, test_t)
 
-    val_loader = make_loader(config, Subset(StopOnUnreadable(val_set), range(rank, len(val_set), world_size)))
+    val_shard = Subset(StopOnUnreadable(val_set), range(rank, len(val_set), world_size))
+    val_loader = make_loader(config, val_shard, persistent=persistent)
     if for_features:
+        if bank_per_class:
+            train_set = Subset(train_set, per_class_subset(dataset_targets(train_set), bank_per_class))
         train_shard = Subset(StopOnUnreadable(train_set), range(rank, len(train_set), world_size))
-        return train_set, val_set, make_loader(config, train_shard), val_loader, num_classes
+        return train_set, val_set, make_loader(config, train_shard, persistent=persistent), val_loader, num_classes
 
     train_loader = seeded_loader(config, train_set, rank, world_size)
     batch_size, share = config.DATA.BATCH_SIZE, len(train_loader.sampler)

@@ -205,8 +205,9 @@ class DeviceAugment:
 
 
 class DeviceViews:
-    """The pretraining loader's batches as the model's two inputs on ``device``:
-    ``(x1, x2)``, normalised float [B, 3, H, W] made by ``augment`` (a ``DeviceAugment``)."""
+    """The pretraining loader's batches as the model's two inputs and the labels on ``device``:
+    ``(x1, x2, targets)``, normalised float [B, 3, H, W] made by ``augment`` (a ``DeviceAugment``),
+    and int64 [B] (what the online linear monitor trains on)."""
 
     def __init__(self, data_loader, augment: DeviceAugment, device: torch.device):
         self.data_loader = data_loader
@@ -217,7 +218,6 @@ class DeviceViews:
         return len(self.data_loader)
 
     def __iter__(self):
-        for (views, params), _ in self.data_loader:
-            yield tuple(
-                self.augment(v.to(self.device, non_blocking=True), p) for v, p in zip(views, params, strict=True)
-            )
+        for (views, params), targets in self.data_loader:
+            x1, x2 = (self.augment(v.to(self.device, non_blocking=True), p) for v, p in zip(views, params, strict=True))
+            yield x1, x2, targets.to(self.device, non_blocking=True)
