@@ -139,6 +139,27 @@ _C.KNN.DUMP_FEATURES = ""
 _C.KNN.LOAD_FEATURES = ""
 
 # -----------------------------------------------------------------------------
+# Monitors of a pretraining run (main_pretrain.py): accuracy while it trains. They read the
+# training set's labels (class folders, or a labelled DATA.DATASET) and DATA_PATH/val, and never
+# change the pretraining: with them on or off a seed trains the same weights, bit for bit.
+# -----------------------------------------------------------------------------
+_C.MONITOR = CN()
+# A linear classifier (BatchNorm without affine, then Linear) trained on the online encoder's
+# detached features of both views, with its own SGD: running train top-1 in the step log, val
+# top-1 (centre crop) after each epoch
+_C.MONITOR.ONLINE_LINEAR = True
+# Its learning rate (SGD, momentum 0.9, no weight decay, constant)
+_C.MONITOR.LINEAR_LR = 0.1
+# Weighted k-NN top-1 of the online encoder on the val images every KNN_EVERY epochs and after the
+# last (0: never); the bank holds un-augmented (centre-cropped) training images
+_C.MONITOR.KNN_EVERY = 10
+# Training images per class in the k-NN bank, spread evenly over each class (0: all of them)
+_C.MONITOR.KNN_TRAIN_PER_CLASS = 100
+# The k-NN monitor's k and temperature (eval_knn.py's 20-NN, T = 0.07)
+_C.MONITOR.KNN_K = 20
+_C.MONITOR.KNN_TEMPERATURE = 0.07
+
+# -----------------------------------------------------------------------------
 # Image retrieval (eval_retrieval.py; DATA.DATASET roxford5k or rparis6k under DATA.TRANSFER_ROOT)
 # -----------------------------------------------------------------------------
 _C.RETRIEVAL = CN()
@@ -489,6 +510,12 @@ RANGES = {
     "KNN.TEMPERATURE": positive,
     "KNN.DUMP_FEATURES": any_string,
     "KNN.LOAD_FEATURES": any_string,
+    "MONITOR.ONLINE_LINEAR": boolean,
+    "MONITOR.LINEAR_LR": positive,
+    "MONITOR.KNN_EVERY": non_negative_int,
+    "MONITOR.KNN_TRAIN_PER_CLASS": non_negative_int,
+    "MONITOR.KNN_K": positive_int,
+    "MONITOR.KNN_TEMPERATURE": positive,
     "RETRIEVAL.IMG_SIZE": Integer(16),
     "RETRIEVAL.MULTISCALE": boolean,
     "RETRIEVAL.CROP_QUERIES": boolean,

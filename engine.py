@@ -18,7 +18,7 @@ from data.augment import synthetic_views
 from data.cached_image_folder import UnreadableImageError
 from distributed import all_reduce_mean, get_rank, get_world_size, unwrap
 from faults import NonFiniteLossError, ProcessFaultError, process_fault
-from metrics import NULL_WRITER, MetricLogger, contrastive_metrics, count_correct
+from metrics import NULL_WRITER, MetricLogger, contrastive_metrics, count_correct, metric_format
 from utils import memory_mb, seed_step
 
 
@@ -68,9 +68,11 @@ def _as_process_fault(error, config, epoch, step):
 
 
 def train_one_epoch(config, model, batches, optimizer_step, lr_scheduler, autocast, epoch, logger,
-                    writer=NULL_WRITER, start_step=0, meters=None, stop=None, save_position=None):  # fmt: skip
-    """One pretraining epoch over ``batches`` (pairs of model inputs on the model's device), from
-    ``start_step`` on with the epoch's ``meters`` so far (``batches`` then yields the steps left).
+                    writer=NULL_WRITER, start_step=0, meters=None, stop=None, save_position=None,
+                    monitors=None):  # fmt: skip
+    """One pretraining epoch over ``batches`` (the model's two inputs and the labels, on the
+    model's device), from ``start_step`` on with the epoch's ``meters`` so far (``batches`` then
+    yields the steps left). ``monitors`` (monitor.Monitors) trains its online classifier each step.
 
     ``optimizer_step``: a precision.OptimizerStep. At the logged steps the ranks meet
     (``sync_ranks``): non-finite losses and gradient norms stop the run, and ``stop`` (a
@@ -97,7 +99,7 @@ def train_one_epoch(config, model, batches, optimizer_step, lr_scheduler, autoca
     start = time.time()
     step, stopping = start_step, False  # the step being loaded or run; whether the ranks agreed to stop
     try:
-        for idx, (x1, x2) in metric_logger.log_every(batches):  # [B, 3, H, W] each
+        for idx, (x1, x2, targets) in metric_logger.log_every(batches):  # [B, 3, H, W] each, [B]
             seed_step(config, epoch, idx, rank)
             lr_scheduler.step_update(epoch * num_steps + idx)
             update = optimizer_step.is_update(idx, num_steps)
@@ -114,6 +116,9 @@ def train_one_epoch(config, model, batches, optimizer_step, lr_scheduler, autoca
                 metric_logger.update(grad_norm=grad_norm)
             if "logits" in out:
                 metric_logger.update(**contrastive_metrics(out["logits"], out["labels"], out.get("real_columns")))
+            metric_logger.update(**{name: out[name] for name in ("batch_acc1", "proj_std") if name in out})
+            if monitors is not None:
+                metric_logger.update(**monitors.train_step(out["features"], targets))
 
             last = idx + 1 == num_steps
             save_due = save_every > 0 and (epoch * num_steps + idx + 1) % save_every == 0 and not last
@@ -137,18 +142,21 @@ def train_one_epoch(config, model, batches, optimizer_step, lr_scheduler, autoca
     epoch_time = time.time() - start
     read = metric_logger.read()
     mean_loss = all_reduce_mean(torch.tensor(read["loss"][1], device=device)).item()
-    acc1_avg = read.get("contrast_acc1", (0.0, 0.0))[1]
-    # SynCo: its top-1 among the queue alone, and its synthetic logits above the positive (while on)
-    synco = "".join(f"{n} {read[n][1]:.3f} " for n in ("contrast_acc1_real", "synthetic_above_positive") if n in read)
+    means = {name: read[name][1] for name in EPOCH_MEANS if name in read}  # this rank's
     images_per_s = (num_steps - start_step) * config.DATA.BATCH_SIZE * get_world_size() / max(epoch_time, 1e-9)
-    epoch_values = {"loss": mean_loss, "time": epoch_time, "images_per_s": images_per_s}
+    epoch_values = {"loss": mean_loss, **means, "time": epoch_time, "images_per_s": images_per_s}
     writer.scalars(epoch_values, (epoch + 1) * num_steps - 1, prefix="epoch/")  # the epoch's last step
     logger.info(
         f"EPOCH {epoch} done in {datetime.timedelta(seconds=int(epoch_time))}: mean loss {mean_loss:.4f} "
-        f"contrast_acc1 {acc1_avg:.3f} {synco}"
-        f"images/s {images_per_s:.1f} (all processes)"
+        + "".join(f"{name} {value:{metric_format(name)}} " for name, value in means.items())
+        + f"images/s {images_per_s:.1f} (all processes)"
     )
     return num_steps, stopping
+
+
+# The epoch means in the line that ends a pretraining epoch (those the framework and monitors log)
+EPOCH_MEANS = ("contrast_acc1", "contrast_acc1_real", "synthetic_above_positive", "batch_acc1", "linear_acc1",
+               "proj_std")  # fmt: skip
 
 
 # -----------------------------------------------------------------------------

@@ -43,6 +43,7 @@ from faults import NonFiniteLossError, StopSignal
 from lr_scheduler import build_scheduler
 from metrics import DeviceMeters, MetricWriter
 from models import build_model
+from monitor import Monitors
 from optimizer import build_optimizer
 from precision import amp_autocast, build_optimizer_step
 from utils import scale_learning_rates, seed_everything
@@ -77,9 +78,10 @@ def throughput(config, model, augment, optimizer_step, autocast, device, logger)
 # -----------------------------------------------------------------------------
 
 
-def training_state(config, model, optimizer, lr_scheduler, scaler, epoch, step=None, meters=None):
+def training_state(config, model, optimizer, lr_scheduler, scaler, monitors, epoch, step=None, meters=None):
     """The checkpoint after ``epoch``, or, with ``step``, after ``step`` steps of it (with the
-    epoch's ``meters``). Raises NonFiniteLossError when the weights are not finite."""
+    epoch's ``meters``); the monitors' state under "monitor", beside the model's. Raises
+    NonFiniteLossError when the weights are not finite."""
     where = f"after epoch {epoch}" if step is None else f"at epoch {epoch} step {step}"
     if not torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all():  # one synchronisation
         raise NonFiniteLossError(f"non-finite weights {where}")
@@ -92,6 +94,7 @@ def training_state(config, model, optimizer, lr_scheduler, scaler, epoch, step=N
         "framework": {"type": config.MODEL.TYPE, "encoder": config.MODEL.ENCODER},
         "config": config.dump(),
         "world_size": get_world_size(),  # the learning rates in the config are scaled by the global batch
+        "monitor": monitors.state_dict(),
     }
     if step is not None:
         state.update(epoch_step=step, meters=meters.state_dict())
@@ -163,9 +166,17 @@ def main(config, env, logger):
         throughput(config, model, augment, optimizer_step, autocast, device, logger)
         return
 
+    encoder = unwrap(model).encoder
+    monitors = Monitors.build(config, env, logger, dataset, encoder.num_features)
+    if config.MODEL.TYPE == "synco":
+        logger.info(
+            "contrast_acc1: the positive's top-1 among the queue and the synthetic negatives (near 0 while "
+            "they are on, by design); contrast_acc1_real: among the queue alone, MoBY's measure"
+        )
     meters = DeviceMeters()  # of the epoch a checkpoint saved inside of
     if ckpt is not None:
         restore(last_good, ckpt, model, optimizer=optimizer, scaler=scaler)
+        monitors.load_state_dict(ckpt.get("monitor"))
         logger.info(f"resumed from {last_good} (epoch {ckpt['epoch']})")
         if start_step:
             meters.load_state_dict(ckpt["meters"], device)
@@ -177,7 +188,7 @@ def main(config, env, logger):
     checkpointer = Checkpointer(env, logger, last_good)
 
     def save(epoch, step=None, meters=None):
-        state = training_state(config, model, optimizer, lr_scheduler, scaler, epoch, step, meters)
+        state = training_state(config, model, optimizer, lr_scheduler, scaler, monitors, epoch, step, meters)
         checkpointer.save(state, checkpoint_paths(config, epoch, inside_epoch=step is not None))
 
     stop = StopSignal(env.store)
@@ -190,12 +201,13 @@ def main(config, env, logger):
         try:
             steps_done, stopping = train_one_epoch(
                 config, model, batches, optimizer_step, lr_scheduler, autocast, epoch, logger, writer,
-                start_step, meters, stop, save,
+                start_step, meters, stop, save, monitors,
             )  # fmt: skip
             if steps_done == steps_per_epoch:
                 if skipped := skipped_samples(data_loader):
                     logger.info(f"epoch {epoch}: skipped {skipped} unreadable images")
                 save(epoch)
+                monitors.end_epoch(epoch, encoder, autocast, writer, (epoch + 1) * steps_per_epoch - 1)
         except NonFiniteLossError as e:
             raise NonFiniteLossError(
                 f"{e}; nothing was saved, the last good checkpoint is {checkpointer.last_good or 'none'}: "

@@ -184,7 +184,8 @@ class MetricLogger:
         eta_run = datetime.timedelta(seconds=int(self.step_time.avg * (steps_left + self.steps_after)))
         fields = [f"eta {eta} (run {eta_run})" + "".join(f" {k} {v:.4e}" for k, v in host_values.items())]
         fields.append(f"time {self.step_time.val:.4f} ({self.step_time.avg:.4f})")
-        fields += [f"{name} {last:{_format(name)}} ({mean:{_format(name)}})" for name, (last, mean) in read.items()]
+        fields += [f"{name} {last:{metric_format(name)}} ({mean:{metric_format(name)}})"
+                   for name, (last, mean) in read.items()]  # fmt: skip
         if self.memory is not None:
             fields.append(f"mem {self.memory():.0f}MB")
         self.logger.info(f"{self.header}[{idx}/{self.num_steps}]\t" + "\t".join(fields))
@@ -196,9 +197,9 @@ class MetricLogger:
         return self.meters.read()
 
 
-def _format(name):
+def metric_format(name):
     """Accuracies and shares in percent with 3 decimals, the rest (losses, norms) with 4."""
-    return ".3f" if name.startswith("contrast_") or name in SYNCO_METRICS else ".4f"
+    return ".3f" if name.endswith("_acc1") or name.startswith("contrast_") or name in SYNCO_METRICS else ".4f"
 
 
 # SynCo's metrics beside MoBY's contrast_acc1 / contrast_acc5, in this order in the log lines

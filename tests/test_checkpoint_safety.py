@@ -22,6 +22,7 @@ from main_linear import build_classifier
 from models import build_model
 from models.swin_transformer import swin_tiny
 from models.vision_transformer import vit_tiny
+from monitor import Monitors, OnlineLinear
 from optimizer import build_optimizer
 from pretrained import load_pretrained_encoder
 from tools import export_backbone
@@ -75,12 +76,16 @@ def test_our_checkpoints_load_as_they_are(tmp_path, optimizer, schedule):
     sched = build_scheduler(config, opt, 4)
     scaler = torch.amp.GradScaler("cpu", enabled=True)
     x = torch.randn(4, 3, 32, 32)
-    scaler.scale(model(x, x.flip(-1))["loss"]).backward()
+    out = model(x, x.flip(-1))
+    scaler.scale(out["loss"]).backward()
     scaler.step(opt)
     scaler.update()
     sched.step_update(1)
+    linear = OnlineLinear(model.encoder.num_features, 3, 0.1, DistEnv(), seed=0)
+    linear.step(out["features"], torch.tensor([0, 1, 2, 0]))  # an optimizer state to save
+    monitors = Monitors(config, LOGGER, 3, linear=linear)
     checkpointer = Checkpointer(DistEnv(), LOGGER)
-    state = main_pretrain.training_state(config, model, opt, sched, scaler, epoch=0)
+    state = main_pretrain.training_state(config, model, opt, sched, scaler, monitors, epoch=0)
     checkpointer.save(state, main_pretrain.checkpoint_paths(config, epoch=0))
     path = checkpointer.last_good
     ckpt = read_checkpoint(path)
@@ -89,6 +94,11 @@ def test_our_checkpoints_load_as_they_are(tmp_path, optimizer, schedule):
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in ckpt["model"].items())
     restored = build_optimizer(config, model)
     restored.load_state_dict(ckpt["optimizer"])  # the state round-trips
+    again = Monitors(config, LOGGER, 3, linear=OnlineLinear(model.encoder.num_features, 3, 0.1, DistEnv(), seed=1))
+    again.load_state_dict(ckpt["monitor"])
+    assert all(torch.equal(a, b) for a, b in zip(again.linear.head.state_dict().values(),
+                                                  linear.head.state_dict().values(), strict=True))  # fmt: skip
+    assert again.linear.optimizer.state_dict()["state"].keys() == linear.optimizer.state_dict()["state"].keys()
 
 
 def original_config():

@@ -10,14 +10,18 @@ import torch
 from conftest import small_config, views
 from timm.utils import accuracy
 
+from distributed import DistEnv
 from engine import train_one_epoch
 from logger import create_logger
 from lr_scheduler import build_scheduler
 from metrics import NULL_WRITER, DeviceMeters, MetricWriter, contrastive_metrics
 from models import build_model
+from monitor import Monitors, OnlineLinear
 from optimizer import build_optimizer
 from precision import OptimizerStep, amp_autocast
 from tools.plot_log import parse_log
+
+LOGGER = logging.getLogger("test_metrics")
 
 
 def read_scalars(folder):
@@ -146,7 +150,7 @@ def test_contrastive_metrics_read_no_value():
     assert len(values) == 5 and all(v.device.type == "meta" and v.shape == () for v in values.values())
 
 
-def train_epochs(model_type, folder, epochs, steps=2, **opts):
+def train_epochs(model_type, folder, epochs, steps=2, monitors=None, **opts):
     """Train ``epochs`` epochs of ``steps`` steps in this process, logging every step into ``folder``
     (log_rank0.txt and TensorBoard). Returns the last epoch's meters."""
     config = small_config(model_type, PRINT_FREQ=1, DATA__BATCH_SIZE=4, TRAIN__WARMUP_EPOCHS=0, **opts)
@@ -158,22 +162,23 @@ def train_epochs(model_type, folder, epochs, steps=2, **opts):
     with MetricWriter(str(folder), enabled=True) as writer:
         for epoch in range(epochs):
             meters = DeviceMeters()
-            batches = [views(seed=epoch * steps + i) for i in range(steps)]
+            batches = [(*views(seed=epoch * steps + i), torch.tensor([0, 1, 2, 0])) for i in range(steps)]
             step = OptimizerStep(optimizer, model.parameters(), torch.amp.GradScaler("cpu", enabled=False))
             train_one_epoch(config, model, batches, step, scheduler, amp_autocast(config, cpu), epoch, logger, writer,
-                            meters=meters)  # fmt: skip
+                            meters=meters, monitors=monitors)  # fmt: skip
     return meters
 
 
 def test_moby_logs_what_it_logged_before(tmp_path):
     meters = train_epochs("moby", tmp_path, epochs=1)
-    assert set(meters.read()) == {"loss", "grad_norm", "contrast_acc1", "contrast_acc5"}
+    assert set(meters.read()) == {"loss", "grad_norm", "contrast_acc1", "contrast_acc5", "proj_std"}
     log = (tmp_path / "log_rank0.txt").read_text()
     lines = re.findall(r"Train: .*", log)
     assert len(lines) == 2
     for line in lines:
-        assert re.fullmatch(r".*\tcontrast_acc1 [\d.]+ \([\d.]+\)\tcontrast_acc5 [\d.]+ \([\d.]+\)\tmem \d+MB", line)
-    assert re.search(r"mean loss [\d.]+ contrast_acc1 [\d.]+ images/s", log)
+        assert re.fullmatch(r".*\tcontrast_acc1 [\d.]+ \([\d.]+\)\tcontrast_acc5 [\d.]+ \([\d.]+\)"
+                            r"\tproj_std [\d.]+ \([\d.]+\)\tmem \d+MB", line)  # fmt: skip
+    assert re.search(r"mean loss [\d.]+ contrast_acc1 [\d.]+ proj_std [\d.]+ images/s", log)
     assert not {"train/contrast_acc1_real", "train/synthetic_above_positive"} & set(read_scalars(tmp_path))
 
 
@@ -196,9 +201,9 @@ def test_synco_logs_its_real_queue_accuracy_and_synthetic_share(tmp_path):
             assert 0 <= values["synthetic_above_positive"][0] <= 100
     epoch_lines = re.findall(r"EPOCH (\d) done in \S+: mean loss [\d.]+ contrast_acc1 ([\d.]+) (.*)images/s", log)
     assert [(e, rest.split()[0::2]) for e, _, rest in epoch_lines] == [
-        ("0", ["contrast_acc1_real"]),
-        ("1", ["contrast_acc1_real", "synthetic_above_positive"]),
-        ("2", ["contrast_acc1_real"]),
+        ("0", ["contrast_acc1_real", "proj_std"]),
+        ("1", ["contrast_acc1_real", "synthetic_above_positive", "proj_std"]),
+        ("2", ["contrast_acc1_real", "proj_std"]),
     ]
     assert epoch_lines[1][2].split()[3] == f"{train[3]['synthetic_above_positive'][1]:.3f}"  # the epoch's mean
     scalars = read_scalars(tmp_path)
@@ -207,3 +212,22 @@ def test_synco_logs_its_real_queue_accuracy_and_synthetic_share(tmp_path):
     synthetic = scalars["train/synthetic_above_positive"]
     assert [s for s, _ in synthetic] == [2, 3]
     assert synthetic[0][1] == pytest.approx(train[2]["synthetic_above_positive"][0], abs=1e-3)
+
+
+def test_byol_logs_a_batch_accuracy_and_the_monitor_its_train_accuracy(tmp_path):
+    """BYOL has no contrastive accuracy: batch_acc1 (its own image's key among the batch's) in its
+    place, a percentage; the online linear classifier's running top-1 beside it."""
+    config = small_config("byol")
+    linear = OnlineLinear(build_model(config).encoder.num_features, 3, 0.1, DistEnv(), seed=0)
+    meters = train_epochs("byol", tmp_path, epochs=1, monitors=Monitors(config, LOGGER, 3, linear=linear))
+    read = meters.read()
+    assert set(read) == {"loss", "grad_norm", "batch_acc1", "proj_std", "linear_acc1"}
+    for name in ("batch_acc1", "linear_acc1"):
+        assert 0 <= read[name][0] <= 100 and read[name][0] * 8 % 100 == pytest.approx(0, abs=1e-3)  # k / 8 of 2 x 4
+    assert 0 < read["proj_std"][0] <= 1
+    log = (tmp_path / "log_rank0.txt").read_text()
+    assert re.search(r"mean loss [\d.]+ batch_acc1 [\d.]+ linear_acc1 [\d.]+ proj_std [\d.]+ images/s", log)
+    assert "nan" not in log
+    assert {"train/batch_acc1", "train/linear_acc1", "epoch/batch_acc1", "epoch/linear_acc1"} <= set(
+        read_scalars(tmp_path)
+    )
