@@ -48,6 +48,13 @@ def test_resume_after_first_epoch_is_exact(framework, workers, gpu_aug, image_fo
     assert a["epoch"] == b["epoch"] == 1
     for key, value in a["model"].items():
         torch.testing.assert_close(b["model"][key], value, rtol=0, atol=1e-6, msg=key)
+    # the online linear monitor resumes too: its classifier, momentum buffers and val accuracy
+    for part in ("head", "optimizer"):
+        torch.testing.assert_close(b["monitor"]["linear"][part], a["monitor"]["linear"][part], rtol=0, atol=1e-6)
+    monitor_line = r"EPOCH 1 online linear val .*"
+    assert re.findall(monitor_line, open(os.path.join(resumed, "log_rank0.txt")).read()) == re.findall(
+        monitor_line, open(os.path.join(straight, "log_rank0.txt")).read()
+    )
     if framework == "synco":
         assert not torch.equal(
             a["model"]["queue1"],
