@@ -8,10 +8,15 @@ import pytest
 from conftest import run_script
 from PIL import Image
 
-from tools.plot_log import main, parse_log, synthetic_epochs, synthetic_span
+from tools.plot_log import FIGURE_WIDTH, draw, main, panels, parse_log, synthetic_epochs, synthetic_span
 
 PREFIX = "[2025-01-01 12:00:00 synco__vit_tiny__t] ({} {}): INFO "
-PANEL_WIDTH = 480  # pixels per panel
+PRINT_FREQ = 2
+
+
+def logged_steps(num_steps):
+    """The steps MetricLogger logs: every PRINT_FREQ-th and the epoch's last."""
+    return [idx for idx in range(num_steps) if idx % PRINT_FREQ == 0 or idx + 1 == num_steps]
 
 
 def pretrain_line(epoch, epochs, idx, num_steps, lr, loss, acc1, acc5, synco=()):
@@ -33,43 +38,55 @@ def pretrain_line(epoch, epochs, idx, num_steps, lr, loss, acc1, acc5, synco=())
     )
 
 
-def linear_lines(epoch, epochs, num_steps, top1):
-    lines = [
-        PREFIX.format("main_linear.py", 179) + f"Train: [{epoch}/{epochs}][{idx}/{num_steps}]\t"
-        f"eta 0:00:0{num_steps - idx - 1} lr {0.1 * (idx + 1) / num_steps:.6f}\t"
-        f"time 0.0288 (0.0288)\tloss {2.0 - 0.1 * epoch - 0.01 * idx:.4f} (2.0000)\tmem 840MB"
-        for idx in range(num_steps)
-    ]
-    lines.append(PREFIX.format("main_linear.py", 185) + f"EPOCH {epoch} training took 0:00:01")
-    lines.append(
-        PREFIX.format("main_linear.py", 279) + f"EPOCH {epoch} cifar10 val (10000 images): top-1 {top1:.2f}% "
-        f"top-5 {top1 + 30:.2f}% loss {1.5 - 0.1 * epoch:.4f}; best top-1 {top1:.2f}%"
-    )
-    return lines
+def epoch_loss(epoch):
+    """The mean loss of a written pretraining log's epoch line (not any step's running mean)."""
+    return 8.5 - epoch
 
 
 def write_pretrain_log(folder, with_acc=True, epochs=3, num_steps=8, synthetic_epochs=None, byol_acc=0.0):
     """A run's log: MoBY's lines, or with ``synthetic_epochs`` (first, last) SynCo's; BYOL's without accuracy."""
     lines = [PREFIX.format("main_pretrain.py", 312) + "start training"]
     for epoch in range(epochs):
-        for idx in range(0, num_steps, 2):
+        for idx in logged_steps(num_steps):
             step = epoch * num_steps + idx
             acc = (min(90.0, 5.0 * step), min(99.0, 8.0 * step)) if with_acc else (byol_acc, byol_acc)
             synco = []
             if synthetic_epochs is not None:
-                on = synthetic_epochs[0] <= epoch <= synthetic_epochs[1]
+                active = synthetic_epochs[0] <= epoch <= synthetic_epochs[1]
                 synco = [("contrast_acc1_real", acc[0]), ("contrast_acc5_real", acc[1])]
-                acc = (acc[0] / 2, acc[1] / 2) if on else acc  # the synthetic logits push the positive down
-                synco += [("synthetic_above_positive", 10.0 - step / 4)] if on else []
+                acc = (acc[0] / 2, acc[1] / 2) if active else acc  # the synthetic logits push the positive down
+                synco += [("synthetic_above_positive", 10.0 - step / 4)] if active else []
             lr = 1e-3 * step / 24
             lines.append(pretrain_line(epoch, epochs, idx, num_steps, lr, 9.0 - 0.2 * step, *acc, synco=synco))
         lines.append(
-            PREFIX.format("main_pretrain.py", 190) + f"EPOCH {epoch} done in 0:00:01: mean loss 7.9835 "
-            "contrast_acc1 0.000 images/s 13.3 (all processes)"
+            PREFIX.format("main_pretrain.py", 190) + f"EPOCH {epoch} done in 0:00:01: mean loss "
+            f"{epoch_loss(epoch):.4f} contrast_acc1 0.000 images/s 13.3 (all processes)"
         )
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "log_rank0.txt").write_text("\n".join(lines) + "\n")
     return folder
+
+
+def linear_loss(epoch, idx):
+    return 2.0 - 0.1 * epoch - 0.01 * idx
+
+
+def linear_lines(epoch, epochs, num_steps, top1):
+    """main_linear.py's lines of an epoch: each step's with the epoch's running mean loss, then its val line."""
+    lines = []
+    for idx in range(num_steps):
+        mean = np.mean([linear_loss(epoch, i) for i in range(idx + 1)])
+        lines.append(
+            PREFIX.format("main_linear.py", 179) + f"Train: [{epoch}/{epochs}][{idx}/{num_steps}]\t"
+            f"eta 0:00:0{num_steps - idx - 1} lr {0.1 * (idx + 1) / num_steps:.6f}\t"
+            f"time 0.0288 (0.0288)\tloss {linear_loss(epoch, idx):.4f} ({mean:.4f})\tmem 840MB"
+        )
+    lines.append(PREFIX.format("main_linear.py", 185) + f"EPOCH {epoch} training took 0:00:01")
+    lines.append(
+        PREFIX.format("main_linear.py", 279) + f"EPOCH {epoch} cifar10 val (10000 images): top-1 {top1:.2f}% "
+        f"top-5 {top1 + 30:.2f}% loss {1.5 - 0.1 * epoch:.4f}; best top-1 {top1:.2f}%"
+    )
+    return lines
 
 
 def write_linear_log(folder, epochs=4, num_steps=5):
@@ -81,13 +98,35 @@ def write_linear_log(folder, epochs=4, num_steps=5):
     return folder
 
 
-def check_png(path, panels):
+def write_config(folder, model_type="synco", **keys):
+    """A run's config.json with the MODEL keys ``keys``."""
+    (folder / "config.json").write_text(json.dumps({"MODEL": {"TYPE": model_type, **keys}, "TRAIN": {"EPOCHS": 3}}))
+
+
+def check_png(path):
     image = Image.open(path)
     assert image.format == "PNG"
-    assert image.width == panels * PANEL_WIDTH and image.height > 300
+    assert image.width == FIGURE_WIDTH * 100 and image.height > 300
     pixels = np.asarray(image.convert("RGB"))
     assert pixels.std() > 10  # not blank
     assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 2
+
+
+def figure_of(folder, **kwargs):
+    """The parsed log of ``folder`` and its figure's axes by panel name."""
+    parsed = parse_log(folder / "log_rank0.txt")
+    fig = draw(parsed, "run", **kwargs)
+    assert len(fig.axes) == len(panels(parsed))
+    return parsed, fig, dict(zip(panels(parsed), fig.axes))
+
+
+def lines_of(ax):
+    """{label: (x, y)} of the labelled lines of ``ax``."""
+    return {line.get_label(): (list(line.get_xdata()), list(line.get_ydata()))
+            for line in ax.get_lines() if not line.get_label().startswith("_")}  # fmt: skip
+
+
+# ---------------------------------------------------------------------------- parsing
 
 
 def test_parse_pretrain_log(tmp_path):
@@ -96,11 +135,30 @@ def test_parse_pretrain_log(tmp_path):
         f.write(pretrain_line(2, 3, 0, 8, 0.5, 1.25, 3.0, 4.0) + "\n")
     parsed = parse_log(folder / "log_rank0.txt")
     train = parsed["train"]
-    assert list(train) == [e * 8 + i for e in range(3) for i in (0, 2, 4, 6)]  # epoch * N + i, sorted
-    assert train[10]["loss"] == (pytest.approx(7.0), pytest.approx(7.1))
-    assert train[10]["lr"] == (pytest.approx(1e-3 * 10 / 24, abs=1e-6), None)
-    assert train[16]["loss"][0] == 1.25 and train[16]["contrast_acc1"] == (3.0, 3.0)
+    assert list(train) == [e + i / 8 for e in range(3) for i in (0, 2, 4, 6, 7)]  # epoch + step / steps, sorted
+    assert train[1 + 2 / 8]["loss"] == (pytest.approx(7.0), pytest.approx(7.1))
+    assert train[1 + 2 / 8]["lr"] == (pytest.approx(1e-3 * 10 / 24, abs=1e-6), None)
+    assert train[2.0]["loss"][0] == 1.25 and train[2.0]["contrast_acc1"] == (3.0, 3.0)
     assert parsed["val"] == {} and parsed["dataset"] is None
+
+
+def test_epoch_means_are_the_epoch_lines_and_last_steps(tmp_path):
+    parsed = parse_log(write_pretrain_log(tmp_path / "run") / "log_rank0.txt")
+    means = parsed["epoch_means"]
+    assert list(means) == [0, 1, 2]
+    for epoch in range(3):
+        last = parsed["train"][epoch + 7 / 8]
+        assert means[epoch]["loss"] == epoch_loss(epoch) != last["loss"][1]  # the epoch line's, over all processes
+        assert means[epoch]["contrast_acc1"] == last["contrast_acc1"][1]
+        assert means[epoch]["grad_norm"] == last["grad_norm"][1] and "lr" not in means[epoch]
+
+
+def test_an_unfinished_epoch_has_no_mean(tmp_path):
+    folder = write_pretrain_log(tmp_path / "run", epochs=2)
+    with open(folder / "log_rank0.txt", "a") as f:  # stopped inside epoch 2
+        f.write("\n".join(pretrain_line(2, 3, idx, 8, 0.1, 5.0, 1.0, 2.0) for idx in (0, 2)) + "\n")
+    parsed = parse_log(folder / "log_rank0.txt")
+    assert list(parsed["epoch_means"]) == [0, 1] and max(parsed["train"]) == 2 + 2 / 8
 
 
 def test_parse_linear_log(tmp_path):
@@ -108,6 +166,59 @@ def test_parse_linear_log(tmp_path):
     assert len(parsed["train"]) == 4 * 5 and "contrast_acc1" not in parsed["train"][0]
     assert parsed["dataset"] == "cifar10"
     assert parsed["val"][3] == (55.0, 85.0, pytest.approx(1.2))
+    # without an epoch line, the loss's epoch mean is the last step's running mean: the whole epoch's
+    for epoch in range(4):
+        whole = np.mean([linear_loss(epoch, i) for i in range(5)])
+        assert parsed["epoch_means"][epoch]["loss"] == pytest.approx(whole, abs=1e-4)
+
+
+# ---------------------------------------------------------------------------- panels
+
+
+def test_x_axis_in_epochs(tmp_path):
+    parsed, fig, axes = figure_of(write_pretrain_log(tmp_path / "run"))
+    expected = [e + i / 8 for e in range(3) for i in logged_steps(8)]
+    thin = [line for line in axes["loss"].get_lines() if line.get_label() == "logged steps"][0]
+    assert list(thin.get_xdata()) == expected
+    assert list(axes["lr"].get_lines()[0].get_xdata()) == expected
+    assert all(ax.get_shared_x_axes().joined(ax, axes["loss"]) for ax in fig.axes)
+    assert fig.axes[-1].get_xlabel() == "epoch"
+
+
+def test_epoch_means_drawn_at_epoch_ends(tmp_path):
+    parsed, _, axes = figure_of(write_pretrain_log(tmp_path / "run"))
+    assert lines_of(axes["loss"])["epoch mean"] == ([1, 2, 3], [epoch_loss(e) for e in range(3)])
+    mean = lines_of(axes["contrast"])["top-1"]
+    assert mean == ([1, 2, 3], [parsed["train"][e + 7 / 8]["contrast_acc1"][1] for e in range(3)])
+    assert axes["contrast"].get_lines()[0].get_marker() in ("None", "")  # the steps: a plain thin line
+
+
+def test_linear_run_val_after_each_epoch(tmp_path):
+    parsed, _, axes = figure_of(write_linear_log(tmp_path / "linear_cifar10_linprob"))
+    assert panels(parsed) == ["loss", "val", "lr"]
+    val = lines_of(axes["val"])
+    assert val["val top-1"] == ([1, 2, 3, 4], [40.0 + 5 * e for e in range(4)])
+    assert val["val top-5"][1] == [70.0 + 5 * e for e in range(4)]
+
+
+def test_legends_outside_the_axes(tmp_path):
+    folder = write_pretrain_log(tmp_path / "run", epochs=4, synthetic_epochs=(1, 2))
+    parsed = parse_log(folder / "log_rank0.txt")
+    _, fig, axes = figure_of(folder, span=synthetic_span(parsed, (1, 2)))
+    fig.draw_without_rendering()  # lays the figure out
+    figure_box = fig.bbox
+    for name, ax in axes.items():
+        legend = ax.get_legend()
+        if name == "lr":
+            assert legend is None  # one curve; the shaded epochs are named in the first panel's legend
+            continue
+        assert legend is not None, name
+        box, frame = legend.get_window_extent(), ax.get_window_extent()
+        assert box.x0 >= frame.x1 and not box.overlaps(frame), name  # to the axes' right
+        assert box.x1 <= figure_box.x1 and box.y0 >= figure_box.y0, name  # in the picture
+
+
+# ---------------------------------------------------------------------------- whole runs
 
 
 @pytest.mark.slow
@@ -117,31 +228,28 @@ def test_pretrain_run_cli(tmp_path):
     assert result.returncode == 0, result.stderr
     png = folder / "curves.png"
     assert result.stdout.strip() == f"curves: {png}"
-    check_png(png, panels=3)  # loss, contrastive accuracy, lr
+    check_png(png)
 
 
 @pytest.mark.parametrize("logged", [float("nan"), 0.0])  # what main_pretrain.py logs for BYOL, and older runs
 def test_byol_run_has_no_accuracy_panel(tmp_path, logged):
     folder = write_pretrain_log(tmp_path / "byol", with_acc=False, byol_acc=logged)
+    assert panels(parse_log(folder / "log_rank0.txt")) == ["loss", "lr"]
     out = tmp_path / "byol.png"
     assert main([str(folder), "--out", str(out)]) == str(out)
-    check_png(out, panels=2)  # loss, lr
-
-
-def write_config(folder, model_type="synco", **keys):
-    """A run's config.json with the MODEL keys ``keys``."""
-    (folder / "config.json").write_text(json.dumps({"MODEL": {"TYPE": model_type, **keys}, "TRAIN": {"EPOCHS": 3}}))
+    check_png(out)
 
 
 def test_parse_synco_log(tmp_path):
     parsed = parse_log(write_pretrain_log(tmp_path / "run", synthetic_epochs=(1, 1)) / "log_rank0.txt")
     train = parsed["train"]
-    assert parsed["steps_per_epoch"] == 8 and parsed["pretraining"]
-    assert train[10]["contrast_acc1_real"] == (50.0, 49.0) and train[10]["contrast_acc1"] == (25.0, 25.0)
-    assert train[10]["contrast_acc5_real"] == (80.0, 79.0) and train[10]["contrast_acc5"] == (40.0, 40.0)
-    assert train[4]["contrast_acc1_real"][0] == train[4]["contrast_acc1"][0] == 20.0
-    assert train[10]["synthetic_above_positive"] == (7.5, 6.5)
-    assert [s for s, v in train.items() if "synthetic_above_positive" in v] == [8, 10, 12, 14]
+    assert parsed["pretraining"]
+    x = 1 + 2 / 8  # global step 10
+    assert train[x]["contrast_acc1_real"] == (50.0, 49.0) and train[x]["contrast_acc1"] == (25.0, 25.0)
+    assert train[x]["contrast_acc5_real"] == (80.0, 79.0) and train[x]["contrast_acc5"] == (40.0, 40.0)
+    assert train[0.5]["contrast_acc1_real"][0] == train[0.5]["contrast_acc1"][0] == 20.0
+    assert train[x]["synthetic_above_positive"] == (7.5, 6.5)
+    assert [s for s, v in train.items() if "synthetic_above_positive" in v] == [1 + i / 8 for i in logged_steps(8)]
     assert all("contrast_acc1_real" in v for v in train.values())
 
 
@@ -159,14 +267,17 @@ def test_no_synthetic_epochs_without_synco(tmp_path):
     assert synthetic_epochs(tmp_path) is None
 
 
-def test_synthetic_span_in_global_steps(tmp_path):
+def test_synthetic_span_in_epochs(tmp_path):
     parsed = parse_log(write_pretrain_log(tmp_path / "run", synthetic_epochs=(1, 1)) / "log_rank0.txt")
-    # logged steps 0, 2, ..., 22 (3 epochs of 8 steps, every second one)
-    assert synthetic_span(parsed, (1, 1)) == (8, 15)
-    assert synthetic_span(parsed, (2, 100)) == (16, 22)  # clipped to what the log holds
-    assert synthetic_span(parsed, (0, 0)) == (0, 7)
+    # 3 finished epochs
+    assert synthetic_span(parsed, (1, 1)) == (1, 2)
+    assert synthetic_span(parsed, (2, 100)) == (2, 3)  # clipped to what the log holds
+    assert synthetic_span(parsed, (0, 0)) == (0, 1)
     assert synthetic_span(parsed, (30, 100)) is None  # not reached yet
     assert synthetic_span(parsed, None) is None
+    with open(tmp_path / "run" / "log_rank0.txt", "a") as f:  # stopped inside epoch 3
+        f.write(pretrain_line(3, 4, 2, 8, 0.1, 5.0, 1.0, 2.0) + "\n")
+    assert synthetic_span(parse_log(tmp_path / "run" / "log_rank0.txt"), (2, 100)) == (2, 3 + 2 / 8)
     # a linear evaluation's folder keeps the pretraining's config.json, but not its epochs
     linear = parse_log(write_linear_log(tmp_path / "linear_cifar10_linprob") / "log_rank0.txt")
     assert not linear["pretraining"] and synthetic_span(linear, (0, 3)) is None
@@ -182,12 +293,15 @@ def shaded_pixels(path):
                                          ("WARMUP_EPOCHS", "COOLDOWN_EPOCHS")])  # fmt: skip
 def test_synco_run_plot_shades_synthetic_epochs(tmp_path, first, last):
     folder = write_pretrain_log(tmp_path / "synco__vit_tiny__t" / "t", synthetic_epochs=(1, 1))
+    # loss, contrastive accuracy (all and real queue), synthetic above positive, lr
+    assert panels(parse_log(folder / "log_rank0.txt")) == ["loss", "contrast", "synthetic", "lr"]
     plain = main([str(folder), "--out", str(tmp_path / "plain.png")])
-    check_png(plain, panels=4)  # loss, contrastive accuracy (all and real queue), synthetic above positive, lr
+    check_png(plain)
     write_config(folder, **{first: 1, last: 1})
-    check_png(main([str(folder)]), panels=4)
-    # four panels, each shaded over a third of its width (without the span: a few antialiased pixels)
-    assert shaded_pixels(plain) < 500 < 4 * 0.2 * 300 * 200 < shaded_pixels(folder / "curves.png")
+    check_png(main([str(folder)]))
+    # four panels, each shaded over a third of its width, 500 px or more, and 120 px or more high
+    # (without the span: a few antialiased pixels)
+    assert shaded_pixels(plain) < 500 < 4 * 0.2 * 500 * 120 < shaded_pixels(folder / "curves.png")
 
 
 def test_unreadable_config_is_one_error_line(tmp_path, capsys):
@@ -204,13 +318,13 @@ def test_linear_run(tmp_path, capsys):
     folder = write_linear_log(tmp_path / "t" / "linear_cifar10_linprob")
     main([str(folder)])
     assert capsys.readouterr().out.strip() == f"curves: {folder / 'curves.png'}"
-    check_png(folder / "curves.png", panels=3)  # loss, lr, val top-1/top-5
+    check_png(folder / "curves.png")
 
 
-@pytest.mark.parametrize("log", [None, "", "[2025-01-01 12:00:00 x] (main_pretrain.py 1): INFO start training\n"])
+@pytest.mark.parametrize("log", [None, "", "start training"])
 def test_nothing_to_plot(tmp_path, capsys, log):
     if log is not None:
-        (tmp_path / "log_rank0.txt").write_text(log)
+        (tmp_path / "log_rank0.txt").write_text(PREFIX.format("main_pretrain.py", 1) + log + "\n" if log else "")
     with pytest.raises(SystemExit) as exit_info:
         main([str(tmp_path)])
     assert exit_info.value.code == 2
