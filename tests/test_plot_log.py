@@ -161,6 +161,14 @@ def test_an_unfinished_epoch_has_no_mean(tmp_path):
     assert list(parsed["epoch_means"]) == [0, 1] and max(parsed["train"]) == 2 + 2 / 8
 
 
+def test_before_an_epoch_ends_the_steps_carry_the_legend(tmp_path):
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / "log_rank0.txt").write_text("\n".join(pretrain_line(0, 3, idx, 8, 0.1, 5.0, 1.0, 2.0) for idx in (0, 2)))
+    _, _, axes = figure_of(folder)
+    assert lines_of(axes["contrast"]) == {"top-1": ([0, 2 / 8], [1.0, 1.0]), "top-5": ([0, 2 / 8], [2.0, 2.0])}
+
+
 def test_parse_linear_log(tmp_path):
     parsed = parse_log(write_linear_log(tmp_path / "linear_cifar10_linprob") / "log_rank0.txt")
     assert len(parsed["train"]) == 4 * 5 and "contrast_acc1" not in parsed["train"][0]

@@ -160,9 +160,13 @@ def panels(parsed):
 
 
 def _draw(ax, parsed, name, color, label, style="-", step_label=None):
-    """``name`` at the logged steps, thin and light, and its epoch means, with markers at the epochs' ends."""
+    """``name`` at the logged steps, thin and light, and its epoch means, with markers at the epochs' ends
+    (before the first epoch ends, the thin line carries ``label``)."""
+    xs, means = _epoch_series(parsed, name)
+    step_label = step_label or (None if xs else label)
     ax.plot(*_steps(parsed["train"], name), style, color=color, lw=0.8, alpha=0.35, label=step_label)
-    ax.plot(*_epoch_series(parsed, name), style, color=color, marker="o", markersize=4, label=label)
+    if xs:
+        ax.plot(xs, means, style, color=color, marker="o", markersize=4, label=label)
 
 
 def _draw_top(ax, values, name, color, marker):
