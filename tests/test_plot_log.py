@@ -2,6 +2,7 @@
 
 import datetime
 import json
+import math
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ from tools.plot_log import FIGURE_WIDTH, draw, main, panels, parse_log, syntheti
 
 PREFIX = "[2025-01-01 12:00:00 synco__vit_tiny__t] ({} {}): INFO "
 PRINT_FREQ = 2
+ALL_MONITOR_LINES = ("steps", "linear", "knn")
 
 
 def logged_steps(num_steps):
@@ -19,8 +21,9 @@ def logged_steps(num_steps):
     return [idx for idx in range(num_steps) if idx % PRINT_FREQ == 0 or idx + 1 == num_steps]
 
 
-def pretrain_line(epoch, epochs, idx, num_steps, lr, loss, acc1, acc5, synco=()):
-    """main_pretrain.py's line; ``synco``: SynCo's (name, value) pairs, logged after contrast_acc5."""
+def pretrain_line(epoch, epochs, idx, num_steps, lr, loss, acc1, acc5, synco=(), extra=()):
+    """main_pretrain.py's line; ``synco``: SynCo's (name, value) pairs, logged after contrast_acc5;
+    ``extra``: further (name, value, epoch mean, format) fields (the monitors', BYOL's batch_acc1)."""
     eta = datetime.timedelta(seconds=3 * (num_steps - idx - 1))
     return (
         PREFIX.format("main_pretrain.py", 178)
@@ -35,6 +38,7 @@ def pretrain_line(epoch, epochs, idx, num_steps, lr, loss, acc1, acc5, synco=())
             f"contrast_acc5 {acc5:.3f} ({acc5:.3f})"
         )
         + "".join(f"\t{name} {value:.3f} ({value - 1:.3f})" for name, value in synco)
+        + "".join(f"\t{name} {value:{fmt}} ({mean:{fmt}})" for name, value, mean, fmt in extra)
     )
 
 
@@ -43,9 +47,28 @@ def epoch_loss(epoch):
     return 8.5 - epoch
 
 
-def write_pretrain_log(folder, with_acc=True, epochs=3, num_steps=8, synthetic_epochs=None, byol_acc=0.0):
-    """A run's log: MoBY's lines, or with ``synthetic_epochs`` (first, last) SynCo's; BYOL's without accuracy."""
+def linear_monitor(epoch):
+    """Top-1 and top-5 of the online linear classifier's val line after ``epoch``."""
+    return 20.0 + 10 * epoch, 50.0 + 10 * epoch
+
+
+def knn_monitor(epoch):
+    return 25.0 + 10 * epoch, 65.0 + 10 * epoch
+
+
+def write_pretrain_log(folder, with_acc=True, epochs=3, num_steps=8, synthetic_epochs=None, byol_acc=0.0,
+                       batch_acc=False, monitors=None, monitor_lines=ALL_MONITOR_LINES):  # fmt: skip
+    """A run's log: MoBY's lines, or with ``synthetic_epochs`` (first, last) SynCo's; BYOL's without
+    accuracy (``batch_acc``: with its top-1 among the batch). ``monitors``: the number of classes of
+    the monitors' start line, or "off"; ``monitor_lines``: which of their lines the run logs (their
+    step fields, the online linear val line after every epoch, the k-NN line after every second)."""
     lines = [PREFIX.format("main_pretrain.py", 312) + "start training"]
+    if monitors == "off":
+        lines.append(PREFIX.format("main_pretrain.py", 300) + "monitors off: the dataset has no labels")
+    elif monitors is not None:
+        start = f"monitors: {monitors} classes; online linear on, k-NN every 2 epochs"
+        lines.append(PREFIX.format("main_pretrain.py", 300) + start)
+    on = monitors not in (None, "off")
     for epoch in range(epochs):
         for idx in logged_steps(num_steps):
             step = epoch * num_steps + idx
@@ -56,12 +79,31 @@ def write_pretrain_log(folder, with_acc=True, epochs=3, num_steps=8, synthetic_e
                 synco = [("contrast_acc1_real", acc[0]), ("contrast_acc5_real", acc[1])]
                 acc = (acc[0] / 2, acc[1] / 2) if active else acc  # the synthetic logits push the positive down
                 synco += [("synthetic_above_positive", 10.0 - step / 4)] if active else []
+            extra = []
+            if batch_acc:
+                extra.append(("batch_acc1", 30.0 + step, 29.0 + step, ".3f"))
+            if on and "steps" in monitor_lines:
+                extra.append(("linear_acc1", 10.0 + 2 * step, 9.0 + 2 * step, ".3f"))
+                extra.append(("proj_std", 0.05 + 0.001 * step, 0.0495 + 0.001 * step, ".4f"))
             lr = 1e-3 * step / 24
-            lines.append(pretrain_line(epoch, epochs, idx, num_steps, lr, 9.0 - 0.2 * step, *acc, synco=synco))
+            line = pretrain_line(epoch, epochs, idx, num_steps, lr, 9.0 - 0.2 * step, *acc, synco=synco, extra=extra)
+            lines.append(line)
         lines.append(
             PREFIX.format("main_pretrain.py", 190) + f"EPOCH {epoch} done in 0:00:01: mean loss "
             f"{epoch_loss(epoch):.4f} contrast_acc1 0.000 images/s 13.3 (all processes)"
         )
+        if on and "linear" in monitor_lines:
+            top1, top5 = linear_monitor(epoch)
+            lines.append(
+                PREFIX.format("main_pretrain.py", 201)
+                + f"EPOCH {epoch} online linear val (500 images): top-1 {top1:.2f}% top-5 {top5:.2f}%"
+            )
+        if on and "knn" in monitor_lines and epoch % 2 == 1:
+            top1, top5 = knn_monitor(epoch)
+            lines.append(
+                PREFIX.format("main_pretrain.py", 215) + f"EPOCH {epoch} k-NN val (k=20, T=0.07, bank 1000 images, "
+                f"500 val): top-1 {top1:.2f}% top-5 {top5:.2f}% in 12.3s"
+            )
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "log_rank0.txt").write_text("\n".join(lines) + "\n")
     return folder
@@ -140,6 +182,7 @@ def test_parse_pretrain_log(tmp_path):
     assert train[1 + 2 / 8]["lr"] == (pytest.approx(1e-3 * 10 / 24, abs=1e-6), None)
     assert train[2.0]["loss"][0] == 1.25 and train[2.0]["contrast_acc1"] == (3.0, 3.0)
     assert parsed["val"] == {} and parsed["dataset"] is None
+    assert parsed["linear_val"] == {} and parsed["knn"] == {}
 
 
 def test_epoch_means_are_the_epoch_lines_and_last_steps(tmp_path):
@@ -180,11 +223,30 @@ def test_parse_linear_log(tmp_path):
         assert parsed["epoch_means"][epoch]["loss"] == pytest.approx(whole, abs=1e-4)
 
 
+def test_parse_monitor_lines(tmp_path):
+    parsed = parse_log(write_pretrain_log(tmp_path / "run", epochs=4, monitors=10) / "log_rank0.txt")
+    step = parsed["train"][1 + 2 / 8]  # global step 10
+    assert step["linear_acc1"] == (30.0, 29.0)
+    assert step["proj_std"] == (pytest.approx(0.06), pytest.approx(0.0595))
+    assert parsed["epoch_means"][1]["proj_std"] == pytest.approx(0.0495 + 0.001 * 15)  # its last step's mean
+    assert parsed["linear_val"] == {e: linear_monitor(e) for e in range(4)}
+    assert parsed["knn"] == {e: knn_monitor(e) for e in (1, 3)}
+    assert parsed["val"] == {}  # neither monitor line is a linear evaluation's
+
+
+def test_parse_byol_batch_accuracy(tmp_path):
+    parsed = parse_log(write_pretrain_log(tmp_path / "byol", with_acc=False, byol_acc=math.nan, batch_acc=True)
+                       / "log_rank0.txt")  # fmt: skip
+    assert parsed["train"][1 + 2 / 8]["batch_acc1"] == (40.0, 39.0)
+    assert parsed["epoch_means"][2]["batch_acc1"] == 29.0 + 23
+    assert "contrast" in panels(parsed)
+
+
 # ---------------------------------------------------------------------------- panels
 
 
 def test_x_axis_in_epochs(tmp_path):
-    parsed, fig, axes = figure_of(write_pretrain_log(tmp_path / "run"))
+    parsed, fig, axes = figure_of(write_pretrain_log(tmp_path / "run", monitors=10))
     expected = [e + i / 8 for e in range(3) for i in logged_steps(8)]
     thin = [line for line in axes["loss"].get_lines() if line.get_label() == "logged steps"][0]
     assert list(thin.get_xdata()) == expected
@@ -194,11 +256,15 @@ def test_x_axis_in_epochs(tmp_path):
 
 
 def test_epoch_means_drawn_at_epoch_ends(tmp_path):
-    parsed, _, axes = figure_of(write_pretrain_log(tmp_path / "run"))
+    parsed, _, axes = figure_of(write_pretrain_log(tmp_path / "run", monitors=10))
     assert lines_of(axes["loss"])["epoch mean"] == ([1, 2, 3], [epoch_loss(e) for e in range(3)])
     mean = lines_of(axes["contrast"])["top-1"]
     assert mean == ([1, 2, 3], [parsed["train"][e + 7 / 8]["contrast_acc1"][1] for e in range(3)])
     assert axes["contrast"].get_lines()[0].get_marker() in ("None", "")  # the steps: a plain thin line
+    monitor = lines_of(axes["monitors"])
+    assert monitor["online linear train top-1"][0] == [1, 2, 3]
+    assert monitor["online linear val top-1"] == ([1, 2, 3], [linear_monitor(e)[0] for e in range(3)])
+    assert monitor["k-NN top-1"] == ([2], [knn_monitor(1)[0]])
 
 
 def test_linear_run_val_after_each_epoch(tmp_path):
@@ -209,10 +275,26 @@ def test_linear_run_val_after_each_epoch(tmp_path):
     assert val["val top-5"][1] == [70.0 + 5 * e for e in range(4)]
 
 
+@pytest.mark.parametrize(
+    "monitors, monitor_lines, shown",
+    [(None, ALL_MONITOR_LINES, False), ("off", ALL_MONITOR_LINES, False), (10, (), False),
+     (10, ("steps",), True), (10, ("linear",), True), (10, ("knn",), True)],
+)  # fmt: skip
+def test_monitor_panel_only_with_monitor_lines(tmp_path, monitors, monitor_lines, shown):
+    folder = write_pretrain_log(tmp_path / "run", monitors=monitors, monitor_lines=monitor_lines)
+    parsed, _, axes = figure_of(folder)
+    assert ("monitors" in axes) == shown
+    assert ("proj_std" in axes) == ("steps" in monitor_lines and monitors == 10)
+    if shown:  # what its legend names has points
+        named = lines_of(axes["monitors"])
+        assert named and all(x for x, _ in named.values())
+        assert ("online linear train top-1" in named) == ("steps" in monitor_lines)
+
+
 def test_legends_outside_the_axes(tmp_path):
-    folder = write_pretrain_log(tmp_path / "run", epochs=4, synthetic_epochs=(1, 2))
+    folder = write_pretrain_log(tmp_path / "run", epochs=4, synthetic_epochs=(1, 2), monitors=10)
     parsed = parse_log(folder / "log_rank0.txt")
-    _, fig, axes = figure_of(folder, span=synthetic_span(parsed, (1, 2)))
+    _, fig, axes = figure_of(folder, span=synthetic_span(parsed, (1, 2)), proj_dim=64)
     fig.draw_without_rendering()  # lays the figure out
     figure_box = fig.bbox
     for name, ax in axes.items():
@@ -224,6 +306,21 @@ def test_legends_outside_the_axes(tmp_path):
         box, frame = legend.get_window_extent(), ax.get_window_extent()
         assert box.x0 >= frame.x1 and not box.overlaps(frame), name  # to the axes' right
         assert box.x1 <= figure_box.x1 and box.y0 >= figure_box.y0, name  # in the picture
+
+
+def test_projection_std_reference_line(tmp_path):
+    folder = write_pretrain_log(tmp_path / "run", monitors=10)
+    _, _, axes = figure_of(folder, proj_dim=64)
+    assert lines_of(axes["proj_std"])["1/sqrt(64)"][1] == [1 / 8, 1 / 8]
+    _, _, axes = figure_of(folder)  # D unknown
+    assert set(lines_of(axes["proj_std"])) == {"epoch mean"}
+
+
+def test_projection_dim_from_config(tmp_path):
+    folder = write_pretrain_log(tmp_path / "moby" / "t", monitors=10)
+    write_config(folder, model_type="moby", PROJ_DIM=64)
+    main([str(folder)])
+    check_png(folder / "curves.png")
 
 
 # ---------------------------------------------------------------------------- whole runs
@@ -329,7 +426,7 @@ def test_linear_run(tmp_path, capsys):
     check_png(folder / "curves.png")
 
 
-@pytest.mark.parametrize("log", [None, "", "start training"])
+@pytest.mark.parametrize("log", [None, "", "start training", "monitors: 10 classes; online linear on, k-NN off"])
 def test_nothing_to_plot(tmp_path, capsys, log):
     if log is not None:
         (tmp_path / "log_rank0.txt").write_text(PREFIX.format("main_pretrain.py", 1) + log + "\n" if log else "")

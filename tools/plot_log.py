@@ -5,8 +5,10 @@
 
 One column of panels against the epoch (a logged step at epoch + step / steps per epoch),
 each with its legend to its right: training loss; contrastive top-1/top-5 (MoBY, SynCo; for
-SynCo also among the real queue alone); the share of SynCo's synthetic logits above the
-positive; for a linear evaluation the val top-1/top-5; the learning rate. Thin lines: the
+SynCo also among the real queue alone) and BYOL's top-1 among the batch; the share of
+SynCo's synthetic logits above the positive; the monitors (online linear top-1 on the
+training batches and on the val set, k-NN top-1/top-5); the std of the projections beside
+1/sqrt(D); for a linear evaluation the val top-1/top-5; the learning rate. Thin lines: the
 logged steps; markers: the epoch means, at the epoch's end (the val accuracies: after the
 epoch). A SynCo run's epochs with synthetic negatives (from its config.json) are shaded. A
 resumed run's repeated steps keep their last value. Without a parsable line: one error
@@ -27,6 +29,11 @@ TRAIN_RE = re.compile(r"Train: \[(\d+)/\d+\]\[(\d+)/(\d+)\]\s(.*)")
 EPOCH_DONE_RE = re.compile(rf"EPOCH (\d+) done in .*?: mean loss {NUMBER}")
 # "EPOCH e <dataset> val (N images): top-1 X% top-5 Y% loss Z; best top-1 B%" (main_linear.py)
 VAL_RE = re.compile(r"EPOCH (\d+) (\S+) val \((\d+) images\): top-1 (\S+)% top-5 (\S+)% loss (\S+);")
+# the monitors of main_pretrain.py after epoch e:
+# "EPOCH e online linear val (N images): top-1 X% top-5 Y%"
+LINEAR_MONITOR_RE = re.compile(rf"EPOCH (\d+) online linear val \(\d+ images\): top-1 {NUMBER}% top-5 {NUMBER}%")
+# "EPOCH e k-NN val (k=K, T=T, bank N images, M val): top-1 X% top-5 Y% in Ss"
+KNN_RE = re.compile(rf"EPOCH (\d+) k-NN val \([^)]*\): top-1 {NUMBER}% top-5 {NUMBER}%")
 
 
 def _field(name):
@@ -39,12 +46,15 @@ FIELDS = {
     for name in ("lr", "loss", "grad_norm", "contrast_acc1", "contrast_acc5")
     # SynCo's: its accuracies among the real queue alone, its synthetic logits above the positive
     + ("contrast_acc1_real", "contrast_acc5_real", "synthetic_above_positive")
+    # the monitors': the online linear classifier's top-1 on the training batches, the std of the
+    # normalised projections; BYOL's top-1 of each prediction among the batch's target keys
+    + ("linear_acc1", "proj_std", "batch_acc1")
 }
 # SynCo's first and last epoch with synthetic negatives in config.json: the keys, then their original names
 SYNTHETIC_EPOCH_KEYS = (("SYNTHETIC_START_EPOCH", "SYNTHETIC_END_EPOCH"), ("WARMUP_EPOCHS", "COOLDOWN_EPOCHS"))
 
 SPAN_COLOR = "gold"  # the epochs with synthetic negatives
-SMALL_PANELS = ("lr",)  # drawn at a reduced height
+SMALL_PANELS = ("proj_std", "lr")  # drawn at a reduced height
 PANEL_HEIGHT = 2.3  # inches of a full panel
 FIGURE_WIDTH = 9.0  # inches: the axes and, to their right, the legends
 
@@ -55,13 +65,15 @@ def parse_log(path):
         {"train": {x: {field: (value, epoch mean so far or None)}},  # x = epoch + step / steps per epoch
          "epoch_means": {epoch: {field: mean of the whole epoch}},
          "val": {epoch: (top1, top5, loss)}, "dataset": str or None,  # a linear evaluation's
+         "linear_val": {epoch: (top1, top5)}, "knn": {epoch: (top1, top5)},  # the monitors'
          "pretraining": bool}
 
     An epoch's means are the running means of its last step, which every run logs; the loss's is
     the epoch line's (``EPOCH e done ...: mean loss X``) where there is one. A pretraining log
     (main_pretrain.py) is told from a linear evaluation's by its lines' ``grad_norm``.
     """
-    train, epoch_means, val, dataset = {}, {}, {}, None
+    train, epoch_means, val, linear_val, knn = {}, {}, {}, {}, {}
+    dataset = None
     with open(path, errors="replace") as f:
         for line in f:
             if m := TRAIN_RE.search(line):
@@ -76,6 +88,10 @@ def parse_log(path):
                         epoch_means[epoch] = {name: mean for name, (_, mean) in values.items() if mean is not None}
             elif m := EPOCH_DONE_RE.search(line):
                 epoch_means.setdefault(int(m[1]), {})["loss"] = float(m[2])
+            elif m := LINEAR_MONITOR_RE.search(line):
+                linear_val[int(m[1])] = (float(m[2]), float(m[3]))
+            elif m := KNN_RE.search(line):
+                knn[int(m[1])] = (float(m[2]), float(m[3]))
             elif m := VAL_RE.search(line):
                 val[int(m[1])] = (float(m[4]), float(m[5]), float(m[6]))
                 dataset = m[2]
@@ -84,27 +100,40 @@ def parse_log(path):
         "epoch_means": dict(sorted(epoch_means.items())),
         "val": dict(sorted(val.items())),
         "dataset": dataset,
+        "linear_val": dict(sorted(linear_val.items())),
+        "knn": dict(sorted(knn.items())),
         "pretraining": any("grad_norm" in v for v in train.values()),
     }
+
+
+def _model_config(folder):
+    """The MODEL node of ``folder/config.json``; {} without the file."""
+    path = os.path.join(folder, "config.json")
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with open(path) as f:
+            return json.load(f).get("MODEL", {})
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
 
 
 def synthetic_epochs(folder):
     """(first, last) epoch of a SynCo run's synthetic negatives, both included, read from the
     ``config.json`` in ``folder``; None for another framework or without the file."""
-    path = os.path.join(folder, "config.json")
-    if not os.path.isfile(path):
-        return None
-    try:
-        with open(path) as f:
-            model = json.load(f).get("MODEL", {})
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    model = _model_config(folder)
     if model.get("TYPE") != "synco":
         return None
     for first, last in SYNTHETIC_EPOCH_KEYS:
         if first in model and last in model:
             return int(model[first]), int(model[last])
     return None
+
+
+def projection_dim(folder):
+    """MODEL.PROJ_DIM of the ``config.json`` in ``folder``; None without it."""
+    dim = _model_config(folder).get("PROJ_DIM")
+    return int(dim) if dim is not None else None
 
 
 def synthetic_span(parsed, epochs):
@@ -151,9 +180,11 @@ def panels(parsed):
     train = parsed["train"]
     shown = (
         ("loss", train),
-        ("contrast", _has_accuracy(train)),
+        ("contrast", _has_accuracy(train) or _has(train, "batch_acc1")),
         ("synthetic", _has(train, "synthetic_above_positive")),
+        ("monitors", _has(train, "linear_acc1") or parsed["linear_val"] or parsed["knn"]),
         ("val", parsed["val"]),
+        ("proj_std", _has(train, "proj_std")),
         ("lr", _has(train, "lr")),
     )
     return [name for name, show in shown if show]
@@ -175,9 +206,12 @@ def _draw_top(ax, values, name, color, marker):
     ax.plot(*_after_epoch(values, 1), "--", color=color, marker=marker, markersize=4, label=f"{name} top-5")
 
 
-def draw(parsed, title, span=None):
-    """The figure of the log ``parsed``: ``panels(parsed)`` in one column sharing the epoch axis;
-    ``span``: epochs (start, end) to shade."""
+def draw(parsed, title, span=None, proj_dim=None):
+    """The figure of the log ``parsed``: ``panels(parsed)`` in one column sharing the epoch axis.
+
+    ``span``: epochs (start, end) to shade; ``proj_dim``: D of the projections, for the 1/sqrt(D)
+    line beside their std.
+    """
     from matplotlib.figure import Figure  # Agg canvas, no pyplot state
     from matplotlib.ticker import MaxNLocator
 
@@ -195,17 +229,33 @@ def draw(parsed, title, span=None):
             ax.set(ylabel="loss", title="training loss")
         elif name == "contrast":
             synco = _has(parsed["train"], "contrast_acc1_real")
-            for k, color in ((1, "tab:blue"), (5, "tab:green")):
-                _draw(ax, parsed, f"contrast_acc{k}", color, f"top-{k}" + (", all negatives" if synco else ""))
-                if synco:
-                    _draw(ax, parsed, f"contrast_acc{k}_real", color, f"top-{k}, real queue", style="--")
+            if _has_accuracy(parsed["train"]):
+                for k, color in ((1, "tab:blue"), (5, "tab:green")):
+                    _draw(ax, parsed, f"contrast_acc{k}", color, f"top-{k}" + (", all negatives" if synco else ""))
+                    if synco:
+                        _draw(ax, parsed, f"contrast_acc{k}_real", color, f"top-{k}, real queue", style="--")
+            if _has(parsed["train"], "batch_acc1"):
+                _draw(ax, parsed, "batch_acc1", "tab:orange", "top-1 among the batch")
             ax.set(ylabel="accuracy (%)", title="contrastive accuracy")
         elif name == "synthetic":
             _draw(ax, parsed, "synthetic_above_positive", "tab:red", "% above the positive")
             ax.set(ylabel="% of synthetic logits", title="synthetic negatives above the positive")
+        elif name == "monitors":
+            if _has(parsed["train"], "linear_acc1"):
+                _draw(ax, parsed, "linear_acc1", "tab:blue", "online linear train top-1")
+            if parsed["linear_val"]:
+                _draw_top(ax, parsed["linear_val"], "online linear val", "tab:orange", "s")
+            if parsed["knn"]:
+                _draw_top(ax, parsed["knn"], "k-NN", "tab:green", "^")
+            ax.set(ylabel="accuracy (%)", title="monitors")
         elif name == "val":
             _draw_top(ax, parsed["val"], "val", "tab:orange", "o")
             ax.set(ylabel="accuracy (%)", title=f"{parsed['dataset']} val")
+        elif name == "proj_std":
+            _draw(ax, parsed, "proj_std", "tab:purple", "epoch mean")
+            if proj_dim:
+                ax.axhline(1 / math.sqrt(proj_dim), ls="--", color="gray", label=f"1/sqrt({proj_dim})")
+            ax.set(ylabel="std", title="std of the normalised projections (0: collapse)")
         else:
             ax.plot(*_steps(parsed["train"], "lr"), color="tab:blue")
             ax.set(ylabel="learning rate", title="learning rate")
@@ -231,7 +281,7 @@ def plot_run(folder, out=None):
         raise ValueError(f"{log} holds no 'Train: [...]' or 'EPOCH ... val' line to plot")
     span = synthetic_span(parsed, synthetic_epochs(folder)) if parsed["train"] else None
     title = os.path.join(*os.path.abspath(folder).split(os.sep)[-2:])  # <tag>/linear_*, <name>/<tag>
-    fig = draw(parsed, title, span)
+    fig = draw(parsed, title, span, projection_dim(folder))
     out = out or os.path.join(folder, "curves.png")
     fig.savefig(out)
     return out
