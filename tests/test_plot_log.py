@@ -47,13 +47,13 @@ def epoch_loss(epoch):
     return 8.5 - epoch
 
 
-def linear_monitor(epoch):
+def linear_monitor(epoch, classes):
     """Top-1 and top-5 of the online linear classifier's val line after ``epoch``."""
-    return 20.0 + 10 * epoch, 50.0 + 10 * epoch
+    return 20.0 + 10 * epoch, 100.0 if classes <= 5 else 50.0 + 10 * epoch
 
 
-def knn_monitor(epoch):
-    return 25.0 + 10 * epoch, 65.0 + 10 * epoch
+def knn_monitor(epoch, classes):
+    return 25.0 + 10 * epoch, 100.0 if classes <= 5 else 65.0 + 10 * epoch
 
 
 def write_pretrain_log(folder, with_acc=True, epochs=3, num_steps=8, synthetic_epochs=None, byol_acc=0.0,
@@ -93,13 +93,13 @@ def write_pretrain_log(folder, with_acc=True, epochs=3, num_steps=8, synthetic_e
             f"{epoch_loss(epoch):.4f} contrast_acc1 0.000 images/s 13.3 (all processes)"
         )
         if on and "linear" in monitor_lines:
-            top1, top5 = linear_monitor(epoch)
+            top1, top5 = linear_monitor(epoch, monitors)
             lines.append(
                 PREFIX.format("main_pretrain.py", 201)
                 + f"EPOCH {epoch} online linear val (500 images): top-1 {top1:.2f}% top-5 {top5:.2f}%"
             )
         if on and "knn" in monitor_lines and epoch % 2 == 1:
-            top1, top5 = knn_monitor(epoch)
+            top1, top5 = knn_monitor(epoch, monitors)
             lines.append(
                 PREFIX.format("main_pretrain.py", 215) + f"EPOCH {epoch} k-NN val (k=20, T=0.07, bank 1000 images, "
                 f"500 val): top-1 {top1:.2f}% top-5 {top5:.2f}% in 12.3s"
@@ -113,7 +113,7 @@ def linear_loss(epoch, idx):
     return 2.0 - 0.1 * epoch - 0.01 * idx
 
 
-def linear_lines(epoch, epochs, num_steps, top1):
+def linear_lines(epoch, epochs, num_steps, top1, classes):
     """main_linear.py's lines of an epoch: each step's with the epoch's running mean loss, then its val line."""
     lines = []
     for idx in range(num_steps):
@@ -124,17 +124,21 @@ def linear_lines(epoch, epochs, num_steps, top1):
             f"time 0.0288 (0.0288)\tloss {linear_loss(epoch, idx):.4f} ({mean:.4f})\tmem 840MB"
         )
     lines.append(PREFIX.format("main_linear.py", 185) + f"EPOCH {epoch} training took 0:00:01")
+    top5 = 100.0 if classes <= 5 else top1 + 30
     lines.append(
         PREFIX.format("main_linear.py", 279) + f"EPOCH {epoch} cifar10 val (10000 images): top-1 {top1:.2f}% "
-        f"top-5 {top1 + 30:.2f}% loss {1.5 - 0.1 * epoch:.4f}; best top-1 {top1:.2f}%"
+        f"top-5 {top5:.2f}% loss {1.5 - 0.1 * epoch:.4f}; best top-1 {top1:.2f}%"
     )
     return lines
 
 
-def write_linear_log(folder, epochs=4, num_steps=5):
-    lines = [PREFIX.format("main_linear.py", 230) + "loaded the encoder of checkpoint.pth (pretraining epoch 2)"]
+def write_linear_log(folder, epochs=4, num_steps=5, classes=10):
+    lines = [
+        PREFIX.format("main_linear.py", 156) + f"cifar10: 50000 train / 10000 val images, {classes} classes",
+        PREFIX.format("main_linear.py", 230) + "loaded the encoder of checkpoint.pth (pretraining epoch 2)",
+    ]
     for epoch in range(epochs):
-        lines += linear_lines(epoch, epochs, num_steps, 40.0 + 5 * epoch)
+        lines += linear_lines(epoch, epochs, num_steps, 40.0 + 5 * epoch, classes)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "log_rank0.txt").write_text("\n".join(lines) + "\n")
     return folder
@@ -181,7 +185,7 @@ def test_parse_pretrain_log(tmp_path):
     assert train[1 + 2 / 8]["loss"] == (pytest.approx(7.0), pytest.approx(7.1))
     assert train[1 + 2 / 8]["lr"] == (pytest.approx(1e-3 * 10 / 24, abs=1e-6), None)
     assert train[2.0]["loss"][0] == 1.25 and train[2.0]["contrast_acc1"] == (3.0, 3.0)
-    assert parsed["val"] == {} and parsed["dataset"] is None
+    assert parsed["val"] == {} and parsed["dataset"] is None and parsed["num_classes"] is None
     assert parsed["linear_val"] == {} and parsed["knn"] == {}
 
 
@@ -215,7 +219,7 @@ def test_before_an_epoch_ends_the_steps_carry_the_legend(tmp_path):
 def test_parse_linear_log(tmp_path):
     parsed = parse_log(write_linear_log(tmp_path / "linear_cifar10_linprob") / "log_rank0.txt")
     assert len(parsed["train"]) == 4 * 5 and "contrast_acc1" not in parsed["train"][0]
-    assert parsed["dataset"] == "cifar10"
+    assert parsed["dataset"] == "cifar10" and parsed["num_classes"] == 10
     assert parsed["val"][3] == (55.0, 85.0, pytest.approx(1.2))
     # without an epoch line, the loss's epoch mean is the last step's running mean: the whole epoch's
     for epoch in range(4):
@@ -225,12 +229,13 @@ def test_parse_linear_log(tmp_path):
 
 def test_parse_monitor_lines(tmp_path):
     parsed = parse_log(write_pretrain_log(tmp_path / "run", epochs=4, monitors=10) / "log_rank0.txt")
+    assert parsed["num_classes"] == 10
     step = parsed["train"][1 + 2 / 8]  # global step 10
     assert step["linear_acc1"] == (30.0, 29.0)
     assert step["proj_std"] == (pytest.approx(0.06), pytest.approx(0.0595))
     assert parsed["epoch_means"][1]["proj_std"] == pytest.approx(0.0495 + 0.001 * 15)  # its last step's mean
-    assert parsed["linear_val"] == {e: linear_monitor(e) for e in range(4)}
-    assert parsed["knn"] == {e: knn_monitor(e) for e in (1, 3)}
+    assert parsed["linear_val"] == {e: linear_monitor(e, 10) for e in range(4)}
+    assert parsed["knn"] == {e: knn_monitor(e, 10) for e in (1, 3)}
     assert parsed["val"] == {}  # neither monitor line is a linear evaluation's
 
 
@@ -240,6 +245,13 @@ def test_parse_byol_batch_accuracy(tmp_path):
     assert parsed["train"][1 + 2 / 8]["batch_acc1"] == (40.0, 39.0)
     assert parsed["epoch_means"][2]["batch_acc1"] == 29.0 + 23
     assert "contrast" in panels(parsed)
+
+
+@pytest.mark.parametrize("line", ["monitors: 3 classes; online linear on, k-NN off",
+                                  "cifar10: 50000 train / 10000 val images, 3 classes"])  # fmt: skip
+def test_parse_number_of_classes(tmp_path, line):
+    (tmp_path / "log_rank0.txt").write_text(PREFIX.format("main.py", 1) + line + "\n")
+    assert parse_log(tmp_path / "log_rank0.txt")["num_classes"] == 3
 
 
 # ---------------------------------------------------------------------------- panels
@@ -263,8 +275,8 @@ def test_epoch_means_drawn_at_epoch_ends(tmp_path):
     assert axes["contrast"].get_lines()[0].get_marker() in ("None", "")  # the steps: a plain thin line
     monitor = lines_of(axes["monitors"])
     assert monitor["online linear train top-1"][0] == [1, 2, 3]
-    assert monitor["online linear val top-1"] == ([1, 2, 3], [linear_monitor(e)[0] for e in range(3)])
-    assert monitor["k-NN top-1"] == ([2], [knn_monitor(1)[0]])
+    assert monitor["online linear val top-1"] == ([1, 2, 3], [linear_monitor(e, 10)[0] for e in range(3)])
+    assert monitor["k-NN top-1"] == ([2], [knn_monitor(1, 10)[0]])
 
 
 def test_linear_run_val_after_each_epoch(tmp_path):
@@ -289,6 +301,19 @@ def test_monitor_panel_only_with_monitor_lines(tmp_path, monitors, monitor_lines
         named = lines_of(axes["monitors"])
         assert named and all(x for x, _ in named.values())
         assert ("online linear train top-1" in named) == ("steps" in monitor_lines)
+
+
+@pytest.mark.parametrize("classes", [2, 5, 10])
+def test_top5_dropped_with_five_classes_or_fewer(tmp_path, classes):
+    trivial = classes <= 5
+    _, _, axes = figure_of(write_pretrain_log(tmp_path / "run", epochs=4, monitors=classes))
+    labels = set(lines_of(axes["monitors"]))
+    assert {"online linear val top-1", "k-NN top-1"} <= labels
+    assert ({"online linear val top-5", "k-NN top-5"} <= labels) != trivial
+    assert not trivial or not any("top-5" in label for label in labels)
+    assert "top-5" in lines_of(axes["contrast"])  # over the queue: kept
+    _, _, axes = figure_of(write_linear_log(tmp_path / "linear", classes=classes))
+    assert ("val top-5" in lines_of(axes["val"])) != trivial
 
 
 def test_legends_outside_the_axes(tmp_path):

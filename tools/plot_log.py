@@ -10,7 +10,8 @@ SynCo's synthetic logits above the positive; the monitors (online linear top-1 o
 training batches and on the val set, k-NN top-1/top-5); the std of the projections beside
 1/sqrt(D); for a linear evaluation the val top-1/top-5; the learning rate. Thin lines: the
 logged steps; markers: the epoch means, at the epoch's end (the val accuracies: after the
-epoch). A SynCo run's epochs with synthetic negatives (from its config.json) are shaded. A
+epoch). Top-5 of a classification with 5 classes or fewer (100% by construction) is left
+out. A SynCo run's epochs with synthetic negatives (from its config.json) are shaded. A
 resumed run's repeated steps keep their last value. Without a parsable line: one error
 line, exit 2.
 """
@@ -34,6 +35,9 @@ VAL_RE = re.compile(r"EPOCH (\d+) (\S+) val \((\d+) images\): top-1 (\S+)% top-5
 LINEAR_MONITOR_RE = re.compile(rf"EPOCH (\d+) online linear val \(\d+ images\): top-1 {NUMBER}% top-5 {NUMBER}%")
 # "EPOCH e k-NN val (k=K, T=T, bank N images, M val): top-1 X% top-5 Y% in Ss"
 KNN_RE = re.compile(rf"EPOCH (\d+) k-NN val \([^)]*\): top-1 {NUMBER}% top-5 {NUMBER}%")
+# the number of classes: "monitors: C classes; ..." (main_pretrain.py),
+# "<dataset>: N train / M val images, C classes" (main_linear.py)
+CLASSES_RES = (re.compile(r"monitors: (\d+) classes"), re.compile(r"\S+: \d+ train / \d+ val images, (\d+) classes"))
 
 
 def _field(name):
@@ -52,6 +56,8 @@ FIELDS = {
 }
 # SynCo's first and last epoch with synthetic negatives in config.json: the keys, then their original names
 SYNTHETIC_EPOCH_KEYS = (("SYNTHETIC_START_EPOCH", "SYNTHETIC_END_EPOCH"), ("WARMUP_EPOCHS", "COOLDOWN_EPOCHS"))
+# the most classes whose top-5 accuracy is 100% by construction
+TOP5_TRIVIAL_CLASSES = 5
 
 SPAN_COLOR = "gold"  # the epochs with synthetic negatives
 SMALL_PANELS = ("proj_std", "lr")  # drawn at a reduced height
@@ -66,14 +72,14 @@ def parse_log(path):
          "epoch_means": {epoch: {field: mean of the whole epoch}},
          "val": {epoch: (top1, top5, loss)}, "dataset": str or None,  # a linear evaluation's
          "linear_val": {epoch: (top1, top5)}, "knn": {epoch: (top1, top5)},  # the monitors'
-         "pretraining": bool}
+         "num_classes": int or None, "pretraining": bool}
 
     An epoch's means are the running means of its last step, which every run logs; the loss's is
     the epoch line's (``EPOCH e done ...: mean loss X``) where there is one. A pretraining log
     (main_pretrain.py) is told from a linear evaluation's by its lines' ``grad_norm``.
     """
     train, epoch_means, val, linear_val, knn = {}, {}, {}, {}, {}
-    dataset = None
+    dataset, num_classes = None, None
     with open(path, errors="replace") as f:
         for line in f:
             if m := TRAIN_RE.search(line):
@@ -95,6 +101,10 @@ def parse_log(path):
             elif m := VAL_RE.search(line):
                 val[int(m[1])] = (float(m[4]), float(m[5]), float(m[6]))
                 dataset = m[2]
+            else:
+                for regex in CLASSES_RES:
+                    if m := regex.search(line):
+                        num_classes = int(m[1])
     return {
         "train": dict(sorted(train.items())),
         "epoch_means": dict(sorted(epoch_means.items())),
@@ -102,6 +112,7 @@ def parse_log(path):
         "dataset": dataset,
         "linear_val": dict(sorted(linear_val.items())),
         "knn": dict(sorted(knn.items())),
+        "num_classes": num_classes,
         "pretraining": any("grad_norm" in v for v in train.values()),
     }
 
@@ -200,10 +211,11 @@ def _draw(ax, parsed, name, color, label, style="-", step_label=None):
         ax.plot(xs, means, style, color=color, marker="o", markersize=4, label=label)
 
 
-def _draw_top(ax, values, name, color, marker):
-    """Top-1 (solid) and top-5 (dashed) of ``{epoch: (top1, top5, ...)}`` after each epoch."""
+def _draw_top(ax, values, name, color, marker, top5):
+    """Top-1 (solid) and, with ``top5``, top-5 (dashed) of ``{epoch: (top1, top5, ...)}`` after each epoch."""
     ax.plot(*_after_epoch(values, 0), color=color, marker=marker, markersize=4, label=f"{name} top-1")
-    ax.plot(*_after_epoch(values, 1), "--", color=color, marker=marker, markersize=4, label=f"{name} top-5")
+    if top5:
+        ax.plot(*_after_epoch(values, 1), "--", color=color, marker=marker, markersize=4, label=f"{name} top-5")
 
 
 def draw(parsed, title, span=None, proj_dim=None):
@@ -219,6 +231,7 @@ def draw(parsed, title, span=None, proj_dim=None):
     heights = [0.6 if name in SMALL_PANELS else 1.0 for name in names]
     fig = Figure(figsize=(FIGURE_WIDTH, 0.5 + PANEL_HEIGHT * sum(heights)), dpi=100, layout="constrained")
     axes = fig.subplots(len(names), 1, sharex=True, squeeze=False, height_ratios=heights)[:, 0]
+    top5 = parsed["num_classes"] is None or parsed["num_classes"] > TOP5_TRIVIAL_CLASSES
     for ax, name in zip(axes, names):
         ax.grid(alpha=0.3)
         if span is not None:  # named in the first panel's legend
@@ -244,12 +257,13 @@ def draw(parsed, title, span=None, proj_dim=None):
             if _has(parsed["train"], "linear_acc1"):
                 _draw(ax, parsed, "linear_acc1", "tab:blue", "online linear train top-1")
             if parsed["linear_val"]:
-                _draw_top(ax, parsed["linear_val"], "online linear val", "tab:orange", "s")
+                _draw_top(ax, parsed["linear_val"], "online linear val", "tab:orange", "s", top5)
             if parsed["knn"]:
-                _draw_top(ax, parsed["knn"], "k-NN", "tab:green", "^")
-            ax.set(ylabel="accuracy (%)", title="monitors")
+                _draw_top(ax, parsed["knn"], "k-NN", "tab:green", "^", top5)
+            classes = f" ({parsed['num_classes']} classes)" if parsed["num_classes"] else ""
+            ax.set(ylabel="accuracy (%)", title=f"monitors{classes}")
         elif name == "val":
-            _draw_top(ax, parsed["val"], "val", "tab:orange", "o")
+            _draw_top(ax, parsed["val"], "val", "tab:orange", "o", top5)
             ax.set(ylabel="accuracy (%)", title=f"{parsed['dataset']} val")
         elif name == "proj_std":
             _draw(ax, parsed, "proj_std", "tab:purple", "epoch mean")
