@@ -187,9 +187,9 @@ def test_synco_logs_its_real_queue_accuracy_and_synthetic_share(tmp_path):
     train_epochs("synco", tmp_path, epochs=3, MODEL__SYNTHETIC_START_EPOCH=1, MODEL__SYNTHETIC_END_EPOCH=1)
     log = (tmp_path / "log_rank0.txt").read_text()
     train = parse_log(tmp_path / "log_rank0.txt")["train"]
-    assert list(train) == list(range(6))
-    for step, values in train.items():
-        on = step // 2 == 1
+    assert list(train) == [step / 2 for step in range(6)]  # in epochs: 2 steps each
+    for epoch, values in train.items():
+        on = int(epoch) == 1
         assert ("synthetic_above_positive" in values) == on
         for k in (1, 5):
             real, everything = values[f"contrast_acc{k}_real"], values[f"contrast_acc{k}"]
@@ -205,13 +205,13 @@ def test_synco_logs_its_real_queue_accuracy_and_synthetic_share(tmp_path):
         ("1", ["contrast_acc1_real", "synthetic_above_positive", "proj_std"]),
         ("2", ["contrast_acc1_real", "proj_std"]),
     ]
-    assert epoch_lines[1][2].split()[3] == f"{train[3]['synthetic_above_positive'][1]:.3f}"  # the epoch's mean
+    assert epoch_lines[1][2].split()[3] == f"{train[1.5]['synthetic_above_positive'][1]:.3f}"  # the epoch's mean
     scalars = read_scalars(tmp_path)
     assert [s for s, _ in scalars["train/contrast_acc1_real"]] == list(range(6))
     assert [s for s, _ in scalars["train/contrast_acc5_real"]] == list(range(6))
     synthetic = scalars["train/synthetic_above_positive"]
     assert [s for s, _ in synthetic] == [2, 3]
-    assert synthetic[0][1] == pytest.approx(train[2]["synthetic_above_positive"][0], abs=1e-3)
+    assert synthetic[0][1] == pytest.approx(train[1.0]["synthetic_above_positive"][0], abs=1e-3)
 
 
 def test_byol_logs_a_batch_accuracy_and_the_monitor_its_train_accuracy(tmp_path):
