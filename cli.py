@@ -164,7 +164,7 @@ def run_cli(setup_fn, main_fn, argv=None):
     from checkpoint import CheckpointWriteError
     from data.cached_image_folder import UnreadableImageError
     from distributed import DistEnv, launcher_env, mark_group_failed
-    from faults import NonFiniteLossError, ProcessFaultError, end_loader_workers
+    from faults import NonFiniteLossError, ProcessFaultError, end_loader_workers, hold_while_exiting
 
     rank = launcher_env()[0]
     try:
@@ -173,6 +173,7 @@ def run_cli(setup_fn, main_fn, argv=None):
         try:
             main_fn(*values)
         except Exception as e:
+            hold_while_exiting()  # an error the exit of another thread caused is not the run's
             text = " ".join(str(e).split()) or type(e).__name__
             mark_group_failed(env and env.store, text if text.startswith(f"rank {rank} ") else f"rank {rank}: {text}")
             raise

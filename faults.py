@@ -9,6 +9,7 @@ import os
 import signal
 import sys
 import threading
+import time
 
 import torch
 
@@ -54,21 +55,34 @@ class StopSignal:
                 continue
             name = signal.Signals(signum).name
             if self.requested and signum == signal.SIGINT:
-                print(f"error: rank {get_rank()} stopped at once by a second SIGINT, without saving its last steps",
-                      file=sys.stderr, flush=True)  # fmt: skip
-                end_loader_workers()
-                os._exit(128 + signal.SIGINT)
+                exit_now(f"rank {get_rank()} stopped at once by a second SIGINT, without saving its last steps",
+                         128 + signal.SIGINT)  # fmt: skip
             self.requested, self.name = True, self.name or name
             failure = group_failure(self.store)
             if failure is not None:
-                print(
-                    f"error: rank {get_rank()} stopped by {name} without saving: "
-                    f"another process failed: {failure[:300]}",
-                    file=sys.stderr,
-                    flush=True,
+                exit_now(
+                    f"rank {get_rank()} stopped by {name} without saving: another process failed: {failure[:300]}", 2
                 )
-                end_loader_workers()
-                os._exit(2)
+
+
+# set while a thread ends the process (exit_now): what the training thread then meets is its doing
+_EXITING = threading.Event()
+
+
+def exit_now(line, code):
+    """End the process from any thread: print ``error: <line>``, kill the data loader workers, exit
+    with ``code``. The training thread, which may meet the killed workers meanwhile, waits for the
+    exit in ``hold_while_exiting`` instead of reporting them."""
+    _EXITING.set()
+    print(f"error: {line}", file=sys.stderr, flush=True)
+    end_loader_workers()
+    os._exit(code)
+
+
+def hold_while_exiting():
+    """Wait for the exit when another thread is ending the process (``exit_now``); else return."""
+    while _EXITING.is_set():
+        time.sleep(1)
 
 
 def process_fault(error, config, epoch, step):

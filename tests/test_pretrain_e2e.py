@@ -40,12 +40,15 @@ def check_run(output, framework, world_size, steps_per_epoch):
         assert "Train: [1/2]" in log and "EPOCH 1 done" in log
         # progress: ETA of the epoch and of the run; a summary line per epoch
         assert re.search(r"Train: \[0/2\]\[0/\d+\]\teta \d+:\d\d:\d\d \(run \d+:\d\d:\d\d\)", log)
-        summary = r"EPOCH 0 done in \S+: mean loss [\d.]+ " + {
-            "moby": r"contrast_acc1 [\d.]+ ",
-            # synthetic negatives from epoch 0 on (MODEL.SYNTHETIC_START_EPOCH 0)
-            "synco": r"contrast_acc1 [\d.]+ contrast_acc1_real [\d.]+ synthetic_above_positive [\d.]+ ",
-            "byol": r"batch_acc1 [\d.]+ ",
-        }[framework]
+        summary = (
+            r"EPOCH 0 done in \S+: mean loss [\d.]+ "
+            + {
+                "moby": r"contrast_acc1 [\d.]+ ",
+                # synthetic negatives from epoch 0 on (MODEL.SYNTHETIC_START_EPOCH 0)
+                "synco": r"contrast_acc1 [\d.]+ contrast_acc1_real [\d.]+ synthetic_above_positive [\d.]+ ",
+                "byol": r"batch_acc1 [\d.]+ ",
+            }[framework]
+        )
         assert re.search(summary + r"linear_acc1 [\d.]+ proj_std [\d.]+ images/s [\d.]+", log)
         # TINY's 2 epochs are shorter than the configs' warm-up: rank 0 says so, once
         assert log.count("WARNING TRAIN.WARMUP_EPOCHS 5 >= TRAIN.EPOCHS 2: the learning rate never") == (rank == 0)
