@@ -4,7 +4,7 @@ from functools import partial
 
 from .byol import BYOL
 from .moby import MoBY
-from .resnet import resnet50, resnet101, resnet152, resnet200
+from .resnet import resnet18, resnet34, resnet50, resnet101, resnet152, resnet200
 from .swin_transformer import swin_base, swin_small, swin_tiny
 from .synco import SynCo
 from .synthetic_negatives import SyntheticNegativeConfig
@@ -17,6 +17,8 @@ ENCODERS = {
     "vit_tiny": vit_tiny,
     "vit_small": vit_small,
     "vit_base": vit_base,
+    "resnet18": resnet18,
+    "resnet34": resnet34,
     "resnet50": resnet50,
     "resnet101": resnet101,
     "resnet152": resnet152,
@@ -44,7 +46,9 @@ def build_encoder(config, drop_path_rate, num_classes=0):
         use_checkpoint=config.TRAIN.USE_CHECKPOINT,
     )
     if name.startswith("vit"):
-        kwargs["stop_grad_conv1"] = config.MODEL.STOP_GRAD_CONV1
+        kwargs.update(patch_size=config.MODEL.VIT.PATCH_SIZE, stop_grad_conv1=config.MODEL.STOP_GRAD_CONV1)
+    if name.startswith("resnet"):
+        kwargs["cifar_stem"] = config.MODEL.RESNET.CIFAR_STEM
     return ENCODERS[name](**kwargs)
 
 
