@@ -29,9 +29,16 @@ FRAMEWORKS = {"moby": MoBY, "byol": BYOL, "synco": SynCo}
 
 
 # The keys build_encoder reads that shape the encoder's parameters or features, which an evaluation
-# takes from the pretraining checkpoint's config (engine.inherit_encoder_settings). Its others are the
+# takes from the pretraining checkpoint's config (pretrained.inherit_encoder_settings). Its others are the
 # evaluation's own: drop path, gradient checkpointing (memory), STOP_GRAD_CONV1 (what training updates).
-ENCODER_SHAPE_KEYS = ("MODEL.ENCODER", "DATA.IMG_SIZE")
+ENCODER_SHAPE_KEYS = ("MODEL.ENCODER", "DATA.IMG_SIZE", "MODEL.VIT.PATCH_SIZE", "MODEL.RESNET.CIFAR_STEM")
+# the keys of ENCODER_SHAPE_KEYS that shape one family only (the encoders whose names start so)
+FAMILY_SHAPE_KEYS = {"MODEL.VIT.PATCH_SIZE": "vit", "MODEL.RESNET.CIFAR_STEM": "resnet"}
+
+
+def encoder_shape_keys(name):
+    """The ENCODER_SHAPE_KEYS that shape the encoder ``name`` (all but the other families' own)."""
+    return tuple(key for key in ENCODER_SHAPE_KEYS if str(name).startswith(FAMILY_SHAPE_KEYS.get(key, "")))
 
 
 def build_encoder(config, drop_path_rate, num_classes=0):
