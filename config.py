@@ -28,7 +28,8 @@ _C.DATA = CN()
 _C.DATA.BATCH_SIZE = 128
 # ImageNet-style root holding train/<class>/* and val/<class>/*
 _C.DATA.DATA_PATH = ""
-# Dataset name ("imagenet" for pretraining; main_linear.py also takes transfer sets)
+# Dataset name: imagenet or imagenet100 (DATA_PATH), or a transfer set such as cifar10 or cifar100
+# (DATA.TRANSFER_ROOT), for pretraining and for linear evaluation alike
 _C.DATA.DATASET = "imagenet"
 # Where transfer datasets are read from and downloaded to
 _C.DATA.TRANSFER_ROOT = "./data"
@@ -54,7 +55,8 @@ _C.DATA.GPU_AUG = False
 _C.MODEL = CN()
 # Self-supervised framework: moby, byol or synco
 _C.MODEL.TYPE = "moby"
-# Backbone: swin_tiny, swin_small, swin_base, vit_tiny, vit_small, vit_base, resnet50, resnet101, resnet152, resnet200
+# Backbone: swin_tiny, swin_small, swin_base, vit_tiny, vit_small, vit_base, resnet18, resnet34, resnet50,
+# resnet101, resnet152, resnet200
 _C.MODEL.ENCODER = "swin_tiny"
 # Run name (the folder OUTPUT/NAME/TAG); empty or a shipped config's follows the effective settings (run_name)
 _C.MODEL.NAME = ""
@@ -111,6 +113,16 @@ _C.MODEL.ADVERSARIAL_STEP = 0.01
 _C.MODEL.SYNTHETIC_START_EPOCH = 30
 # synco: ... to this epoch, both included (alias: MODEL.COOLDOWN_EPOCHS)
 _C.MODEL.SYNTHETIC_END_EPOCH = 100
+
+# ViT encoders
+_C.MODEL.VIT = CN()
+# Side of the square patches; DATA.IMG_SIZE must be a multiple of it (4 for 32 px CIFAR images: 8 x 8 tokens)
+_C.MODEL.VIT.PATCH_SIZE = 16
+
+# ResNet encoders
+_C.MODEL.RESNET = CN()
+# The CIFAR stem: a 3x3 stride-1 first convolution and no max-pool (for 32 px images)
+_C.MODEL.RESNET.CIFAR_STEM = False
 
 # -----------------------------------------------------------------------------
 # Linear evaluation (main_linear.py)
@@ -503,6 +515,8 @@ RANGES = {
     "MODEL.ADVERSARIAL_STEP": non_negative,
     "MODEL.SYNTHETIC_START_EPOCH": any_int,  # a window outside the run is a warning (inert_settings)
     "MODEL.SYNTHETIC_END_EPOCH": any_int,
+    "MODEL.VIT.PATCH_SIZE": positive_int,  # and dividing DATA.IMG_SIZE (check_config)
+    "MODEL.RESNET.CIFAR_STEM": boolean,
     "LINEAR_EVAL.PRETRAINED": any_string,
     "LINEAR_EVAL.WEIGHTS": OneOf(("freeze", "finetune")),
     "LINEAR_EVAL.BACKBONE_TRAIN_MODE": boolean,
@@ -792,11 +806,16 @@ def _name_number(x):
 def run_name(config):
     """The run name the settings spell, e.g. ``synco__swin_tiny__odpr02_tdpr0_cm099_ct02_queue4096_proj2_pred2``:
     framework, encoder, drop path of the online / target encoder, a frozen ViT patch projection,
-    target momentum, temperature and queue (MoBY, SynCo), projector and predictor layers."""
+    a ViT patch size other than 16, a ResNet's CIFAR stem, target momentum, temperature and queue
+    (MoBY, SynCo), projector and predictor layers."""
     m = config.MODEL
     settings = [f"odpr{_name_number(m.ONLINE_DROP_PATH_RATE)}", f"tdpr{_name_number(m.TARGET_DROP_PATH_RATE)}"]
     if m.STOP_GRAD_CONV1:
         settings.append("stopgradconv1")
+    if m.ENCODER.startswith("vit") and m.VIT.PATCH_SIZE != 16:
+        settings.append(f"patch{_name_number(m.VIT.PATCH_SIZE)}")
+    if m.ENCODER.startswith("resnet") and m.RESNET.CIFAR_STEM:
+        settings.append("cifarstem")
     settings.append(f"cm{_name_number(m.CONTRAST_MOMENTUM)}")
     if m.TYPE in ("moby", "synco"):
         settings += [f"ct{_name_number(m.CONTRAST_TEMPERATURE)}", f"queue{_name_number(m.CONTRAST_NUM_NEGATIVE)}"]
@@ -807,8 +826,8 @@ def run_name(config):
 # the keys run_name spells (those of MoBY / SynCo only appear in their names)
 NAME_KEYS = (
     "MODEL.TYPE", "MODEL.ENCODER", "MODEL.ONLINE_DROP_PATH_RATE", "MODEL.TARGET_DROP_PATH_RATE",
-    "MODEL.STOP_GRAD_CONV1", "MODEL.CONTRAST_MOMENTUM", "MODEL.CONTRAST_TEMPERATURE",
-    "MODEL.CONTRAST_NUM_NEGATIVE", "MODEL.PROJ_NUM_LAYERS", "MODEL.PRED_NUM_LAYERS",
+    "MODEL.STOP_GRAD_CONV1", "MODEL.VIT.PATCH_SIZE", "MODEL.RESNET.CIFAR_STEM", "MODEL.CONTRAST_MOMENTUM",
+    "MODEL.CONTRAST_TEMPERATURE", "MODEL.CONTRAST_NUM_NEGATIVE", "MODEL.PROJ_NUM_LAYERS", "MODEL.PRED_NUM_LAYERS",
 )  # fmt: skip
 
 
@@ -863,6 +882,12 @@ def check_config(config):
         raise ConfigError(
             f"TRAIN.START_EPOCH {config.TRAIN.START_EPOCH} must be below TRAIN.EPOCHS {config.TRAIN.EPOCHS}: "
             "the run would train no epoch"
+        )
+    if m.ENCODER.startswith("vit") and config.DATA.IMG_SIZE % m.VIT.PATCH_SIZE:
+        size, patch = config.DATA.IMG_SIZE, m.VIT.PATCH_SIZE
+        raise ConfigError(
+            f"DATA.IMG_SIZE {size} is not a multiple of MODEL.VIT.PATCH_SIZE {patch}: set DATA.IMG_SIZE to "
+            f"{max(patch, size // patch * patch)} or MODEL.VIT.PATCH_SIZE to a divisor of {size}"
         )
     if m.ENCODER.startswith("swin"):
         from models.swin_transformer import stage_window_sizes  # torch loads once the arguments are parsed

@@ -37,6 +37,7 @@ from cli import open_output, run_cli
 from config import ConfigError, check_config, inert_settings
 from data import DeviceAugment, DeviceViews, build_loader, set_loader_epoch, skipped_samples
 from data.build import check_split
+from data.linear import IMAGENET_DATASETS, canonical_dataset_name
 from distributed import distribute, get_world_size, join_processes, unwrap
 from engine import measure_throughput, synthetic_train_step, train_one_epoch
 from faults import NonFiniteLossError, StopSignal
@@ -233,9 +234,13 @@ def setup(argv=None):
         raise ConfigError("--eval evaluates a linear classifier: use main_linear.py")
     if not config.AUG.SSL_AUG:
         raise ConfigError("pretraining needs the two-view augmentation: set AUG.SSL_AUG True")
-    if not config.THROUGHPUT_MODE and not config.DATA.DATA_PATH:
-        raise ConfigError("no dataset given: pass --data-path <folder with train/ and val/>")
-    if not config.THROUGHPUT_MODE:
+    try:
+        imagenet = canonical_dataset_name(config.DATA.DATASET) in IMAGENET_DATASETS
+    except ValueError as e:  # a retrieval set
+        raise ConfigError(str(e)) from None
+    if not config.THROUGHPUT_MODE and imagenet:  # a transfer set is checked, or downloaded, when it is built
+        if not config.DATA.DATA_PATH:
+            raise ConfigError("no dataset given: pass --data-path <folder with train/ and val/>")
         check_split(config, "train")  # before the run folder exists: a wrong --data-path leaves nothing
     env = join_processes(config, args.local_rank)
     check_batch(config, env.world_size)

@@ -15,9 +15,9 @@ import os
 from dataclasses import dataclass, field
 
 from checkpoint import lookup, read_checkpoint, read_run_checkpoint, stored_config
-from config import NAME_KEYS, ConfigError, opts_keys
+from config import _C, NAME_KEYS, ConfigError, config_value, opts_keys
 from distributed import broadcast_object
-from models.build import ENCODER_SHAPE_KEYS
+from models.build import ENCODER_SHAPE_KEYS, FAMILY_SHAPE_KEYS, encoder_shape_keys
 from models.convert import convert_original_encoder
 
 
@@ -162,10 +162,10 @@ def _named_differences(config, folder):
 
 
 def inherit_encoder_settings(config, args, env):
-    """Set the settings that shape the encoder (models.build.ENCODER_SHAPE_KEYS: the backbone and
-    the image size) to those stored in the config of the checkpoint evaluation reads (``load_run_encoder``'s
-    rule); returns (the HeldCheckpoint for ``load_run_encoder``, or None; the lines to log: open_output's
-    ``notes``).
+    """Set the settings that shape the encoder (models.build.ENCODER_SHAPE_KEYS: the backbone, the
+    image size, a ViT's patch size, a ResNet's stem) to those stored in the config of the checkpoint
+    evaluation reads (``load_run_encoder``'s rule); returns (the HeldCheckpoint for ``load_run_encoder``,
+    or None; the lines to log: open_output's ``notes``).
 
     The checkpoint's values replace those of the defaults and of --cfg (the YAML recalls the run,
     the checkpoint is what ran); one that ``args.opts`` sets to another value is a ConfigError
@@ -212,7 +212,7 @@ def inherit_encoder_settings(config, args, env):
     if not env.is_main:
         held = HeldCheckpoint(path)
     current = {key: lookup(config, key) for key in ENCODER_SHAPE_KEYS}
-    settings = ", ".join(f"{key} {value}" for key, value in current.items())
+    settings = ", ".join(f"{key} {current[key]}" for key in encoder_shape_keys(config.MODEL.ENCODER))
     if stored is None:
         return held, [*notes, f"{path} stores no config: the encoder is built from --cfg and --opts ({settings})"]
     explicit = opts_keys(args)
@@ -260,9 +260,12 @@ def check_original_encoder(path, ckpt):
 
 
 def _stored_encoder_settings(ckpt):
-    """{key: value} of ENCODER_SHAPE_KEYS in the checkpoint's stored config; None when it stores none."""
+    """{key: value} of the ENCODER_SHAPE_KEYS of its encoder in the checkpoint's stored config; None
+    when it stores none. A family's key it lacks (a run from before the key) takes the default it
+    ran with (patch 16, the standard stem); another key it lacks is left out."""
     stored = stored_config(ckpt)
     if stored is None:
         return None
-    values = {key: lookup(stored, key) for key in ENCODER_SHAPE_KEYS}
+    values = {key: lookup(stored, key) for key in encoder_shape_keys(lookup(stored, "MODEL.ENCODER"))}
+    values.update({key: config_value(_C, key) for key in FAMILY_SHAPE_KEYS if key in values and values[key] is None})
     return {key: value for key, value in values.items() if value is not None} or None

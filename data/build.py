@@ -328,10 +328,10 @@ def make_loader(
 
 
 def build_loader(config, rank: int | None = None, world_size: int | None = None) -> tuple[Dataset, DataLoader]:
-    """The pretraining set ``DATA_PATH/train`` and its loader of ``((view1, view2), (params1, params2)), target``
-    (see the module docstring). ``rank`` and ``world_size`` default to those of
-    ``torch.distributed`` (0 and 1 without it). Call ``set_loader_epoch(loader, epoch)``
-    before each epoch.
+    """The pretraining set of DATA.DATASET (``build_pretrain_dataset``) and its loader of
+    ``((view1, view2), (params1, params2)), target`` (see the module docstring). ``rank`` and
+    ``world_size`` default to those of ``torch.distributed`` (0 and 1 without it). Call
+    ``set_loader_epoch(loader, epoch)`` before each epoch.
     """
     if (rank is None) != (world_size is None):
         raise ValueError("give both rank and world_size, or neither")
@@ -340,8 +340,28 @@ def build_loader(config, rank: int | None = None, world_size: int | None = None)
     if config.DATA.ZIP_MODE and config.DATA.CACHE_MODE not in CACHE_MODES:
         raise ValueError(f"unknown DATA.CACHE_MODE {config.DATA.CACHE_MODE!r}; valid: {', '.join(CACHE_MODES)}")
 
-    dataset = build_dataset(config, build_ssl_transform(config), rank, world_size, loader=open_image)
+    dataset = build_pretrain_dataset(config, build_ssl_transform(config), rank, world_size)
     return dataset, seeded_loader(config, dataset, rank, world_size)
+
+
+def build_pretrain_dataset(config, transform, rank: int, world_size: int) -> Dataset:
+    """The pretraining images of DATA.DATASET, items ``(transform(image), label)``: for imagenet and
+    imagenet100 the ``train`` split under DATA.DATA_PATH (``build_dataset``; ``transform`` gets each
+    image opened, not yet decoded), for a transfer set such as cifar10 its training part under
+    DATA.TRANSFER_ROOT, downloaded there when missing (``data.linear.build_transfer_sets``;
+    ``transform`` gets decoded images: torchvision's, CIFAR's 32 x 32 RGB arrays as ``PIL.Image``).
+
+    Raises:
+        FileNotFoundError: the ImageNet split is missing, or the transfer set is missing and cannot
+            be downloaded (``TransferDataError``, one line).
+    """
+    from data.linear import IMAGENET_DATASETS, build_transfer_sets, canonical_dataset_name  # it imports this module
+
+    name = canonical_dataset_name(config.DATA.DATASET)
+    if name in IMAGENET_DATASETS:
+        return build_dataset(config, transform, rank, world_size, loader=open_image)
+    train_set, _, _ = build_transfer_sets(name, config.DATA.TRANSFER_ROOT, transform, None)
+    return train_set
 
 
 def seeded_loader(config, dataset: Dataset, rank: int, world_size: int) -> DataLoader:

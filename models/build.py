@@ -4,7 +4,7 @@ from functools import partial
 
 from .byol import BYOL
 from .moby import MoBY
-from .resnet import resnet50, resnet101, resnet152, resnet200
+from .resnet import resnet18, resnet34, resnet50, resnet101, resnet152, resnet200
 from .swin_transformer import swin_base, swin_small, swin_tiny
 from .synco import SynCo
 from .synthetic_negatives import SyntheticNegativeConfig
@@ -17,6 +17,8 @@ ENCODERS = {
     "vit_tiny": vit_tiny,
     "vit_small": vit_small,
     "vit_base": vit_base,
+    "resnet18": resnet18,
+    "resnet34": resnet34,
     "resnet50": resnet50,
     "resnet101": resnet101,
     "resnet152": resnet152,
@@ -27,9 +29,16 @@ FRAMEWORKS = {"moby": MoBY, "byol": BYOL, "synco": SynCo}
 
 
 # The keys build_encoder reads that shape the encoder's parameters or features, which an evaluation
-# takes from the pretraining checkpoint's config (engine.inherit_encoder_settings). Its others are the
+# takes from the pretraining checkpoint's config (pretrained.inherit_encoder_settings). Its others are the
 # evaluation's own: drop path, gradient checkpointing (memory), STOP_GRAD_CONV1 (what training updates).
-ENCODER_SHAPE_KEYS = ("MODEL.ENCODER", "DATA.IMG_SIZE")
+ENCODER_SHAPE_KEYS = ("MODEL.ENCODER", "DATA.IMG_SIZE", "MODEL.VIT.PATCH_SIZE", "MODEL.RESNET.CIFAR_STEM")
+# the keys of ENCODER_SHAPE_KEYS that shape one family only (the encoders whose names start so)
+FAMILY_SHAPE_KEYS = {"MODEL.VIT.PATCH_SIZE": "vit", "MODEL.RESNET.CIFAR_STEM": "resnet"}
+
+
+def encoder_shape_keys(name):
+    """The ENCODER_SHAPE_KEYS that shape the encoder ``name`` (all but the other families' own)."""
+    return tuple(key for key in ENCODER_SHAPE_KEYS if str(name).startswith(FAMILY_SHAPE_KEYS.get(key, "")))
 
 
 def build_encoder(config, drop_path_rate, num_classes=0):
@@ -44,7 +53,9 @@ def build_encoder(config, drop_path_rate, num_classes=0):
         use_checkpoint=config.TRAIN.USE_CHECKPOINT,
     )
     if name.startswith("vit"):
-        kwargs["stop_grad_conv1"] = config.MODEL.STOP_GRAD_CONV1
+        kwargs.update(patch_size=config.MODEL.VIT.PATCH_SIZE, stop_grad_conv1=config.MODEL.STOP_GRAD_CONV1)
+    if name.startswith("resnet"):
+        kwargs["cifar_stem"] = config.MODEL.RESNET.CIFAR_STEM
     return ENCODERS[name](**kwargs)
 
 

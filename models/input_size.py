@@ -10,7 +10,7 @@ The backbone is left as it is; each other input size gets a copy of it reshaped 
 owns only what its size changes (a ViT's position embedding, a Swin's bias tables, indices and
 masks), so a ViT-B costs no second 340 MB per size, and a new size takes milliseconds:
 
-* ViT: sides are multiples of the patch (16); the copy's fixed sin-cos position embedding is
+* ViT: sides are multiples of its patch (16, or MODEL.VIT.PATCH_SIZE); the copy's fixed sin-cos position embedding is
   the one of its patch grid (``VisionTransformerMoCo.set_input_size``), as if built at that size.
 * Swin: each stage's windows must tile its feature map (``stage_window_sizes``), so sides are
   multiples of 32 (the last stage's stride) for which every stage has a window no larger than

@@ -12,7 +12,8 @@ Which map, per backbone (all on the same grid, one cell per 16 x 16 pixels):
   (stride 32): on the ViT's grid, so a label map is as fine as a ViT/16's (stage 4 has half as
   many cells a side, its boundaries in 32-pixel steps) and a neighbourhood counted in cells means
   the same distance in pixels.
-* ResNet: the output of layer3 (stride 16, 1024-d).
+* ResNet: the output of layer3 (stride 16; 1024-d, 256-d for ResNet-18/34). A ResNet with the CIFAR
+  stem (layer3 at stride 4) and a ViT with another patch than 16 are refused.
 
 Other input sizes than the encoder was built for go through ``AnySizeEncoder`` (models/input_size.py):
 a ViT's copy has the sin-cos position embedding of the new patch grid; a Swin's has at each stage
@@ -46,6 +47,9 @@ class PatchFeatures(nn.Module):
         elif isinstance(encoder, SwinTransformer):
             self.description = "Swin stage 3 output"
         elif isinstance(encoder, ResNet):
+            stride = encoder.feature_info[RESNET_STAGE]["reduction"]
+            if stride != STRIDE:
+                raise ValueError(f"a ResNet with layer3 at stride {stride} (the CIFAR stem); stride {STRIDE} is needed")
             self.description = "ResNet layer3 output"
         else:
             raise ValueError(f"no patch features for a {type(encoder).__name__}; ViT, Swin and ResNet have them")

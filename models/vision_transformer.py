@@ -1,7 +1,8 @@
-"""MoCo v3 style Vision Transformers (ViT-T/S/B, patch 16) on timm's ``VisionTransformer``.
+"""MoCo v3 style Vision Transformers (ViT-T/S/B, patch 16 by default) on timm's ``VisionTransformer``.
 
     model = vit_small(img_size=224, stop_grad_conv1=True)
     feats = model(images)  # [B, 3, 224, 224] -> [B, 384], the class token after the final norm
+    model = vit_tiny(img_size=32, patch_size=4)  # CIFAR: 8 x 8 patches + the class token
 
 Differences from a plain timm ViT, following MoCo v3:
   * a fixed 2D sin-cos position embedding (not trained), built for img_size;
@@ -93,15 +94,17 @@ def _vit(
     num_heads,
     *,
     img_size=224,
+    patch_size=16,
     drop_path_rate=0.0,
     num_classes=0,
     use_checkpoint=False,
     stop_grad_conv1=False,
 ) -> VisionTransformerMoCo:
-    """Patch 16, depth 12, mlp ratio 4, qkv bias, LayerNorm eps 1e-6, class token pooling."""
+    """Depth 12, mlp ratio 4, qkv bias, LayerNorm eps 1e-6, class token pooling; (img_size /
+    patch_size)^2 patch tokens (img_size a multiple of patch_size)."""
     return VisionTransformerMoCo(
         img_size=img_size,
-        patch_size=16,
+        patch_size=patch_size,
         num_classes=num_classes,
         global_pool="token",
         embed_dim=embed_dim,
@@ -119,7 +122,7 @@ def _vit(
 
 def vit_tiny(**kwargs) -> VisionTransformerMoCo:
     """ViT-T/16: 192-d, depth 12, 3 heads; num_features 192. Keyword arguments (all
-    optional): img_size, drop_path_rate, num_classes, use_checkpoint, stop_grad_conv1."""
+    optional): img_size, patch_size, drop_path_rate, num_classes, use_checkpoint, stop_grad_conv1."""
     return _vit(192, 3, **kwargs)
 
 

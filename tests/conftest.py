@@ -3,6 +3,7 @@ no test module imports another)."""
 
 import glob
 import os
+import pickle
 import re
 import socket
 import subprocess
@@ -39,6 +40,28 @@ def write_image_folder(root, classes=2, per_class=8, size=(40, 36), seed=0):
                 pixels = rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
                 Image.fromarray(pixels).save(os.path.join(folder, f"img_{j}.png"))
     return root
+
+
+def write_pickle(path, obj):
+    """Pickle ``obj`` to ``path`` (a ``pathlib.Path``), making its folder."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as f:
+        pickle.dump(obj, f)
+
+
+def write_cifar10(root, rng):
+    """A tiny CIFAR-10 in torchvision's own files under ``root`` (a ``pathlib.Path``):
+    ``cifar-10-batches-py/data_batch_1..5`` (2 images each), ``test_batch`` (3), ``batches.meta``
+    (3 classes); returns (classes, training images, test images). torchvision checks the files'
+    md5 against the real archive's: a test reading them makes ``check_md5`` pass."""
+    base = root / "cifar-10-batches-py"
+    for i in range(1, 6):
+        write_pickle(
+            base / f"data_batch_{i}", {"data": rng.integers(0, 256, (2, 3072), dtype=np.uint8), "labels": [i % 3, 2]}
+        )
+    write_pickle(base / "test_batch", {"data": rng.integers(0, 256, (3, 3072), dtype=np.uint8), "labels": [0, 1, 2]})
+    write_pickle(base / "batches.meta", {"label_names": ["airplane", "cat", "dog"], "num_cases_per_batch": 2})
+    return 3, 10, 3
 
 
 @pytest.fixture(scope="session")
@@ -153,6 +176,8 @@ def make_config(data_root: str, **data) -> CN:
     cfg.SEED = 7
     cfg.DATA = CN()
     cfg.DATA.DATA_PATH = data_root
+    cfg.DATA.DATASET = "imagenet"
+    cfg.DATA.TRANSFER_ROOT = data_root
     cfg.DATA.BATCH_SIZE = 4
     cfg.DATA.IMG_SIZE = 32
     cfg.DATA.INTERPOLATION = "bicubic"

@@ -60,6 +60,15 @@ def test_no_data_path_given(run):
     assert_clean_error(run("--batch-size", "4", data=None), "--data-path")
 
 
+def test_a_vit_patch_that_does_not_divide_the_image_is_one_line(run, tmp_path):
+    assert_clean_error(
+        run("--opts", *SMALL, "MODEL.VIT.PATCH_SIZE", "5"),
+        "error: DATA.IMG_SIZE 32 is not a multiple of MODEL.VIT.PATCH_SIZE 5: set DATA.IMG_SIZE to 30 or "
+        "MODEL.VIT.PATCH_SIZE to a divisor of 32",
+    )
+    assert os.listdir(tmp_path) == []
+
+
 def test_unknown_key_in_opts(run):
     assert_clean_error(run("--opts", "MODEL.NOT_A_KEY", "1"), "MODEL.NOT_A_KEY")
     assert_clean_error(run("--opts", "TRAIN.EPOCH", "1"), "TRAIN.EPOCH; did you mean TRAIN.EPOCHS or ")
@@ -75,9 +84,9 @@ def test_missing_cfg_file(run, tmp_path):
     assert_clean_error(run(cfg=str(tmp_path / "none.yaml")), "none.yaml")
 
 
-@pytest.mark.parametrize("key, value", [("MODEL.TYPE", "simclr"), ("MODEL.ENCODER", "resnet18")])
+@pytest.mark.parametrize("key, value", [("MODEL.TYPE", "simclr"), ("MODEL.ENCODER", "resnet26")])
 def test_unknown_framework_or_encoder_lists_valid_ones(run, key, value):
-    valid = ["moby, byol, synco"] if key == "MODEL.TYPE" else ["swin_tiny", "vit_base", "resnet50, resnet101"]
+    valid = ["moby, byol, synco"] if key == "MODEL.TYPE" else ["swin_tiny", "vit_base", "resnet18, resnet34, resnet50"]
     assert_clean_error(run("--opts", key, value), value, *valid)
 
 

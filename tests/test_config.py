@@ -59,6 +59,19 @@ def test_check_config_names_the_key(opts, message):
         check_config(get_config(args(opts=opts)))
 
 
+def test_a_vit_patch_must_divide_the_image_size():
+    vit = ["MODEL.ENCODER", "vit_tiny", "DATA.IMG_SIZE", "32"]
+    check_config(get_config(args(opts=[*vit, "MODEL.VIT.PATCH_SIZE", "4"])))
+    with pytest.raises(ConfigError) as error:
+        check_config(get_config(args(opts=[*vit, "MODEL.VIT.PATCH_SIZE", "6"])))
+    assert str(error.value) == (
+        "DATA.IMG_SIZE 32 is not a multiple of MODEL.VIT.PATCH_SIZE 6: set DATA.IMG_SIZE to 30 or "
+        "MODEL.VIT.PATCH_SIZE to a divisor of 32"
+    )
+    # the key shapes ViTs only
+    check_config(get_config(args(opts=["MODEL.ENCODER", "resnet18", "DATA.IMG_SIZE", "36"])))
+
+
 def test_odd_opts_and_unknown_keys_are_config_errors(tmp_path):
     with pytest.raises(ConfigError, match="pairs"):
         get_config(args(opts=["TRAIN.EPOCHS"]))
@@ -216,6 +229,13 @@ def test_shipped_run_names_are_kept_when_nothing_is_overridden(cfg_file):
          "byol__vit_small__odpr0_tdpr0_stopgradconv1_cm0996_proj2_pred2"),
         ("configs/moby_resnet50.yaml", ["MODEL.ENCODER", "resnet101", "MODEL.PRED_NUM_LAYERS", "3"],
          "moby__resnet101__odpr0_tdpr0_cm099_ct02_queue4096_proj2_pred3"),
+        # the encoder-shaping keys, spelled only for the family they shape
+        ("configs/moby_vit_tiny.yaml", ["MODEL.VIT.PATCH_SIZE", "8"],
+         "moby__vit_tiny__odpr02_tdpr0_patch8_cm099_ct02_queue4096_proj2_pred2"),
+        ("configs/byol_resnet50.yaml", ["MODEL.RESNET.CIFAR_STEM", "True"],
+         "byol__resnet50__odpr0_tdpr0_cifarstem_cm0996_proj2_pred2"),
+        ("configs/moby_swin_tiny.yaml", ["MODEL.VIT.PATCH_SIZE", "8", "MODEL.RESNET.CIFAR_STEM", "True"],
+         "moby__swin_tiny__odpr02_tdpr0_cm099_ct02_queue4096_proj2_pred2"),
     ],
 )  # fmt: skip
 def test_run_name_follows_the_settings_opts_change(cfg_file, opts, name):

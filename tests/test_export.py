@@ -13,7 +13,7 @@ from config import get_config
 from models import build_model
 from models.build import ENCODERS
 from models.swin_transformer import swin_tiny
-from models.vision_transformer import vit_small
+from models.vision_transformer import vit_small, vit_tiny
 from tools import export_backbone
 
 OFFLINE = {"HF_HUB_OFFLINE": "1"}
@@ -150,12 +150,36 @@ def test_timm_call_fits_every_encoder(name, img_size):
         assert "img_size" not in call and "window_size" not in call, call
 
 
-@pytest.mark.parametrize("name", ["resnet50", "resnet101", "resnet152", "resnet200"])
+@pytest.mark.parametrize("name", ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnet200"])
 def test_resnet_depth_inferred_without_framework_entry(name):
-    """The original's checkpoints name no encoder: the blocks per stage tell the depth."""
+    """The original's checkpoints name no encoder: the blocks per stage and their kind tell the depth
+    (ResNet-34 and ResNet-50 both have 3, 4, 6, 3 blocks)."""
     with torch.device("meta"):
         state = ENCODERS[name]().state_dict()
     assert export_backbone.infer_encoder_name(state) == name
+
+
+def test_a_patch_4_vit_exports_with_its_patch_size(tmp_path, offline_timm):
+    """A CIFAR ViT-T/4 at 32 px, its size read from the position table when the checkpoint has no config."""
+    torch.manual_seed(0)
+    encoder = perturbed(vit_tiny(img_size=32, patch_size=4))
+    checkpoint = tmp_path / "checkpoint.pth"
+    state = {f"encoder.{k}": v for k, v in encoder.state_dict().items()}
+    torch.save({"model": state, "framework": {"type": "moby", "encoder": "vit_tiny"}}, checkpoint)
+    _, _, call = export_backbone.export(str(checkpoint), str(tmp_path / "vit"))
+    assert "patch_size=4, img_size=32" in call and "input_size=(3, 32, 32)" in call
+    assert_same_backbone(eval(call, {"timm": timm}), encoder, str(tmp_path / "vit"), 32)
+
+
+def test_a_resnet_with_the_cifar_stem_is_refused(tmp_path):
+    with torch.device("meta"):
+        encoder = ENCODERS["resnet18"](cifar_stem=True)
+    checkpoint = tmp_path / "checkpoint.pth"
+    state = {f"encoder.{k}": torch.zeros(v.shape) for k, v in encoder.state_dict().items()}
+    torch.save({"model": state, "framework": {"type": "byol", "encoder": "resnet18"}}, checkpoint)
+    with pytest.raises(export_backbone.ExportError, match="CIFAR stem .* which no timm model has"):
+        export_backbone.export(str(checkpoint), str(tmp_path / "resnet"))
+    assert not os.path.exists(tmp_path / "resnet.safetensors")
 
 
 @pytest.mark.slow

@@ -163,7 +163,10 @@ def test_weights_come_from_the_file_whose_settings_were_taken(finished, tmp_path
     args = argparse.Namespace(opts=None)
     held, notes = inherit_encoder_settings(config, args, DistEnv())
     latest = os.path.join(folder, "checkpoint.pth")
-    assert notes == [f"encoder settings as in the config of {latest}: MODEL.ENCODER vit_tiny, DATA.IMG_SIZE 32"]
+    assert notes == [
+        f"encoder settings as in the config of {latest}: MODEL.ENCODER vit_tiny, DATA.IMG_SIZE 32, "
+        "MODEL.VIT.PATCH_SIZE 16"
+    ]
     assert caplog.records == []  # the skip is logged once, by the evaluation's own logger
     shutil.copyfile(os.path.join(run_folder(finished), "ckpt_epoch_2.pth"), newer + ".tmp")
     os.replace(newer + ".tmp", newer)

@@ -268,6 +268,20 @@ def test_resnet_patch_features_are_layer3():
     assert PatchFeatures(encoder)(torch.randn(1, 3, 32, 48)).shape == (1, 1024, 2, 3)
 
 
+@pytest.mark.parametrize(
+    "opts, message",
+    [({"MODEL__ENCODER": "resnet18", "MODEL__RESNET__CIFAR_STEM": True}, "layer3 at stride 4"),
+     ({"MODEL__VIT__PATCH_SIZE": 4}, r"patch \(4, 4\)")],
+)  # fmt: skip
+def test_no_stride_16_maps_from_the_cifar_backbones(opts, message):
+    """A ResNet with the CIFAR stem has layer3 at stride 4, a ViT/4 patches of 4: other grids than
+    the stride-16 one label propagation is tuned for."""
+    with torch.device("meta"):
+        encoder = build_encoder(small_config("moby", **opts), 0.0)
+    with pytest.raises(ValueError, match=message):
+        PatchFeatures(encoder)
+
+
 # -----------------------------------------------------------------------------
 # eval_video_segmentation.py
 # -----------------------------------------------------------------------------

@@ -30,6 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from checkpoint import read_run_checkpoint  # noqa: E402
 from config import ConfigError  # noqa: E402
 from models.convert import convert_original_encoder  # noqa: E402
+from models.resnet import BOTTLENECK_DEPTHS  # noqa: E402
 from models.resnet import DEPTHS as RESNET_DEPTHS  # noqa: E402
 from models.swin_transformer import WINDOW_SIZE, stage_window_sizes  # noqa: E402
 
@@ -53,7 +54,8 @@ FEATURE_MATCH = {
 # (embed dim, blocks in stage 3) of each Swin; embed dim of each ViT
 SWIN_SHAPES = {(96, 6): "swin_tiny", (96, 18): "swin_small", (128, 18): "swin_base"}
 VIT_DIMS = {192: "vit_tiny", 384: "vit_small", 768: "vit_base"}
-RESNET_NAMES = {depths: name for name, depths in RESNET_DEPTHS.items()}
+# (bottleneck blocks, blocks per stage) of each ResNet: ResNet-34 and ResNet-50 have the same depths
+RESNET_NAMES = {(name in BOTTLENECK_DEPTHS, depths): name for name, depths in RESNET_DEPTHS.items()}
 
 
 class ExportError(Exception):
@@ -69,7 +71,7 @@ def infer_encoder_name(state):
         name = SWIN_SHAPES.get((state["patch_embed.proj.weight"].shape[0], len(blocks)))
     elif "layer1.0.conv1.weight" in state:
         depths = tuple(len({k.split(".")[1] for k in state if k.startswith(f"layer{i}.")}) for i in range(1, 5))
-        name = RESNET_NAMES.get(depths)
+        name = RESNET_NAMES.get(("layer1.0.conv3.weight" in state, depths))
     else:
         name = None
     if name is None:
@@ -86,10 +88,13 @@ def config_img_size(config):
         return None
 
 
-def timm_call(name, img_size, file):
-    """(timm model name, create_model keyword arguments) that rebuild encoder ``name`` at ``img_size``."""
+def timm_call(name, img_size, file, patch_size=16):
+    """(timm model name, create_model keyword arguments) that rebuild encoder ``name`` at ``img_size``
+    (a ViT with patches of ``patch_size``)."""
     model_name, kwargs = TIMM_MODELS[name]
     kwargs = dict(num_classes=0, **kwargs)
+    if name.startswith("vit") and patch_size != 16:
+        kwargs["patch_size"] = patch_size
     if img_size != 224 and name not in RESNET_DEPTHS:  # a ResNet takes any image size
         kwargs["img_size"] = img_size
         windows = stage_window_sizes(img_size) if name.startswith("swin") else ()
@@ -162,16 +167,22 @@ def export(source, out, prefix="encoder.", trust=False):
     name = (ckpt.get("framework") or {}).get("encoder") or infer_encoder_name(state)
     if name not in TIMM_MODELS:
         raise ExportError(f"{checkpoint} holds a {name} encoder; exportable: {', '.join(TIMM_MODELS)}")
+    if name.startswith("resnet") and state["conv1.weight"].shape[-1] != 7:
+        raise ExportError(
+            f"{checkpoint} holds a {name} with the CIFAR stem (MODEL.RESNET.CIFAR_STEM: a 3x3 stride-1 conv1, "
+            "no max-pool), which no timm model has: timm's ResNets start with a 7x7 stride-2 conv1 and a max-pool"
+        )
     state = convert_original_encoder(state, name)
     state = {k: v.detach().clone().contiguous() for k, v in state.items()}  # no shared storage: safetensors
 
+    patch_size = state["patch_embed.proj.weight"].shape[-1] if name.startswith("vit") else 16
     img_size = config_img_size(ckpt.get("config"))
     if img_size is None:  # no config: the ViT's position table tells, a Swin is taken at 224
-        img_size = 16 * math.isqrt(state["pos_embed"].shape[1] - 1) if name.startswith("vit") else 224
+        img_size = patch_size * math.isqrt(state["pos_embed"].shape[1] - 1) if name.startswith("vit") else 224
     stem, ext = os.path.splitext(out)
     if ext not in (".safetensors", ".pth"):
         stem, ext = out, ".safetensors"
-    model_name, kwargs = timm_call(name, img_size, stem + ext)
+    model_name, kwargs = timm_call(name, img_size, stem + ext, patch_size)
     check_against_timm(state, model_name, kwargs)
     for suffix in (".safetensors", ".pth"):
         try:

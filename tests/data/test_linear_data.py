@@ -11,7 +11,6 @@ match, so ``offline`` also makes md5 checks pass; the rest is torchvision's own 
 import inspect
 import json
 import os
-import pickle
 import socket
 import tarfile
 import time
@@ -25,7 +24,7 @@ import scipy.io
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import free_port
+from conftest import free_port, write_cifar10, write_pickle
 from PIL import Image
 from torch.utils.data import ConcatDataset, DistributedSampler, Subset
 from torchvision import datasets as tvd
@@ -86,29 +85,13 @@ def _save(path: Path, rng, mode="RGB", fmt="JPEG", size=(11, 9)) -> None:
     _image(rng, mode, size).save(path, fmt)
 
 
-def _pickle(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "wb") as f:
-        pickle.dump(obj, f)
-
-
-def write_cifar10(root: Path, rng):
-    base = root / "cifar-10-batches-py"
-    for i in range(1, 6):
-        _pickle(
-            base / f"data_batch_{i}", {"data": rng.integers(0, 256, (2, 3072), dtype=np.uint8), "labels": [i % 3, 2]}
-        )
-    _pickle(base / "test_batch", {"data": rng.integers(0, 256, (3, 3072), dtype=np.uint8), "labels": [0, 1, 2]})
-    _pickle(base / "batches.meta", {"label_names": ["airplane", "cat", "dog"], "num_cases_per_batch": 2})
-    return 3, 10, 3
-
-
 def write_cifar100(root: Path, rng):
     base = root / "cifar-100-python"
     for split, n in (("train", 6), ("test", 4)):
         data = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
-        _pickle(base / split, {"data": data, "fine_labels": [i % 4 for i in range(n)], "coarse_labels": [0] * n})
-    _pickle(base / "meta", {"fine_label_names": ["apple", "bear", "cloud", "dolphin"], "coarse_label_names": ["x"]})
+        write_pickle(base / split, {"data": data, "fine_labels": [i % 4 for i in range(n)], "coarse_labels": [0] * n})
+    names = {"fine_label_names": ["apple", "bear", "cloud", "dolphin"], "coarse_label_names": ["x"]}
+    write_pickle(base / "meta", names)
     return 4, 6, 4
 
 

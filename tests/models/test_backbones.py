@@ -10,6 +10,8 @@ import math
 import pytest
 import torch
 
+from config import get_config
+from models import build_encoder
 from models.swin_transformer import stage_window_sizes, swin_base, swin_small, swin_tiny
 from models.vision_transformer import vit_base, vit_small, vit_tiny
 
@@ -163,6 +165,30 @@ def test_vit_sincos_pos_embed(factory, img_size):
     assert model.pos_embed.shape == (1, 1 + grid * grid, model.num_features)
     expected = _reference_sincos(grid, grid, model.num_features)
     torch.testing.assert_close(model.pos_embed[0], expected, atol=1e-5, rtol=0)
+
+
+def test_vit_patch_4_at_32_px():
+    """CIFAR's ViT-T/4: 8 x 8 patch tokens and the class token, the sin-cos embedding of that grid,
+    the patch projection xavier-initialised over its 3 * 4 * 4 inputs."""
+    torch.manual_seed(0)
+    model = vit_tiny(img_size=32, patch_size=4)
+    assert model.patch_embed.proj.kernel_size == (4, 4) and model.patch_embed.grid_size == (8, 8)
+    x = torch.randn(2, 3, 32, 32)
+    assert model.forward_features(x).shape == (2, 64 + 1, 192)
+    torch.testing.assert_close(model.pos_embed[0], _reference_sincos(8, 8, 192), atol=1e-5, rtol=0)
+    bound = math.sqrt(6.0 / (3 * 4 * 4 + 192))
+    assert 0.99 * bound < model.patch_embed.proj.weight.abs().max() <= bound
+    out = model(x)
+    assert out.shape == (2, 192) and torch.isfinite(out).all()
+
+
+def test_build_encoder_passes_the_patch_size_to_vits_only():
+    config = get_config(recipe=["DATA.IMG_SIZE", 32, "MODEL.VIT.PATCH_SIZE", 4, "MODEL.ENCODER", "vit_small"])
+    with torch.device("meta"):
+        assert build_encoder(config, drop_path_rate=0.0).patch_embed.grid_size == (8, 8)
+    config = get_config(recipe=["DATA.IMG_SIZE", 32, "MODEL.VIT.PATCH_SIZE", 4, "MODEL.ENCODER", "swin_tiny"])
+    with torch.device("meta"):
+        assert build_encoder(config, drop_path_rate=0.0).patch_embed.proj.kernel_size == (4, 4)  # Swin's own
 
 
 def test_vit_moco_init():

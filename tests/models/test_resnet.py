@@ -1,23 +1,25 @@
 """ResNet encoders: architecture, features, drop path, and one training step of each framework.
 
 Structure checks build on the meta device (no weight initialisation); only ResNet-50
-runs forward, at 32 px.
+and ResNet-18 run forward, at 32 px.
 """
 
 import argparse
 
 import pytest
 import torch
+import torch.nn as nn
 import torchvision
 
 from config import get_config
 from models import build_encoder, build_model
 from models.build import ENCODERS
-from models.resnet import DEPTHS
+from models.resnet import BASIC_DEPTHS, DEPTHS
 from optimizer import build_optimizer
 
 # torchvision's ResNets have timm's layout and key names (ResNet-200 is timm's only)
-TORCHVISION = {"resnet50": torchvision.models.resnet50, "resnet101": torchvision.models.resnet101,
+TORCHVISION = {"resnet18": torchvision.models.resnet18, "resnet34": torchvision.models.resnet34,
+               "resnet50": torchvision.models.resnet50, "resnet101": torchvision.models.resnet101,
                "resnet152": torchvision.models.resnet152}  # fmt: skip
 
 
@@ -26,16 +28,21 @@ def _on_meta(factory, **kwargs):
         return factory(**kwargs)
 
 
-def bottleneck_resnet_params(depths, num_classes=0):
-    """Parameters of a bottleneck ResNet (He et al., 2016; stride on the 3x3 conv), in closed form."""
-    n = 7 * 7 * 3 * 64 + 2 * 64  # stem conv, BN
+def resnet_params(name, num_classes=0, stem_kernel=7):
+    """Parameters of a ResNet (He et al., 2016; stride on the 3x3 conv), in closed form: basic blocks
+    (3x3, 3x3) for ResNet-18/34, bottlenecks (1x1, 3x3, 1x1 four times wider) for the others."""
+    basic = name in BASIC_DEPTHS
+    n = stem_kernel * stem_kernel * 3 * 64 + 2 * 64  # stem conv, BN
     in_ch = 64
-    for stage, blocks in enumerate(depths):
+    for stage, blocks in enumerate(DEPTHS[name]):
         width = 64 * 2**stage
-        out = 4 * width
+        out = width if basic else 4 * width
         for block in range(blocks):
-            n += in_ch * width + 9 * width * width + width * out + 2 * (width + width + out)  # 3 convs, 3 BNs
-            if block == 0:  # projection shortcut: 1x1 conv + BN
+            if basic:  # 2 convs, 2 BNs
+                n += 9 * in_ch * width + 9 * width * out + 2 * (width + out)
+            else:  # 3 convs, 3 BNs
+                n += in_ch * width + 9 * width * width + width * out + 2 * (width + width + out)
+            if block == 0 and (stage > 0 or in_ch != out):  # projection shortcut: 1x1 conv + BN
                 n += in_ch * out + 2 * out
             in_ch = out
     return n + (in_ch * num_classes + num_classes if num_classes else 0)
@@ -44,10 +51,10 @@ def bottleneck_resnet_params(depths, num_classes=0):
 @pytest.mark.parametrize("name", list(DEPTHS))
 def test_architecture(name):
     model = _on_meta(ENCODERS[name])
-    assert model.num_features == 2048
+    assert model.num_features == (512 if name in BASIC_DEPTHS else 2048)
     assert tuple(len(getattr(model, f"layer{i}")) for i in range(1, 5)) == DEPTHS[name]
     state = model.state_dict()
-    assert sum(p.numel() for p in model.parameters()) == bottleneck_resnet_params(DEPTHS[name])
+    assert sum(p.numel() for p in model.parameters()) == resnet_params(name)
     assert not any(k.startswith("fc.") for k in state)  # num_classes 0: no head
     if name in TORCHVISION:  # same keys and shapes, the classifier aside
         with torch.device("meta"):
@@ -58,8 +65,9 @@ def test_architecture(name):
 
 
 def test_published_parameter_counts():
-    """With a 1000-class head: 25.56M, 44.55M, 60.19M (torchvision), 64.67M (ResNet-200)."""
-    published = {"resnet50": 25.557032, "resnet101": 44.549160, "resnet152": 60.192808, "resnet200": 64.673832}
+    """With a 1000-class head: 11.69M, 21.80M, 25.56M, 44.55M, 60.19M (torchvision), 64.67M (ResNet-200)."""
+    published = {"resnet18": 11.689512, "resnet34": 21.797672, "resnet50": 25.557032, "resnet101": 44.549160,
+                 "resnet152": 60.192808, "resnet200": 64.673832}  # fmt: skip
     for name, millions in published.items():
         model = _on_meta(ENCODERS[name], num_classes=1000)
         assert sum(p.numel() for p in model.parameters()) == round(millions * 1e6), name
@@ -100,6 +108,59 @@ def test_use_checkpoint_same_values():
     assert ckpt.grad_checkpointing and not plain.grad_checkpointing
     x = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(ckpt(x), plain(x), rtol=0, atol=0)
+
+
+# -----------------------------------------------------------------------------
+# The CIFAR stem (MODEL.RESNET.CIFAR_STEM)
+# -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", list(DEPTHS))
+def test_cifar_stem_replaces_conv1_and_the_max_pool(name):
+    model = _on_meta(ENCODERS[name], cifar_stem=True)
+    conv1 = model.conv1
+    assert (conv1.in_channels, conv1.out_channels, conv1.kernel_size, conv1.stride, conv1.padding) == (
+        3, 64, (3, 3), (1, 1), (1, 1),
+    )  # fmt: skip
+    assert conv1.bias is None and isinstance(model.maxpool, nn.Identity)
+    assert sum(p.numel() for p in model.parameters()) == resnet_params(name, stem_kernel=3)
+    plain = _on_meta(ENCODERS[name]).state_dict()  # the rest of the network is the standard one
+    assert {k: v.shape for k, v in model.state_dict().items() if k != "conv1.weight"} == {
+        k: v.shape for k, v in plain.items() if k != "conv1.weight"
+    }
+    assert [info["reduction"] for info in model.feature_info] == [1, 1, 2, 4, 8]
+
+
+def test_resnet18_cifar_stem_at_32_px():
+    """512 features from a 4 x 4 layer4 map of a 32 px image (1 x 1 with the standard stem); the
+    new conv1 is initialised as timm initialises convolutions, and gradients reach every weight."""
+    torch.manual_seed(0)
+    model = ENCODERS["resnet18"](cifar_stem=True)
+    x = torch.randn(2, 3, 32, 32)
+    assert model.forward_features(x).shape == (2, 512, 4, 4)
+    assert ENCODERS["resnet18"]().forward_features(x).shape == (2, 512, 1, 1)
+    out = model(x)
+    assert out.shape == (2, 512) and torch.isfinite(out).all()
+    fan_out = 64 * 3 * 3  # kaiming normal, fan out, ReLU gain
+    assert model.conv1.weight.std().item() == pytest.approx((2 / fan_out) ** 0.5, rel=0.15)
+    out.square().mean().backward()
+    for pname, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), pname
+
+
+@pytest.mark.parametrize("encoder", ["resnet18", "resnet50", "vit_tiny"])
+def test_build_encoder_passes_the_cifar_stem_to_resnets_only(encoder):
+    config = get_config()
+    config.defrost()
+    config.merge_from_list(["MODEL.ENCODER", encoder, "DATA.IMG_SIZE", 32, "MODEL.RESNET.CIFAR_STEM", True])
+    config.freeze()
+    with torch.device("meta"):
+        model = build_encoder(config, drop_path_rate=0.0)
+    if encoder.startswith("resnet"):
+        assert model.conv1.kernel_size == (3, 3) and isinstance(model.maxpool, nn.Identity)
+        assert model.num_features == {"resnet18": 512, "resnet50": 2048}[encoder]
+    else:  # a ViT ignores the key
+        assert model.patch_embed.proj.kernel_size == (16, 16)
 
 
 def test_build_encoder_from_config():
