@@ -31,7 +31,7 @@ from PIL import Image, ImageDraw
 from cli import build_parser
 from config import get_config
 from models import build_encoder
-from tools.plot_log import plot_run
+from tools.plot_log import parse_log, plot_run
 
 CLASSES = ("disc", "ring", "stripes", "dot", "bar")
 IMG_SIZE = 32
@@ -163,15 +163,26 @@ def save_random_encoder(folder):
     return path
 
 
+def monitor_table(folder):
+    """The pretraining's monitors after each epoch (from its log), as lines of a table."""
+    parsed = parse_log(os.path.join(folder, "log_rank0.txt"))
+    lines = [f"{'after epoch':>11}{'online linear train':>21}{'online linear val':>19}{'20-NN':>9}"]
+    for epoch, means in parsed["epoch_means"].items():
+        knn = f"{parsed['knn'][epoch][0]:.1f}%" if epoch in parsed["knn"] else ""
+        val = f"{parsed['linear_val'][epoch][0]:.1f}%" if epoch in parsed["linear_val"] else ""
+        lines.append(f"{epoch + 1:>11}{means.get('linear_acc1', math.nan):>20.1f}%{val:>19}{knn:>9}")
+    return lines
+
+
 def pretrain_and_evaluate(data, out, pretrain_args, folder, name, probe_epochs):
     """Pretrain (its output shown), keep only its last checkpoint, plot its curves, evaluate it;
-    returns ((linear-probe top-1, 20-NN top-1), the curves' file)."""
+    returns ((linear-probe top-1, 20-NN top-1), the curves' file, the monitors' table)."""
     run("main_pretrain.py", pretrain_args, None)
     # checkpoint.pth holds the last epoch; the numbered copies (epoch 0 and the last) go
     removed = remove_checkpoints(folder, "ckpt_epoch_*.pth")
     print(f"kept {folder}/checkpoint.pth, removed {removed} numbered checkpoints", flush=True)
-    curves = plot_run(folder)
-    return evaluate(data, out, name, "demo", os.path.join(folder, "checkpoint.pth"), probe_epochs), curves
+    curves, monitors = plot_run(folder), monitor_table(folder)
+    return evaluate(data, out, name, "demo", os.path.join(folder, "checkpoint.pth"), probe_epochs), curves, monitors
 
 
 def main():
@@ -198,6 +209,9 @@ def main():
         "MODEL.SYNTHETIC_START_EPOCH", str(args.epochs // 2), "MODEL.SYNTHETIC_END_EPOCH", str(args.epochs - 1),
         # crops keep at least half the image, so both views mostly show the shape
         "AUG.SSL_AUG_CROP", "0.5", "SAVE_FREQ", str(max(args.epochs, 1)), "PRINT_FREQ", "5",
+        # the monitors: val images resized whole, as the evaluations below; a k-NN over all 800
+        # training images every 4 epochs
+        "TEST.CROP", "False", "MONITOR.KNN_EVERY", "4", "MONITOR.KNN_TRAIN_PER_CLASS", "0",
     ]  # fmt: skip
     for n in range(1, 7):
         pretrain_args += [f"MODEL.N{n}", "8"]
@@ -211,11 +225,13 @@ def main():
     print(f"evaluating a randomly initialised encoder meanwhile (logs in {baseline}/)", flush=True)
     with ThreadPoolExecutor(max_workers=1) as background:
         random_run = background.submit(evaluate, data, args.out, name, "random", random_init, args.probe_epochs, True)
-        synco, curves = pretrain_and_evaluate(data, args.out, pretrain_args, folder, name, args.probe_epochs)
+        synco, curves, monitors = pretrain_and_evaluate(data, args.out, pretrain_args, folder, name, args.probe_epochs)
         random_scores = random_run.result()
     for pattern in ("random_init.pth", "linear_*/*.pth"):  # nothing big left for the baseline
         remove_checkpoints(baseline, pattern)
     chance = 100.0 / len(CLASSES)
+    print("\nwhile SynCo pretrained (the monitors' top-1 on val, every epoch; the 20-NN every 4):")
+    print("\n".join(monitors))
     print()
     print(f"{'top-1 accuracy on val':<28}{'linear probe':>14}{'20-NN':>10}")
     print(f"{'SynCo-pretrained ViT-Tiny':<28}{synco[0]:>13.1f}%{synco[1]:>9.1f}%")
