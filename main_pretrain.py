@@ -195,6 +195,8 @@ def main(config, env, logger):
     stop = StopSignal(env.store)
 
     # ---------------------------------------------------------------- loop
+    if last_good is None:  # a fresh run: the initial encoder
+        monitors.before_training(encoder, autocast, writer)
     logger.info("start training" + (f" at epoch {start_epoch} step {start_step}" if start_step else ""))
     start = time.time()
     for epoch in range(start_epoch, config.TRAIN.EPOCHS):

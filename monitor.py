@@ -10,7 +10,7 @@ while it trains (solo-learn's online linear classifier, lightly's k-NN callback)
 * Online linear: ``OnlineLinear``, a linear classifier on the detached features of both views,
   trained in the same step on the training set's labels with an optimizer of its own (running
   train top-1 ``linear_acc1``); after every epoch its top-1 / top-5 on the val images.
-* k-NN: every MONITOR.KNN_EVERY epochs and after the last, the weighted k-NN top-1 / top-5
+* k-NN: before training, every MONITOR.KNN_EVERY epochs and after the last, the weighted k-NN top-1 / top-5
   (``knn.knn_scores``) of the val images over a bank of centre-cropped training images, at most
   MONITOR.KNN_TRAIN_PER_CLASS of each class; the features of the bank are extracted and kept
   sharded over the processes.
@@ -149,7 +149,7 @@ class Monitors:
         one log line each, TensorBoard scalars ``monitor/*`` at ``global_step``. {name: value}."""
         if self.loaders is None:
             return {}
-        bank_loader, val_loader, num_bank, num_val = self.loaders
+        _, val_loader, _, num_val = self.loaders
         device, values = next(encoder.parameters()).device, {}
         with torch.random.fork_rng(devices=[]):
             if self.linear is not None:
@@ -159,20 +159,34 @@ class Monitors:
                     f"EPOCH {epoch} online linear val ({num_val} images): top-1 {top1:.2f}% top-5 {top5:.2f}%"
                 )
             if self.knn_due(epoch):
-                start = time.time()
-                k, temperature = self.config.MONITOR.KNN_K, self.config.MONITOR.KNN_TEMPERATURE
-                bank_feats, bank_labels, _ = extract_features(
-                    encoder, bank_loader, num_bank, get_rank(), device, autocast, gather=False
-                )
-                val_feats, val_labels = extract_features(encoder, val_loader, num_val, get_rank(), device, autocast)
-                c1, c5 = knn_scores(bank_feats, bank_labels, val_feats, val_labels, [k], self.num_classes,
-                                    temperature)[k]  # fmt: skip
-                values.update(knn_acc1=100 * c1 / num_val, knn_acc5=100 * c5 / num_val)
-                self.logger.info(
-                    f"EPOCH {epoch} k-NN val (k={k}, T={temperature}, bank {num_bank} images, {num_val} val): "
-                    f"top-1 {values['knn_acc1']:.2f}% top-5 {values['knn_acc5']:.2f}% in {time.time() - start:.1f}s"
-                )
+                values.update(self._knn(epoch, encoder, autocast))
         writer.scalars(values, global_step, prefix="monitor/")
+        return values
+
+    @torch.no_grad()
+    def before_training(self, encoder, autocast, writer):
+        """The k-NN of the initial encoder (when the k-NN monitor is on), logged as ``EPOCH -1
+        (before training)`` and at global step 0: the baseline a learning run leaves behind."""
+        if self.knn_every:
+            with torch.random.fork_rng(devices=[]):
+                writer.scalars(self._knn(-1, encoder, autocast), 0, prefix="monitor/")
+
+    def _knn(self, epoch, encoder, autocast):
+        """{knn_acc1, knn_acc5} of ``encoder`` after ``epoch``, and one log line."""
+        bank_loader, val_loader, num_bank, num_val = self.loaders
+        device, start = next(encoder.parameters()).device, time.time()
+        k, temperature = self.config.MONITOR.KNN_K, self.config.MONITOR.KNN_TEMPERATURE
+        bank_feats, bank_labels, _ = extract_features(
+            encoder, bank_loader, num_bank, get_rank(), device, autocast, gather=False
+        )
+        val_feats, val_labels = extract_features(encoder, val_loader, num_val, get_rank(), device, autocast)
+        c1, c5 = knn_scores(bank_feats, bank_labels, val_feats, val_labels, [k], self.num_classes, temperature)[k]
+        values = {"knn_acc1": 100 * c1 / num_val, "knn_acc5": 100 * c5 / num_val}
+        when = f"EPOCH {epoch}" + (" (before training)" if epoch < 0 else "")
+        self.logger.info(
+            f"{when} k-NN val (k={k}, T={temperature}, bank {num_bank} images, {num_val} val): "
+            f"top-1 {values['knn_acc1']:.2f}% top-5 {values['knn_acc5']:.2f}% in {time.time() - start:.1f}s"
+        )
         return values
 
     def state_dict(self):

@@ -75,7 +75,13 @@ def test_monitors_report_without_changing_the_run(framework, image_folder, tmp_p
         assert float(linear[1]) * 16 / 100 == pytest.approx(round(float(linear[1]) * 16 / 100), abs=0.01)
         step = 4 * epoch + 3  # the epoch's last step
         assert on_scalars["monitor/linear_val_acc1"][epoch] == (step, pytest.approx(float(linear[1]), abs=5e-3))
-        assert on_scalars["monitor/knn_acc1"][epoch] == (step, pytest.approx(float(knn[1]), abs=5e-3))
+        assert on_scalars["monitor/knn_acc1"][1 + epoch] == (step, pytest.approx(float(knn[1]), abs=5e-3))
+    # the initial encoder's k-NN, before the first step: the baseline
+    before = re.search(
+        r"EPOCH -1 \(before training\) k-NN val \(k=20, T=0.07, bank 16 images, 16 val\): top-1 (\S+)%", log
+    )
+    assert before and log.index(before[0]) < log.index("Train: [0/2][0/4]")
+    assert on_scalars["monitor/knn_acc1"][0] == (0, pytest.approx(float(before[1]), abs=5e-3))
     assert "monitor/linear_val_acc1" not in off_scalars and "train/linear_acc1" not in off_scalars
     assert [s for s, _ in on_scalars["epoch/proj_std"]] == [3, 7] and [s for s, _ in on_scalars["epoch/linear_acc1"]]
 
@@ -84,7 +90,7 @@ def test_monitors_report_without_changing_the_run(framework, image_folder, tmp_p
 def test_knn_runs_every_n_epochs_and_after_the_last(image_folder, tmp_path):
     folder = pretrain(image_folder, tmp_path, "TRAIN.EPOCHS", "3", "MONITOR.KNN_EVERY", "2")
     log = open(os.path.join(folder, "log_rank0.txt")).read()
-    assert re.findall(r"EPOCH (\d) k-NN val", log) == ["1", "2"]
+    assert re.findall(r"EPOCH (-?\d)(?: \(before training\))? k-NN val", log) == ["-1", "1", "2"]
     assert re.findall(r"EPOCH (\d) online linear val", log) == ["0", "1", "2"]
 
 

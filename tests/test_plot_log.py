@@ -239,6 +239,18 @@ def test_parse_monitor_lines(tmp_path):
     assert parsed["val"] == {}  # neither monitor line is a linear evaluation's
 
 
+def test_parse_the_initial_encoders_knn(tmp_path):
+    """Logged before the first step, it is the curve's point at epoch 0 (key -1: after "epoch -1")."""
+    log = write_pretrain_log(tmp_path / "run", epochs=2, monitors=10) / "log_rank0.txt"
+    lines = log.read_text().splitlines(keepends=True)
+    before = (PREFIX.format("main_pretrain.py", 199) + "EPOCH -1 (before training) k-NN val (k=20, T=0.07, bank "
+              "1000 images, 500 val): top-1 11.00% top-5 50.00% in 0.1s\n")  # fmt: skip
+    log.write_text("".join(lines[:2] + [before] + lines[2:]))
+    parsed = parse_log(log)
+    assert parsed["knn"] == {-1: (11.0, 50.0), 1: knn_monitor(1, 10)}
+    assert list(parsed["knn"]) == [-1, 1]
+
+
 def test_parse_byol_batch_accuracy(tmp_path):
     parsed = parse_log(write_pretrain_log(tmp_path / "byol", with_acc=False, byol_acc=math.nan, batch_acc=True)
                        / "log_rank0.txt")  # fmt: skip

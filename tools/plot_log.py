@@ -34,7 +34,7 @@ VAL_RE = re.compile(r"EPOCH (\d+) (\S+) val \((\d+) images\): top-1 (\S+)% top-5
 # "EPOCH e online linear val (N images): top-1 X% top-5 Y%"
 LINEAR_MONITOR_RE = re.compile(rf"EPOCH (\d+) online linear val \(\d+ images\): top-1 {NUMBER}% top-5 {NUMBER}%")
 # "EPOCH e k-NN val (k=K, T=T, bank N images, M val): top-1 X% top-5 Y% in Ss"
-KNN_RE = re.compile(rf"EPOCH (\d+) k-NN val \([^)]*\): top-1 {NUMBER}% top-5 {NUMBER}%")
+KNN_RE = re.compile(rf"EPOCH (-?\d+)(?: \(before training\))? k-NN val \([^)]*\): top-1 {NUMBER}% top-5 {NUMBER}%")
 # the number of classes: "monitors: C classes; ..." (main_pretrain.py),
 # "<dataset>: N train / M val images, C classes" (main_linear.py)
 CLASSES_RES = (re.compile(r"monitors: (\d+) classes"), re.compile(r"\S+: \d+ train / \d+ val images, (\d+) classes"))
