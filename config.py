@@ -253,6 +253,8 @@ _C.AUG.SSL_AUG = True
 _C.AUG.SSL_AUG_TYPE = "byol"
 # byol: lower bound of the random-resized-crop scale (simclr crops with (0.2, 1), as the original)
 _C.AUG.SSL_AUG_CROP = 0.08
+# Gaussian blur in the views as AUG.SSL_AUG_TYPE has it; False: never (the CIFAR recipes at 32 px)
+_C.AUG.SSL_AUG_BLUR = True
 # Resampling of the self-supervised recipes: the pretraining crops and, with SSL_LINEAR_AUG,
 # the evaluation crops and resizes; bilinear (the original's), bicubic or nearest
 _C.AUG.SSL_AUG_INTERPOLATION = "bilinear"
@@ -560,6 +562,7 @@ RANGES = {
     "AUG.SSL_AUG": boolean,
     "AUG.SSL_AUG_TYPE": OneOf(SSL_AUG_TYPES),
     "AUG.SSL_AUG_CROP": Interval(0, 1, closed_left=False),
+    "AUG.SSL_AUG_BLUR": boolean,
     "AUG.SSL_AUG_INTERPOLATION": OneOf(RESAMPLINGS),
     "AUG.SSL_LINEAR_AUG": boolean,
     "DAVIS.SPLIT": Text(non_empty=True),

@@ -33,6 +33,7 @@ Every draw comes from torch's global generator, which the data loader seeds per 
 (``data/build.py``), so a view is a pure function of (SEED, epoch, rank, index).
 """
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -85,18 +86,27 @@ class ViewRecipe:
         return [(max(0.0, 1 - b), 1 + b), (max(0.0, 1 - c), 1 + c), (max(0.0, 1 - s), 1 + s), (-h, h)]
 
 
-def build_recipes(aug_type: str, crop_min: float) -> tuple[ViewRecipe, ViewRecipe]:
-    """The two views of ``AUG.SSL_AUG_TYPE``; ``crop_min`` (AUG.SSL_AUG_CROP) is byol's crop lower bound."""
+def build_recipes(aug_type: str, crop_min: float, blur: bool = True) -> tuple[ViewRecipe, ViewRecipe]:
+    """The two views of ``AUG.SSL_AUG_TYPE``; ``crop_min`` (AUG.SSL_AUG_CROP) is byol's crop lower
+    bound; ``blur`` False (AUG.SSL_AUG_BLUR) never blurs, as small-image recipes do (a blur
+    probability of 0: its draw stays, as torchvision's RandomApply(p=0) draws)."""
     if aug_type == "byol":
         jitter = (0.4, 0.4, 0.2, 0.1)
-        return (
+        views = (
             ViewRecipe((crop_min, 1.0), jitter, blur_p=1.0),
             ViewRecipe((crop_min, 1.0), jitter, blur_p=0.1, solarize_p=0.2),
         )
-    if aug_type == "simclr":
+    elif aug_type == "simclr":
         view = ViewRecipe((0.2, 1.0), (0.4, 0.4, 0.4, 0.1), blur_p=0.5)
-        return view, view
-    raise ValueError(f"unknown AUG.SSL_AUG_TYPE {aug_type!r}; valid: {', '.join(SSL_AUG_TYPES)}")
+        views = (view, view)
+    else:
+        raise ValueError(f"unknown AUG.SSL_AUG_TYPE {aug_type!r}; valid: {', '.join(SSL_AUG_TYPES)}")
+    return views if blur else tuple(dataclasses.replace(view, blur_p=0.0) for view in views)
+
+
+def config_recipes(config) -> tuple[ViewRecipe, ViewRecipe]:
+    """``build_recipes`` of the config's AUG.SSL_AUG_TYPE, AUG.SSL_AUG_CROP and AUG.SSL_AUG_BLUR."""
+    return build_recipes(config.AUG.SSL_AUG_TYPE, config.AUG.SSL_AUG_CROP, config.AUG.SSL_AUG_BLUR)
 
 
 # -----------------------------------------------------------------------------
@@ -229,7 +239,7 @@ def build_ssl_transform(config) -> TwoViewAugment:
             f"unknown AUG.SSL_AUG_INTERPOLATION {config.AUG.SSL_AUG_INTERPOLATION!r}; valid: {', '.join(RESAMPLE)}"
         )
     return TwoViewAugment(
-        build_recipes(config.AUG.SSL_AUG_TYPE, config.AUG.SSL_AUG_CROP),
+        config_recipes(config),
         config.DATA.IMG_SIZE,
         RESAMPLE[config.AUG.SSL_AUG_INTERPOLATION],
         config.DATA.GPU_AUG,
@@ -241,7 +251,7 @@ def synthetic_views(config) -> list[tuple[torch.Tensor, torch.Tensor]]:
     500 x 375 images), for timing steps without data: ``[(images [B, 3, S, S], params [B, P])] * 2``."""
     size, batch = config.DATA.IMG_SIZE, config.DATA.BATCH_SIZE
     views = []
-    for recipe in build_recipes(config.AUG.SSL_AUG_TYPE, config.AUG.SSL_AUG_CROP):
+    for recipe in config_recipes(config):
         images = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8)
         views.append((images, torch.stack([sample_view(recipe, 500, 375)[1] for _ in range(batch)])))
     return views

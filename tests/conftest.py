@@ -189,6 +189,7 @@ def make_config(data_root: str, **data) -> CN:
     cfg.AUG = CN()
     cfg.AUG.SSL_AUG_TYPE = "byol"
     cfg.AUG.SSL_AUG_CROP = 0.08
+    cfg.AUG.SSL_AUG_BLUR = True
     cfg.AUG.SSL_AUG_INTERPOLATION = "bilinear"
     for key, value in data.items():
         setattr(cfg.DATA, key, value)

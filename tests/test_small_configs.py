@@ -133,3 +133,10 @@ def test_the_learning_rates_are_the_references_at_their_batch():
                               ("moby_resnet18_imagenet100", 256, 0.3), ("byol_resnet18_imagenet100", 256, 0.5),
                               ("moby_vit_tiny_imagenet100", 256, 3e-4)]:  # fmt: skip
         assert load(name).TRAIN.BASE_LR * lr_scale(batch, 1, 0) == pytest.approx(rate), name
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_only_the_imagenet100_recipes_blur(name):
+    """The CIFAR references draw no Gaussian blur at 32 px (MoCo's demo, lightly, solo-learn); the
+    ImageNet-100 ones keep BYOL's views as they are."""
+    assert load(name).AUG.SSL_AUG_BLUR is name.endswith("imagenet100")

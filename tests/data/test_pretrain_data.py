@@ -13,10 +13,18 @@ from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 
 from data import build_loader, zipreader
-from data.augment import TwoViewAugment, ViewRecipe, build_recipes, build_ssl_transform, decode_crops, draft_for_crops
+from data.augment import (
+    TwoViewAugment,
+    ViewRecipe,
+    build_recipes,
+    build_ssl_transform,
+    decode_crops,
+    draft_for_crops,
+    sample_view,
+)
 from data.build import ShardSampler, build_dataset, build_sampler, resolve_num_workers
 from data.cached_image_folder import CachedImageFolder, pil_rgb_loader
-from data.photometric import IMAGENET_MEAN, IMAGENET_STD, NUM_PARAMS, DeviceAugment
+from data.photometric import BLUR_SIGMA, IMAGENET_MEAN, IMAGENET_STD, NUM_PARAMS, SOLARIZE, DeviceAugment
 
 CLASSES = ("cat", "dog", "fox")
 IMAGES_PER_CLASS = 4
@@ -76,6 +84,29 @@ def test_byol_views_are_asymmetric():
     assert (view1.blur_p, view1.solarize_p) == (1.0, None)  # the original's view 1 has no solarize step
     assert (view2.blur_p, view2.solarize_p) == (0.1, 0.2)
     assert build_recipes("byol", 0.3)[0].crop_scale == (0.3, 1.0)
+
+
+@pytest.mark.parametrize("aug_type", ["byol", "simclr"])
+def test_without_blur_only_the_blur_changes(aug_type):
+    """AUG.SSL_AUG_BLUR False: no view is blurred; the crop, flip, jitter and grayscale drawn before
+    the blur are those of the recipe with blur (per sample, as the loader seeds each)."""
+    with_blur, without = build_recipes(aug_type, 0.08), build_recipes(aug_type, 0.08, blur=False)
+    assert [v.blur_p for v in without] == [0.0, 0.0] and any(v.blur_p for v in with_blur)
+    before_blur = [i for i in range(NUM_PARAMS) if i not in (BLUR_SIGMA, SOLARIZE)]
+    blurred = 0
+    for a, b in zip(with_blur, without, strict=True):
+        for seed in range(50):
+            torch.manual_seed(seed)
+            crop_a, params_a = sample_view(a, 500, 375)
+            torch.manual_seed(seed)
+            crop_b, params_b = sample_view(b, 500, 375)
+            assert crop_a == crop_b and torch.equal(params_a[before_blur], params_b[before_blur])
+            assert params_b[BLUR_SIGMA] == 0
+            blurred += bool(params_a[BLUR_SIGMA])
+    assert blurred > 0
+    config = make_config("unused")
+    config.AUG.SSL_AUG_BLUR, config.AUG.SSL_AUG_TYPE = False, aug_type
+    assert build_ssl_transform(config).recipes == without
 
 
 def test_simclr_views_are_moco_v2s():
