@@ -29,7 +29,7 @@ from timm.utils import accuracy
 
 from data.build import check_split
 from data.linear import IMAGENET_DATASETS, build_linear_loaders, canonical_dataset_name, count_classes
-from distributed import distribute, get_rank
+from distributed import get_rank, get_world_size
 from engine import extract_features, validate
 from knn import knn_scores
 from utils import derive_seed
@@ -41,8 +41,8 @@ MONITOR_STREAM = 0x6D6F6E
 class OnlineLinear:
     """A linear classifier trained on detached features with SGD (momentum 0.9, no weight decay,
     constant ``lr``): BatchNorm without affine parameters (which puts the features of any backbone
-    on one scale, as MAE's linear probe), then Linear. Several processes average its gradients
-    (DistributedDataParallel of the head alone).
+    on one scale, as MAE's linear probe), then Linear. Several processes average its gradients and
+    BatchNorm statistics every step.
 
     Its initial weights come from ``seed``, not from torch's global generator.
     """
@@ -52,7 +52,6 @@ class OnlineLinear:
             torch.manual_seed(seed)
             head = nn.Sequential(nn.BatchNorm1d(num_features, affine=False), nn.Linear(num_features, num_classes))
         self.head = head.to(env.device)
-        self.trained = distribute(self.head, env)  # what the step runs: DDP with several processes
         self.optimizer = torch.optim.SGD(self.head.parameters(), lr=lr, momentum=0.9)
 
     def step(self, features, targets):
@@ -60,12 +59,26 @@ class OnlineLinear:
         returns the running top-1 of its logits, in %, as a device tensor (no synchronisation)."""
         self.head.train()
         targets = targets.repeat(2)  # view 1's rows, then view 2's
-        logits = self.trained(features.detach().float())  # [2B, C]
+        logits = self.head(features.detach().float())  # [2B, C]
         loss = F.cross_entropy(logits, targets)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        self._average_over_processes()
         self.optimizer.step()
         return accuracy(logits.detach(), targets, topk=(1,))[0]
+
+    def _average_over_processes(self):
+        """Average the gradients and the BatchNorm statistics over the processes, in one blocking
+        all-reduce (so a stalled peer raises here, like the training step's collectives): every
+        process then holds the same classifier."""
+        if get_world_size() == 1:
+            return
+        tensors = [p.grad for p in self.head.parameters()] + [b for b in self.head.buffers() if b.is_floating_point()]
+        flat = torch.cat([t.flatten() for t in tensors])
+        torch.distributed.all_reduce(flat)
+        flat /= get_world_size()
+        for t, part in zip(tensors, flat.split([t.numel() for t in tensors]), strict=True):
+            t.copy_(part.view_as(t))
 
     def classifier(self, encoder):
         """``encoder`` followed by the head: images -> logits."""
