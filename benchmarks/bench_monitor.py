@@ -30,6 +30,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench_gpu import synchronize  # noqa: E402
+
 from config import get_config  # noqa: E402
 from data import DeviceAugment  # noqa: E402
 from distributed import DistEnv  # noqa: E402
@@ -42,11 +44,6 @@ from precision import amp_autocast, build_optimizer_step, set_tf32  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMAGENET_TRAIN, IMAGENET_VAL, IMAGENET_CLASSES = 1_281_167, 50_000, 1000
-
-
-def synchronize(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def per_call(fn, device, steps, warmup=2):

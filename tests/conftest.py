@@ -69,6 +69,15 @@ def image_folder(tmp_path_factory):
     return write_image_folder(str(tmp_path_factory.mktemp("imagenet")))
 
 
+def read_scalars(folder):
+    """{tag: [(step, value), ...]} of the event files in ``folder``."""
+    from tensorboard.backend.event_processing import event_accumulator
+
+    acc = event_accumulator.EventAccumulator(str(folder), size_guidance={event_accumulator.SCALARS: 0})
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
 def run_script(args, cwd=ROOT, timeout=600, env=None):
     """Run a command from the project root on the CPU; returns the CompletedProcess."""
     full_env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")

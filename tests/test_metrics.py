@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from conftest import small_config, views
+from conftest import read_scalars, small_config, views
 from timm.utils import accuracy
 
 from distributed import DistEnv
@@ -22,15 +22,6 @@ from precision import OptimizerStep, amp_autocast
 from tools.plot_log import parse_log
 
 LOGGER = logging.getLogger("test_metrics")
-
-
-def read_scalars(folder):
-    """{tag: [(step, value), ...]} of the event files in ``folder``."""
-    from tensorboard.backend.event_processing import event_accumulator
-
-    acc = event_accumulator.EventAccumulator(str(folder), size_guidance={event_accumulator.SCALARS: 0})
-    acc.Reload()
-    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
 def test_scalars_round_trip(tmp_path):

@@ -8,7 +8,7 @@ import re
 import numpy as np
 import pytest
 import torch
-from conftest import TINY, run_folder, write_image_folder
+from conftest import TINY, read_scalars, run_folder, write_image_folder
 from PIL import Image
 
 import main_pretrain
@@ -24,15 +24,6 @@ def pretrain(image_folder, output, *opts, cfg="configs/moby_vit_tiny.yaml"):
     argv = ["--cfg", cfg, "--data-path", str(image_folder), "--output", str(output), "--tag", "t", *TINY, *opts]
     main_pretrain.run_cli(main_pretrain.setup, main_pretrain.main, argv)
     return run_folder(output)
-
-
-def read_scalars(folder):
-    """{tag: [(step, value), ...]} of the event files in ``folder``."""
-    from tensorboard.backend.event_processing import event_accumulator
-
-    acc = event_accumulator.EventAccumulator(str(folder), size_guidance={event_accumulator.SCALARS: 0})
-    acc.Reload()
-    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
 def load(path):
